@@ -1,0 +1,1 @@
+"""Synchronous batched streaming: per-slot state, the batched step, the scheduler, and words."""

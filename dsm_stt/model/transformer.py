@@ -1,0 +1,207 @@
+"""Causal windowed self-attention over a ring KV cache, and the transformer stacks built on it.
+
+Owns:
+- ``KVCache``: explicit, preallocated per-slot streaming state (keys, values, the absolute
+  position of every ring entry, the next position of every slot) with ``reset(mask)``.
+- ``Attention``: fused QKV projection (``in_proj_weight``, official layout), interleaved RoPE,
+  a ring write that skips inactive slots, and attention restricted to ``0 <= p - q < context``.
+- ``Transformer``: a stack of pre-norm layers, either the DSM LM flavour (RMSNorm + SiLU-gated
+  FFN) or the Mimi flavour (LayerNorm + GELU MLP + LayerScale).
+
+The ring has one extra "trash" entry (index ``context``) whose position is always -1: slots that
+are inactive this step write there, so a masked step is a fixed-shape computation with no
+Python branch and no effect on the slot's state.
+
+It also offers ``forward_sequence``: a whole-sequence forward with the same window mask, used to
+check that streaming equals teacher forcing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .layers import GatedFFN, LayerScale, RMSNorm, apply_rope, rope_frequencies
+
+
+@dataclass
+class KVCache:
+    """Streaming attention state for ``num_layers`` layers and ``B`` slots."""
+
+    keys: Tensor  # [L, B, H, C + 1, hd]
+    values: Tensor  # [L, B, H, C + 1, hd]
+    key_positions: Tensor  # [B, C + 1] absolute position of each entry, -1 = empty
+    positions: Tensor  # [B] next position of each slot
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch_size: int, num_heads: int, head_dim: int,
+                 context: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> KVCache:
+        shape = (num_layers, batch_size, num_heads, context + 1, head_dim)
+        return cls(
+            keys=torch.zeros(shape, device=device, dtype=dtype),
+            values=torch.zeros(shape, device=device, dtype=dtype),
+            key_positions=torch.full((batch_size, context + 1), -1, device=device,
+                                     dtype=torch.long),
+            positions=torch.zeros(batch_size, device=device, dtype=torch.long),
+        )
+
+    @property
+    def context(self) -> int:
+        return self.key_positions.shape[1] - 1
+
+    def reset(self, mask: Tensor) -> None:
+        """Start a fresh stream in every slot where ``mask`` [B] is true."""
+        self.positions.masked_fill_(mask, 0)
+        self.key_positions.masked_fill_(mask[:, None], -1)
+
+    def nbytes_per_slot(self) -> int:
+        per = self.keys[:, :1].numel() * self.keys.element_size()
+        return 2 * per + self.key_positions.shape[1] * 8 + 8
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with fused QKV weights stored as ``in_proj_weight``."""
+
+    def __init__(self, dim: int, num_heads: int, context: int, max_period: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.context = context
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.register_buffer("freqs", rope_frequencies(self.head_dim, max_period),
+                             persistent=False)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+
+    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # x: [B, T, D] -> q, k, v: [B, H, T, hd]
+        qkv = F.linear(x, self.in_proj_weight)
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
+        return apply_rope(q, positions, self.freqs), apply_rope(k, positions, self.freqs), v
+
+    def _out(self, y: Tensor) -> Tensor:
+        return self.out_proj(y.transpose(1, 2).flatten(2))
+
+    def step(self, x: Tensor, layer: int, cache: KVCache, write_index: Tensor,
+             query_positions: Tensor, mask: Tensor) -> Tensor:
+        """One streaming call on T new positions. ``write_index`` [B, T] is the ring entry each
+        new key goes to (the trash entry for inactive slots); ``mask`` [B, 1, T, C+1] is the
+        attention mask computed once for all layers."""
+        q, k, v = self._qkv(x, query_positions)
+        index = write_index[:, None, :, None].expand_as(k)
+        keys, values = cache.keys[layer], cache.values[layer]
+        keys.scatter_(2, index, k)
+        values.scatter_(2, index, v)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self._out(y)
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        """Whole-sequence forward with the causal window mask (teacher forcing)."""
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        q, k, v = self._qkv(x, pos.expand(B, T))
+        delta = pos[:, None] - pos[None, :]
+        mask = (delta >= 0) & (delta < self.context)
+        return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+class LMLayer(nn.Module):
+    """DSM LM layer: ``h = x + attn(norm1(x)); y = h + gating(norm2(h))``."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, context: int,
+                 max_period: float, eps: float) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(dim, eps)
+        self.self_attn = Attention(dim, num_heads, context, max_period)
+        self.norm2 = RMSNorm(dim, eps)
+        self.gating = GatedFFN(dim, hidden)
+
+    def residual_attn(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
+    def finish(self, h: Tensor) -> Tensor:
+        return h + self.gating(self.norm2(h))
+
+    def scale_attn(self, y: Tensor) -> Tensor:
+        return y
+
+
+class MimiLayer(nn.Module):
+    """Mimi encoder-transformer layer: LayerNorm, GELU MLP, LayerScale on both branches."""
+
+    def __init__(self, dim: int, num_heads: int, hidden: int, context: int,
+                 max_period: float, layer_scale: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.self_attn = Attention(dim, num_heads, context, max_period)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.linear1 = nn.Linear(dim, hidden, bias=False)
+        self.linear2 = nn.Linear(hidden, dim, bias=False)
+        self.layer_scale_1 = LayerScale(dim, layer_scale)
+        self.layer_scale_2 = LayerScale(dim, layer_scale)
+
+    def residual_attn(self, x: Tensor) -> Tensor:
+        return self.norm1(x)
+
+    def finish(self, h: Tensor) -> Tensor:
+        return h + self.layer_scale_2(self.linear2(F.gelu(self.linear1(self.norm2(h)))))
+
+    def scale_attn(self, y: Tensor) -> Tensor:
+        return self.layer_scale_1(y)
+
+
+class Transformer(nn.Module):
+    """A stack of pre-norm layers sharing one ``KVCache``."""
+
+    def __init__(self, layers: list[nn.Module], num_heads: int, head_dim: int,
+                 context: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.context = context
+
+    def allocate_cache(self, batch_size: int, device: torch.device | str | None = None,
+                       dtype: torch.dtype = torch.float32) -> KVCache:
+        return KVCache.allocate(len(self.layers), batch_size, self.num_heads, self.head_dim,
+                                self.context, device, dtype)
+
+    def step(self, x: Tensor, cache: KVCache, active: Tensor) -> Tensor:
+        """Advance every active slot by the T positions in ``x`` [B, T, D].
+
+        Inactive slots (``active`` [B] false) compute garbage that is never stored: their
+        keys go to the trash entry and their position does not move.
+        """
+        B, T, _ = x.shape
+        C = cache.context
+        offsets = torch.arange(T, device=x.device)
+        query_positions = cache.positions[:, None] + offsets  # [B, T]
+        write_index = torch.where(active[:, None], query_positions % C,
+                                  torch.full_like(query_positions, C))
+        new_positions = torch.where(active[:, None], query_positions,
+                                    torch.full_like(query_positions, -1))
+        cache.key_positions.scatter_(1, write_index, new_positions)
+        cache.key_positions[:, C] = -1
+        kp = cache.key_positions[:, None, :]  # [B, 1, C+1]
+        delta = query_positions[:, :, None] - kp  # [B, T, C+1]
+        mask = ((kp >= 0) & (delta >= 0) & (delta < C))[:, None]  # [B, 1, T, C+1]
+        # A slot with no valid key at all (inactive, fresh) would give NaN in SDPA: let it
+        # see the trash entry instead; its output is ignored anyway.
+        mask[:, :, :, C] |= ~active[:, None, None]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn.step(layer.residual_attn(x), i, cache, write_index,
+                                        query_positions, mask)
+            x = layer.finish(x + layer.scale_attn(attn))
+        cache.positions.add_(active.long() * T)
+        return x
+
+    def forward_sequence(self, x: Tensor) -> Tensor:
+        """Teacher-forced forward of a whole sequence [B, T, D] from position 0."""
+        for layer in self.layers:
+            x = layer.finish(x + layer.scale_attn(layer.self_attn.forward_sequence(
+                layer.residual_attn(x))))
+        return x

@@ -1,0 +1,1 @@
+"""asyncio front end: moshi-server-compatible protocol, WebSocket/HTTP routes, auth, metrics."""
