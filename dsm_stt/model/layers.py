@@ -53,19 +53,23 @@ class GatedFFN(nn.Module):
         return self.linear_out(F.silu(a) * b)
 
 
-def rope_frequencies(head_dim: int, max_period: float, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies ``max_period ** (-2i / head_dim)``, float32, shape [head_dim // 2]."""
-    ds = torch.arange(head_dim // 2, device=device, dtype=torch.float32)
-    return torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
+def rope_rotation(positions: Tensor, head_dim: int, max_period: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the RoPE angles for ``positions`` [B, T], shape [B, 1, T, head_dim // 2].
+
+    Frequencies are ``max_period ** (-2i / head_dim)``; everything in float32. Computed once per
+    step and shared by every layer (all layers of a stack have the same head_dim).
+    """
+    ds = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
+    freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
+    angle = positions.float()[:, None, :, None] * freqs
+    return torch.cos(angle), torch.sin(angle)
 
 
-def apply_rope(x: Tensor, positions: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of ``x`` [B, H, T, D] at ``positions`` [B, T].
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of ``x`` [B, H, T, D] by the angles of ``cos``/``sin``.
 
     Computed in float32 and cast back, as the reference does.
     """
-    angle = positions.float()[:, None, :, None] * freqs  # [B, 1, T, D/2]
-    cos, sin = torch.cos(angle), torch.sin(angle)
     xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)
     out = torch.stack([xr * cos - xi * sin, xr * sin + xi * cos], dim=-1)
     return out.flatten(-2).to(x.dtype)

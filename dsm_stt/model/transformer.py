@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .layers import GatedFFN, LayerScale, RMSNorm, apply_rope, rope_frequencies
+from .layers import GatedFFN, LayerScale, RMSNorm, apply_rope, rope_rotation
 
 
 @dataclass
@@ -71,27 +71,26 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.context = context
+        self.max_period = max_period
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.out_proj = nn.Linear(dim, dim, bias=False)
-        self.register_buffer("freqs", rope_frequencies(self.head_dim, max_period),
-                             persistent=False)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
-    def _qkv(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _qkv(self, x: Tensor, rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         # x: [B, T, D] -> q, k, v: [B, H, T, hd]
         qkv = F.linear(x, self.in_proj_weight)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
-        return apply_rope(q, positions, self.freqs), apply_rope(k, positions, self.freqs), v
+        return apply_rope(q, *rot), apply_rope(k, *rot), v
 
     def _out(self, y: Tensor) -> Tensor:
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
     def step(self, x: Tensor, layer: int, cache: KVCache, write_index: Tensor,
-             query_positions: Tensor, mask: Tensor) -> Tensor:
+             rot: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
         """One streaming call on T new positions. ``write_index`` [B, T] is the ring entry each
-        new key goes to (the trash entry for inactive slots); ``mask`` [B, 1, T, C+1] is the
-        attention mask computed once for all layers."""
-        q, k, v = self._qkv(x, query_positions)
+        new key goes to (the trash entry for inactive slots); ``rot`` the RoPE cos/sin and
+        ``mask`` [B, 1, T, C+1] the attention mask, both computed once for all layers."""
+        q, k, v = self._qkv(x, rot)
         index = write_index[:, None, :, None].expand_as(k)
         keys, values = cache.keys[layer], cache.values[layer]
         keys.scatter_(2, index, k)
@@ -103,7 +102,7 @@ class Attention(nn.Module):
         """Whole-sequence forward with the causal window mask (teacher forcing)."""
         B, T, _ = x.shape
         pos = torch.arange(T, device=x.device)
-        q, k, v = self._qkv(x, pos.expand(B, T))
+        q, k, v = self._qkv(x, rope_rotation(pos.expand(B, T), self.head_dim, self.max_period))
         delta = pos[:, None] - pos[None, :]
         mask = (delta >= 0) & (delta < self.context)
         return self._out(F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
@@ -158,12 +157,13 @@ class Transformer(nn.Module):
     """A stack of pre-norm layers sharing one ``KVCache``."""
 
     def __init__(self, layers: list[nn.Module], num_heads: int, head_dim: int,
-                 context: int) -> None:
+                 context: int, max_period: float) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.context = context
+        self.max_period = max_period
 
     def allocate_cache(self, batch_size: int, device: torch.device | str | None = None,
                        dtype: torch.dtype = torch.float32) -> KVCache:
@@ -192,9 +192,9 @@ class Transformer(nn.Module):
         # A slot with no valid key at all (inactive, fresh) would give NaN in SDPA: let it
         # see the trash entry instead; its output is ignored anyway.
         mask[:, :, :, C] |= ~active[:, None, None]
+        rot = rope_rotation(query_positions, self.head_dim, self.max_period)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn.step(layer.residual_attn(x), i, cache, write_index,
-                                        query_positions, mask)
+            attn = layer.self_attn.step(layer.residual_attn(x), i, cache, write_index, rot, mask)
             x = layer.finish(x + layer.scale_attn(attn))
         cache.positions.add_(active.long() * T)
         return x
