@@ -69,18 +69,34 @@ class MimiConfig:
         return self.hop_length * self.downsample_stride
 
     def validate(self) -> MimiConfig:
-        _positive(self, "sample_rate", "dimension", "n_filters", "num_heads", "num_layers",
-                  "dim_feedforward", "context", "quantizer_dim", "quantizer_n_q",
-                  "quantizer_bins", "num_codebooks")
+        _positive(
+            self,
+            "sample_rate",
+            "dimension",
+            "n_filters",
+            "num_heads",
+            "num_layers",
+            "dim_feedforward",
+            "context",
+            "quantizer_dim",
+            "quantizer_n_q",
+            "quantizer_bins",
+            "num_codebooks",
+        )
         if self.dimension % self.num_heads:
-            raise ConfigError(f"mimi: 'dimension' ({self.dimension}) must be divisible by "
-                              f"'num_heads' ({self.num_heads})")
+            raise ConfigError(
+                f"mimi: 'dimension' ({self.dimension}) must be divisible by "
+                f"'num_heads' ({self.num_heads})"
+            )
         if not 1 <= self.num_codebooks <= self.quantizer_n_q:
-            raise ConfigError(f"mimi: 'num_codebooks' ({self.num_codebooks}) must be in "
-                              f"1..{self.quantizer_n_q}")
+            raise ConfigError(
+                f"mimi: 'num_codebooks' ({self.num_codebooks}) must be in 1..{self.quantizer_n_q}"
+            )
         if abs(self.encoder_frame_rate / self.frame_rate - self.downsample_stride) > 1e-9:
-            raise ConfigError("mimi: 'frame_rate' must divide the SEANet frame rate "
-                              f"({self.encoder_frame_rate} Hz)")
+            raise ConfigError(
+                "mimi: 'frame_rate' must divide the SEANet frame rate "
+                f"({self.encoder_frame_rate} Hz)"
+            )
         return self
 
 
@@ -116,11 +132,22 @@ class LMConfig:
         return self.card
 
     def validate(self) -> LMConfig:
-        _positive(self, "dim", "num_heads", "num_layers", "hidden_dim", "context", "text_card",
-                  "card", "n_q", "extra_heads_dim")
+        _positive(
+            self,
+            "dim",
+            "num_heads",
+            "num_layers",
+            "hidden_dim",
+            "context",
+            "text_card",
+            "card",
+            "n_q",
+            "extra_heads_dim",
+        )
         if self.dim % self.num_heads:
-            raise ConfigError(f"'dim' ({self.dim}) must be divisible by 'num_heads' "
-                              f"({self.num_heads})")
+            raise ConfigError(
+                f"'dim' ({self.dim}) must be divisible by 'num_heads' ({self.num_heads})"
+            )
         if self.head_dim % 2:
             raise ConfigError(f"head dim dim/num_heads = {self.head_dim} must be even for RoPE")
         if self.extra_heads_num_heads < 0:
@@ -162,6 +189,7 @@ class ModelConfig:
     moshi_name: str = "model.safetensors"
     mimi_name: str = "mimi-pytorch-e351c8d8@125.safetensors"
     tokenizer_name: str = "tokenizer_en_fr_audio_8000.model"
+    mimi_config_name: str | None = None  # optional Mimi JSON in the checkpoint (moshi layout)
     model_type: str = "stt"
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -180,9 +208,23 @@ def _positive(obj: Any, *keys: str) -> None:
 
 _IGNORED_JSON_KEYS = {
     # provenance, sampling defaults, and options that have no tensors for STT checkpoints
-    "model_id", "lm_gen_config", "tts_config", "lora_name", "mimi_config_name", "card_out",
-    "conditioners", "fuser", "cross_attention", "demux_second_stream", "text_card_out",
-    "quantize", "bias_proj", "norm_emb", "layer_scale", "causal", "delays", "dep_q",
+    "model_id",
+    "lm_gen_config",
+    "tts_config",
+    "lora_name",
+    "card_out",
+    "conditioners",
+    "fuser",
+    "cross_attention",
+    "demux_second_stream",
+    "text_card_out",
+    "quantize",
+    "bias_proj",
+    "norm_emb",
+    "layer_scale",
+    "causal",
+    "delays",
+    "dep_q",
 }
 
 
@@ -197,8 +239,9 @@ def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], defau
     return value
 
 
-def ffn_hidden_dim(dim: int, hidden_scale: float | None = None,
-                   dim_feedforward: int | None = None) -> int:
+def ffn_hidden_dim(
+    dim: int, hidden_scale: float | None = None, dim_feedforward: int | None = None
+) -> int:
     """Gated FFN branch width, by the Python rule (hidden_scale) or the Rust rule (dim_ff)."""
     if dim_feedforward is None:
         dim_feedforward = int(hidden_scale * dim) if hidden_scale is not None else 4 * dim
@@ -223,13 +266,17 @@ def parse_config_json(data: Mapping[str, Any], base: ModelConfig | None = None) 
     }
     for key, allowed in checks.items():
         if key in data and data[key] not in allowed:
-            raise ConfigError(f"config key '{key}' = {data[key]!r} is not supported "
-                              f"(expected one of {list(allowed)})")
+            raise ConfigError(
+                f"config key '{key}' = {data[key]!r} is not supported "
+                f"(expected one of {list(allowed)})"
+            )
     if data.get("causal", True) is not True:
         raise ConfigError("config key 'causal' must be true for streaming STT")
     if data.get("dep_q", 0) not in (0, None):
-        raise ConfigError(f"config key 'dep_q' = {data['dep_q']!r}: only STT checkpoints "
-                          "(dep_q 0, no depth transformer) are supported")
+        raise ConfigError(
+            f"config key 'dep_q' = {data['dep_q']!r}: only STT checkpoints "
+            "(dep_q 0, no depth transformer) are supported"
+        )
     delays = data.get("delays")
     if delays is not None and (not isinstance(delays, list) or any(d != 0 for d in delays)):
         raise ConfigError("config key 'delays' must be all zeros for STT checkpoints")
@@ -262,16 +309,15 @@ def parse_config_json(data: Mapping[str, Any], base: ModelConfig | None = None) 
         card=_get(data, "card", int, lm0.card),
         n_q=_get(data, "n_q", int, lm0.n_q),
         text_padding_id=_get(data, "existing_text_padding_id", int, lm0.text_padding_id),
-        end_of_padding_id=_get(data, "existing_text_end_padding_id", int,
-                               lm0.end_of_padding_id),
-        extra_heads_num_heads=_get(data, "extra_heads_num_heads", int,
-                                   lm0.extra_heads_num_heads),
+        end_of_padding_id=_get(data, "existing_text_end_padding_id", int, lm0.end_of_padding_id),
+        extra_heads_num_heads=_get(data, "extra_heads_num_heads", int, lm0.extra_heads_num_heads),
         extra_heads_dim=_get(data, "extra_heads_dim", int, lm0.extra_heads_dim),
     ).validate()
     stt_data = _get(data, "stt_config", dict, {})
     delay = _get(stt_data, "audio_delay_seconds", float, base.stt.audio_delay_seconds)
-    prefix = _get(stt_data, "audio_silence_prefix_seconds", float,
-                  base.stt.audio_silence_prefix_seconds)
+    prefix = _get(
+        stt_data, "audio_silence_prefix_seconds", float, base.stt.audio_silence_prefix_seconds
+    )
     if delay < 0 or prefix < 0:
         raise ConfigError("config key 'stt_config' must hold non-negative delays")
     if "asr_delay_in_tokens" in stt_data:
@@ -289,16 +335,111 @@ def parse_config_json(data: Mapping[str, Any], base: ModelConfig | None = None) 
         moshi_name=_get(data, "moshi_name", str, base.moshi_name),
         mimi_name=_get(data, "mimi_name", str, base.mimi_name),
         tokenizer_name=_get(data, "tokenizer_name", str, base.tokenizer_name),
+        mimi_config_name=_get(data, "mimi_config_name", str, base.mimi_config_name),
         model_type=model_type,
     )
+
+
+def parse_mimi_config_json(data: Mapping[str, Any], num_codebooks: int) -> MimiConfig:
+    """A Mimi JSON in moshi's layout (``seanet``, ``transformer``, ``quantizer`` tables), as
+    named by a checkpoint's ``mimi_config_name``."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("Mimi config must hold a JSON object")
+    d = MimiConfig()
+    seanet = _get(data, "seanet", dict, {})
+    tr = _get(data, "transformer", dict, {})
+    q = _get(data, "quantizer", dict, {})
+    dimension = _get(seanet, "dimension", int, d.dimension)
+    if _get(tr, "d_model", int, dimension) != dimension:
+        raise ConfigError("Mimi config: 'transformer.d_model' must equal 'seanet.dimension'")
+    ratios = _get(seanet, "ratios", list, list(d.ratios))
+    if not ratios or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in ratios):
+        raise ConfigError(f"Mimi config key 'seanet.ratios' has invalid value {ratios!r}")
+    return MimiConfig(
+        sample_rate=_get(data, "sample_rate", int, d.sample_rate),
+        frame_rate=_get(data, "frame_rate", float, d.frame_rate),
+        channels=_get(data, "channels", int, d.channels),
+        dimension=dimension,
+        n_filters=_get(seanet, "n_filters", int, d.n_filters),
+        ratios=tuple(ratios),
+        n_residual_layers=_get(seanet, "n_residual_layers", int, d.n_residual_layers),
+        kernel_size=_get(seanet, "kernel_size", int, d.kernel_size),
+        residual_kernel_size=_get(seanet, "residual_kernel_size", int, d.residual_kernel_size),
+        last_kernel_size=_get(seanet, "last_kernel_size", int, d.last_kernel_size),
+        dilation_base=_get(seanet, "dilation_base", int, d.dilation_base),
+        compress=_get(seanet, "compress", int, d.compress),
+        num_heads=_get(tr, "num_heads", int, d.num_heads),
+        num_layers=_get(tr, "num_layers", int, d.num_layers),
+        dim_feedforward=_get(tr, "dim_feedforward", int, d.dim_feedforward),
+        layer_scale=_get(tr, "layer_scale", float, d.layer_scale),
+        context=_get(tr, "context", int, d.context),
+        max_period=_get(tr, "max_period", float, d.max_period),
+        quantizer_dim=_get(q, "dimension", int, d.quantizer_dim),
+        quantizer_n_q=_get(q, "n_q", int, d.quantizer_n_q),
+        quantizer_bins=_get(q, "bins", int, d.quantizer_bins),
+        num_codebooks=num_codebooks,
+    ).validate()
+
+
+def mimi_config_json(cfg: MimiConfig) -> dict[str, Any]:
+    """The moshi-layout JSON of a Mimi config (inverse of ``parse_mimi_config_json``)."""
+    return {
+        "sample_rate": cfg.sample_rate,
+        "channels": cfg.channels,
+        "frame_rate": cfg.frame_rate,
+        "seanet": {
+            "dimension": cfg.dimension,
+            "channels": cfg.channels,
+            "causal": True,
+            "n_filters": cfg.n_filters,
+            "n_residual_layers": cfg.n_residual_layers,
+            "activation": "ELU",
+            "compress": cfg.compress,
+            "dilation_base": cfg.dilation_base,
+            "disable_norm_outer_blocks": 0,
+            "kernel_size": cfg.kernel_size,
+            "residual_kernel_size": cfg.residual_kernel_size,
+            "last_kernel_size": cfg.last_kernel_size,
+            "norm": "none",
+            "pad_mode": "constant",
+            "ratios": list(cfg.ratios),
+            "true_skip": True,
+        },
+        "quantizer": {
+            "dimension": cfg.quantizer_dim,
+            "n_q": cfg.quantizer_n_q,
+            "bins": cfg.quantizer_bins,
+            "input_dimension": cfg.dimension,
+            "output_dimension": cfg.dimension,
+        },
+        "transformer": {
+            "d_model": cfg.dimension,
+            "num_heads": cfg.num_heads,
+            "num_layers": cfg.num_layers,
+            "causal": True,
+            "layer_scale": cfg.layer_scale,
+            "context": cfg.context,
+            "conv_layout": True,
+            "max_period": cfg.max_period,
+            "gating": "none",
+            "norm": "layer_norm",
+            "positional_embedding": "rope",
+            "dim_feedforward": cfg.dim_feedforward,
+            "input_dimension": cfg.dimension,
+            "output_dimensions": [cfg.dimension],
+        },
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # moshi-server TOML model section (Rust naming)
 
 
-def parse_moshi_server_model(model: Mapping[str, Any], base: ModelConfig | None = None,
-                             asr_delay_in_tokens: int | None = None) -> ModelConfig:
+def parse_moshi_server_model(
+    model: Mapping[str, Any],
+    base: ModelConfig | None = None,
+    asr_delay_in_tokens: int | None = None,
+) -> ModelConfig:
     """Turn a ``[modules.X.model]`` table of a moshi-server TOML into a ModelConfig."""
     base = base or ModelConfig()
     if not isinstance(model, Mapping):
@@ -310,24 +451,30 @@ def parse_moshi_server_model(model: Mapping[str, Any], base: ModelConfig | None 
     def req(table: Mapping[str, Any], key: str, prefix: str) -> int:
         value = table.get(key)
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"moshi-server config key '{prefix}{key}' must be an integer, "
-                              f"got {value!r}")
+            raise ConfigError(
+                f"moshi-server config key '{prefix}{key}' must be an integer, got {value!r}"
+            )
         return value
 
     audio_vocab = req(model, "audio_vocab_size", "model.")
     text_in = req(model, "text_in_vocab_size", "model.")
     text_out = req(model, "text_out_vocab_size", "model.")
     if text_in != text_out + 1:
-        raise ConfigError("moshi-server config: 'model.text_in_vocab_size' must be "
-                          "'text_out_vocab_size' + 1")
+        raise ConfigError(
+            "moshi-server config: 'model.text_in_vocab_size' must be 'text_out_vocab_size' + 1"
+        )
     n_q = req(model, "audio_codebooks", "model.")
     dim = req(tr, "d_model", "model.transformer.")
     dim_ff = tr.get("dim_feedforward", 4 * dim)
-    for key, allowed in (("gating", ("silu",)), ("norm", ("RmsNorm", "rms_norm_f32")),
-                         ("positional_embedding", ("Rope", "rope"))):
+    for key, allowed in (
+        ("gating", ("silu",)),
+        ("norm", ("RmsNorm", "rms_norm_f32")),
+        ("positional_embedding", ("Rope", "rope")),
+    ):
         if key in tr and tr[key] not in allowed:
-            raise ConfigError(f"moshi-server config key 'model.transformer.{key}' = "
-                              f"{tr[key]!r} is not supported")
+            raise ConfigError(
+                f"moshi-server config key 'model.transformer.{key}' = {tr[key]!r} is not supported"
+            )
     heads = model.get("extra_heads") or {}
     lm = LMConfig(
         dim=dim,
@@ -354,25 +501,34 @@ def parse_moshi_server_model(model: Mapping[str, Any], base: ModelConfig | None 
 # --------------------------------------------------------------------------------------------
 # presets
 
-_LM_1B = LMConfig(dim=2048, num_heads=16, num_layers=16, hidden_dim=5632, context=750,
-                  text_card=8000)
-_LM_2B6 = LMConfig(dim=2048, num_heads=32, num_layers=48, hidden_dim=5632, context=375,
-                   text_card=4000)
-_STT_1B = SttConfig(audio_delay_seconds=0.5, audio_silence_prefix_seconds=0.0,
-                    asr_delay_in_tokens=6)
-_STT_2B6 = SttConfig(audio_delay_seconds=2.5, audio_silence_prefix_seconds=1.0,
-                     asr_delay_in_tokens=32)
+_LM_1B = LMConfig(
+    dim=2048, num_heads=16, num_layers=16, hidden_dim=5632, context=750, text_card=8000
+)
+_LM_2B6 = LMConfig(
+    dim=2048, num_heads=32, num_layers=48, hidden_dim=5632, context=375, text_card=4000
+)
+_STT_1B = SttConfig(
+    audio_delay_seconds=0.5, audio_silence_prefix_seconds=0.0, asr_delay_in_tokens=6
+)
+_STT_2B6 = SttConfig(
+    audio_delay_seconds=2.5, audio_silence_prefix_seconds=1.0, asr_delay_in_tokens=32
+)
 
 PRESETS: dict[str, ModelConfig] = {
-    "kyutai/stt-1b-en_fr": ModelConfig(lm=_LM_1B, stt=_STT_1B,
-                                       tokenizer_name="tokenizer_en_fr_audio_8000.model"),
+    "kyutai/stt-1b-en_fr": ModelConfig(
+        lm=_LM_1B, stt=_STT_1B, tokenizer_name="tokenizer_en_fr_audio_8000.model"
+    ),
     "kyutai/stt-1b-en_fr-candle": ModelConfig(
-        lm=dataclasses.replace(_LM_1B, extra_heads_num_heads=4), stt=_STT_1B,
-        tokenizer_name="tokenizer_en_fr_audio_8000.model"),
-    "kyutai/stt-2.6b-en": ModelConfig(lm=_LM_2B6, stt=_STT_2B6,
-                                      tokenizer_name="tokenizer_en_audio_4000.model"),
-    "kyutai/stt-2.6b-en-candle": ModelConfig(lm=_LM_2B6, stt=_STT_2B6,
-                                             tokenizer_name="tokenizer_en_audio_4000.model"),
+        lm=dataclasses.replace(_LM_1B, extra_heads_num_heads=4),
+        stt=_STT_1B,
+        tokenizer_name="tokenizer_en_fr_audio_8000.model",
+    ),
+    "kyutai/stt-2.6b-en": ModelConfig(
+        lm=_LM_2B6, stt=_STT_2B6, tokenizer_name="tokenizer_en_audio_4000.model"
+    ),
+    "kyutai/stt-2.6b-en-candle": ModelConfig(
+        lm=_LM_2B6, stt=_STT_2B6, tokenizer_name="tokenizer_en_audio_4000.model"
+    ),
 }
 DEFAULT_MODEL = "kyutai/stt-1b-en_fr-candle"
 

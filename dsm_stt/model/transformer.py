@@ -37,15 +37,23 @@ class KVCache:
     positions: Tensor  # [B] next position of each slot
 
     @classmethod
-    def allocate(cls, num_layers: int, batch_size: int, num_heads: int, head_dim: int,
-                 context: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float32) -> KVCache:
+    def allocate(
+        cls,
+        num_layers: int,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        context: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
         shape = (num_layers, batch_size, num_heads, context + 1, head_dim)
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
-            key_positions=torch.full((batch_size, context + 1), -1, device=device,
-                                     dtype=torch.long),
+            key_positions=torch.full(
+                (batch_size, context + 1), -1, device=device, dtype=torch.long
+            ),
             positions=torch.zeros(batch_size, device=device, dtype=torch.long),
         )
 
@@ -85,8 +93,15 @@ class Attention(nn.Module):
     def _out(self, y: Tensor) -> Tensor:
         return self.out_proj(y.transpose(1, 2).flatten(2))
 
-    def step(self, x: Tensor, layer: int, cache: KVCache, write_index: Tensor,
-             rot: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:
+    def step(
+        self,
+        x: Tensor,
+        layer: int,
+        cache: KVCache,
+        write_index: Tensor,
+        rot: tuple[Tensor, Tensor],
+        mask: Tensor,
+    ) -> Tensor:
         """One streaming call on T new positions. ``write_index`` [B, T] is the ring entry each
         new key goes to (the trash entry for inactive slots); ``rot`` the RoPE cos/sin and
         ``mask`` [B, 1, T, C+1] the attention mask, both computed once for all layers."""
@@ -111,8 +126,9 @@ class Attention(nn.Module):
 class LMLayer(nn.Module):
     """DSM LM layer: ``h = x + attn(norm1(x)); y = h + gating(norm2(h))``."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, context: int,
-                 max_period: float, eps: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, hidden: int, context: int, max_period: float, eps: float
+    ) -> None:
         super().__init__()
         self.norm1 = RMSNorm(dim, eps)
         self.self_attn = Attention(dim, num_heads, context, max_period)
@@ -132,8 +148,15 @@ class LMLayer(nn.Module):
 class MimiLayer(nn.Module):
     """Mimi encoder-transformer layer: LayerNorm, GELU MLP, LayerScale on both branches."""
 
-    def __init__(self, dim: int, num_heads: int, hidden: int, context: int,
-                 max_period: float, layer_scale: float) -> None:
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        hidden: int,
+        context: int,
+        max_period: float,
+        layer_scale: float,
+    ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.self_attn = Attention(dim, num_heads, context, max_period)
@@ -156,8 +179,14 @@ class MimiLayer(nn.Module):
 class Transformer(nn.Module):
     """A stack of pre-norm layers sharing one ``KVCache``."""
 
-    def __init__(self, layers: list[nn.Module], num_heads: int, head_dim: int,
-                 context: int, max_period: float) -> None:
+    def __init__(
+        self,
+        layers: list[nn.Module],
+        num_heads: int,
+        head_dim: int,
+        context: int,
+        max_period: float,
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.num_heads = num_heads
@@ -165,10 +194,15 @@ class Transformer(nn.Module):
         self.context = context
         self.max_period = max_period
 
-    def allocate_cache(self, batch_size: int, device: torch.device | str | None = None,
-                       dtype: torch.dtype = torch.float32) -> KVCache:
-        return KVCache.allocate(len(self.layers), batch_size, self.num_heads, self.head_dim,
-                                self.context, device, dtype)
+    def allocate_cache(
+        self,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> KVCache:
+        return KVCache.allocate(
+            len(self.layers), batch_size, self.num_heads, self.head_dim, self.context, device, dtype
+        )
 
     def step(self, x: Tensor, cache: KVCache, active: Tensor) -> Tensor:
         """Advance every active slot by the T positions in ``x`` [B, T, D].
@@ -180,10 +214,12 @@ class Transformer(nn.Module):
         C = cache.context
         offsets = torch.arange(T, device=x.device)
         query_positions = cache.positions[:, None] + offsets  # [B, T]
-        write_index = torch.where(active[:, None], query_positions % C,
-                                  torch.full_like(query_positions, C))
-        new_positions = torch.where(active[:, None], query_positions,
-                                    torch.full_like(query_positions, -1))
+        write_index = torch.where(
+            active[:, None], query_positions % C, torch.full_like(query_positions, C)
+        )
+        new_positions = torch.where(
+            active[:, None], query_positions, torch.full_like(query_positions, -1)
+        )
         cache.key_positions.scatter_(1, write_index, new_positions)
         cache.key_positions[:, C] = -1
         kp = cache.key_positions[:, None, :]  # [B, 1, C+1]
@@ -202,6 +238,7 @@ class Transformer(nn.Module):
     def forward_sequence(self, x: Tensor) -> Tensor:
         """Teacher-forced forward of a whole sequence [B, T, D] from position 0."""
         for layer in self.layers:
-            x = layer.finish(x + layer.scale_attn(layer.self_attn.forward_sequence(
-                layer.residual_attn(x))))
+            x = layer.finish(
+                x + layer.scale_attn(layer.self_attn.forward_sequence(layer.residual_attn(x)))
+            )
         return x

@@ -1,0 +1,333 @@
+"""Finding and loading Kyutai STT checkpoints, unchanged, as published on the Hugging Face hub.
+
+Owns:
+- resolving a model reference: a hub repo id (downloaded once into the standard HF cache, with
+  huggingface_hub's progress bars; ``HF_HUB_OFFLINE=1`` uses the cache only), an
+  ``hf://owner/repo/file`` path, or a local directory holding the same files;
+- choosing the configuration: the checkpoint's ``config.json`` when present, otherwise the
+  built-in preset of the repo (recognised by id, directory name, or tensor shapes);
+- the one table that turns official tensor names into ours (spec §1.5, §1.6), with strict
+  checks whose messages name the first offending key and the expected and found shapes;
+- building the LM (in the requested dtype) and the Mimi encoder (always float32).
+
+It does not know about slots, devices beyond ``.to(device)``, or the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .config import (
+    PRESETS,
+    ConfigError,
+    LMConfig,
+    MimiConfig,
+    ModelConfig,
+    parse_config_json,
+    parse_mimi_config_json,
+)
+
+CONFIG_NAME = "config.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be found, read or matched to the architecture."""
+
+
+@dataclass(frozen=True)
+class CheckpointFiles:
+    """Local paths of one checkpoint's files and the config that goes with them."""
+
+    name: str  # repo id or directory, for messages and ``model`` fields
+    config: ModelConfig
+    lm_path: Path
+    mimi_path: Path
+    tokenizer_path: Path
+
+
+# --------------------------------------------------------------------------------------------
+# resolving
+
+
+_HF_PATH = re.compile(r"^hf://(?P<repo>[^/]+/[^/]+)/(?P<file>.+)$")
+
+
+def hf_download(repo_id: str, filename: str) -> Path:
+    """Download (or find in the HF cache) one file; clear errors when that is impossible."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, filename))
+    except (EntryNotFoundError, RepositoryNotFoundError) as exc:
+        raise CheckpointError(
+            f"{repo_id}: file {filename!r} not found on the Hugging Face hub ({type(exc).__name__})"
+        ) from exc
+    except Exception as exc:  # network errors, offline mode without cache, …
+        raise CheckpointError(
+            f"cannot get {filename!r} of {repo_id!r}: it is not in the Hugging Face cache and "
+            f"could not be downloaded ({type(exc).__name__}: {_first_line(exc)}). "
+            f"Pre-download it on a machine with network access with "
+            f"`huggingface-cli download {repo_id}` (and copy the cache, or set HF_HOME), "
+            f"or pass a local directory holding the checkpoint files with --model DIR."
+        ) from exc
+
+
+def resolve_path(ref: str | Path) -> Path:
+    """A file reference: ``hf://owner/repo/file``, ``$VAR``-expanded local path."""
+    ref = str(ref)
+    m = _HF_PATH.match(ref)
+    if m:
+        return hf_download(m["repo"], m["file"])
+    path = Path(os.path.expandvars(os.path.expanduser(ref)))
+    if not path.exists():
+        raise CheckpointError(f"file not found: {path}")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else ""
+
+
+def _preset_for_directory(path: Path) -> ModelConfig | None:
+    """Recognise a known architecture by directory name, then by the LM tensors' shapes."""
+    for repo_id in sorted(PRESETS, key=len, reverse=True):
+        if path.name == repo_id.split("/")[1] or path.name == repo_id.replace("/", "--"):
+            return PRESETS[repo_id]
+    lm_file = path / "model.safetensors"
+    if not lm_file.exists():
+        return None
+    shapes = read_safetensors_shapes(lm_file)
+    num_layers = len({k.split(".")[2] for k in shapes if k.startswith("transformer.layers.")})
+    text_card = shapes.get("text_linear.weight", (0,))[0]
+    heads = sum(1 for k in shapes if k.startswith("extra_heads."))
+    for cfg in PRESETS.values():
+        lm = cfg.lm
+        if (lm.num_layers, lm.text_card, lm.extra_heads_num_heads) == (
+            num_layers,
+            text_card,
+            heads,
+        ):
+            return cfg
+    return None
+
+
+def resolve(model: str | Path) -> CheckpointFiles:
+    """Locate the files of a checkpoint given a local directory or a hub repo id."""
+    path = Path(os.path.expandvars(os.path.expanduser(str(model))))
+    if path.is_dir():
+        cfg_file = path / CONFIG_NAME
+        if cfg_file.exists():
+            cfg = _read_config(cfg_file, _preset_for_directory(path))
+        else:
+            cfg = _preset_for_directory(path)
+            if cfg is None:
+                raise CheckpointError(
+                    f"{path}: no {CONFIG_NAME} and the architecture is not one of the known "
+                    f"presets ({', '.join(PRESETS)}); add a config.json"
+                )
+        if cfg.mimi_config_name:
+            cfg = _with_mimi_config(cfg, path / cfg.mimi_config_name)
+        files = {name: path / name for name in (cfg.moshi_name, cfg.mimi_name, cfg.tokenizer_name)}
+        for name, file in files.items():
+            if not file.exists():
+                raise CheckpointError(f"{path}: missing checkpoint file {name!r}")
+        return CheckpointFiles(
+            str(path), cfg, files[cfg.moshi_name], files[cfg.mimi_name], files[cfg.tokenizer_name]
+        )
+    if str(model).startswith(("/", ".", "~")) or os.sep in str(model).replace("/", "", 1):
+        raise CheckpointError(f"model directory not found: {path}")
+    repo_id = str(model)
+    if repo_id.count("/") != 1:
+        raise CheckpointError(
+            f"{repo_id!r} is neither a local directory nor a hub repo id (owner/name)"
+        )
+    base = PRESETS.get(repo_id)
+    try:
+        cfg = _read_config(hf_download(repo_id, CONFIG_NAME), base)
+    except CheckpointError as exc:
+        if base is None or "not found on the Hugging Face hub" not in str(exc):
+            raise
+        cfg = base  # the repo publishes no config.json: use the built-in preset
+    if cfg.mimi_config_name:
+        cfg = _with_mimi_config(cfg, hf_download(repo_id, cfg.mimi_config_name))
+    return CheckpointFiles(
+        repo_id,
+        cfg,
+        lm_path=hf_download(repo_id, cfg.moshi_name),
+        mimi_path=hf_download(repo_id, cfg.mimi_name),
+        tokenizer_path=hf_download(repo_id, cfg.tokenizer_name),
+    )
+
+
+def _with_mimi_config(cfg: ModelConfig, path: Path) -> ModelConfig:
+    try:
+        data = json.loads(path.read_text())
+        return cfg.replace(mimi=parse_mimi_config_json(data, cfg.lm.n_q))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot use Mimi config ({exc})") from exc
+
+
+def _read_config(path: Path, base: ModelConfig | None) -> ModelConfig:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: cannot read config.json ({exc})") from exc
+    try:
+        return parse_config_json(data, base)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# reading tensors
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, without reading the data."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except Exception as exc:
+        raise CheckpointError(_bad_file(path, exc)) from exc
+
+
+def read_safetensors(path: str | Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"weight file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(_bad_file(path, exc)) from exc
+
+
+def _bad_file(path: Path, exc: BaseException) -> str:
+    return (
+        f"{path}: not a valid safetensors file (truncated or corrupt download?): {_first_line(exc)}"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# official names -> ours
+
+
+_CODEBOOK = re.compile(r"^(quantizer\.rvq_(first|rest)\.vq\.layers\.(\d+)\._codebook)\.(.+)$")
+
+
+def convert_mimi_tensors(tensors: Mapping[str, Tensor], cfg: MimiConfig) -> dict[str, Tensor]:
+    """Official Mimi file → our encoder's state dict (decoder dropped, codebooks normalised)."""
+    out: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
+    usages: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith(("decoder.", "decoder_transformer.", "upsample.")):
+            continue
+        m = _CODEBOOK.match(key)
+        if m:
+            prefix, which, index, leaf = m.group(1), m.group(2), int(m.group(3)), m.group(4)
+            if which == "rest" and index >= cfg.num_codebooks - 1:
+                continue
+            if leaf == "embedding_sum":
+                sums[prefix] = value
+            elif leaf == "cluster_usage":
+                usages[prefix] = value
+            elif leaf != "_initialized":
+                out[key] = value
+            continue
+        out[key] = value.float()
+    for prefix, total in sums.items():
+        if prefix not in usages:
+            raise CheckpointError(f"Mimi weights: {prefix}.cluster_usage is missing")
+        usage = usages.pop(prefix).float()
+        out[f"{prefix}.embedding"] = total.float() / usage.clamp(min=1e-5)[:, None]
+    for prefix in usages:
+        raise CheckpointError(f"Mimi weights: {prefix}.embedding_sum is missing")
+    return out
+
+
+def convert_lm_tensors(tensors: Mapping[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:
+    """Official LM file → our LM's state dict (RMSNorm gains [1,1,D] or [D] → [D])."""
+    out = {}
+    for key, value in tensors.items():
+        if key.endswith(".alpha") and value.dim() == 3 and value.shape[:2] == (1, 1):
+            value = value.reshape(-1)
+        out[key] = value
+    return out
+
+
+def load_into(
+    module: nn.Module, tensors: Mapping[str, Tensor], what: str, dtype: torch.dtype | None = None
+) -> None:
+    """Strictly load ``tensors`` into ``module``; the first mismatch is named in the error."""
+    expected = module.state_dict()
+    for key, ref in expected.items():
+        if key not in tensors:
+            raise CheckpointError(
+                f"{what}: missing weight {key!r} (expected shape {list(ref.shape)})"
+            )
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{what}: weight {key!r} has shape "
+                f"{list(tensors[key].shape)}, expected {list(ref.shape)}"
+            )
+    for key in tensors:
+        if key not in expected:
+            raise CheckpointError(
+                f"{what}: unexpected weight {key!r} (not part of this architecture: wrong config?)"
+            )
+    cast = {
+        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
+        for k, v in tensors.items()
+    }
+    module.load_state_dict(cast, strict=True)
+
+
+def _tensors(source: str | Path | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    return source if isinstance(source, Mapping) else read_safetensors(source)
+
+
+def load_mimi(
+    source: str | Path | Mapping[str, Tensor], cfg: MimiConfig, device: torch.device | str = "cpu"
+) -> nn.Module:
+    """Build the Mimi encoder (float32) from an official Mimi safetensors file or dict."""
+    from .mimi import MimiEncoder
+
+    tensors = convert_mimi_tensors(_tensors(source), cfg)
+    model = MimiEncoder(cfg)
+    load_into(model, tensors, f"Mimi weights ({_describe(source)})", torch.float32)
+    return model.to(device).eval()
+
+
+def load_lm(
+    source: str | Path | Mapping[str, Tensor],
+    cfg: LMConfig,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+) -> nn.Module:
+    """Build the DSM LM in ``dtype`` from an official LM safetensors file or dict."""
+    from .lm import LM
+
+    tensors = convert_lm_tensors(_tensors(source), cfg)
+    with torch.device("meta"):
+        model = LM(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    load_into(model, tensors, f"LM weights ({_describe(source)})", dtype)
+    return model.eval()
+
+
+def _describe(source: object) -> str:
+    return "tensor dict" if isinstance(source, Mapping) else str(source)
