@@ -229,12 +229,12 @@ _IGNORED_JSON_KEYS = {
 
 
 def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...], default: Any) -> Any:
-    if key not in data or data[key] is None and default is not None:
+    if key not in data or (data[key] is None and default is not None):
         return default
     value = data[key]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ConfigError(f"config key '{key}' has invalid value {value!r}")
     return value
 

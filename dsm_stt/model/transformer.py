@@ -210,7 +210,7 @@ class Transformer(nn.Module):
         Inactive slots (``active`` [B] false) compute garbage that is never stored: their
         keys go to the trash entry and their position does not move.
         """
-        B, T, _ = x.shape
+        T = x.shape[1]
         C = cache.context
         offsets = torch.arange(T, device=x.device)
         query_positions = cache.positions[:, None] + offsets  # [B, T]
