@@ -63,22 +63,29 @@ _HF_PATH = re.compile(r"^hf://(?P<repo>[^/]+/[^/]+)/(?P<file>.+)$")
 def hf_download(repo_id: str, filename: str) -> Path:
     """Download (or find in the HF cache) one file; clear errors when that is impossible."""
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         return Path(hf_hub_download(repo_id, filename))
+    except LocalEntryNotFoundError as exc:  # offline (or unreachable hub) and not cached
+        cause = exc
     except (EntryNotFoundError, RepositoryNotFoundError) as exc:
         raise CheckpointError(
             f"{repo_id}: file {filename!r} not found on the Hugging Face hub ({type(exc).__name__})"
         ) from exc
-    except Exception as exc:  # network errors, offline mode without cache, …
-        raise CheckpointError(
-            f"cannot get {filename!r} of {repo_id!r}: it is not in the Hugging Face cache and "
-            f"could not be downloaded ({type(exc).__name__}: {_first_line(exc)}). "
-            f"Pre-download it on a machine with network access with "
-            f"`huggingface-cli download {repo_id}` (and copy the cache, or set HF_HOME), "
-            f"or pass a local directory holding the checkpoint files with --model DIR."
-        ) from exc
+    except Exception as exc:  # network errors and the like
+        cause = exc
+    raise CheckpointError(
+        f"cannot get {filename!r} of {repo_id!r}: it is not in the Hugging Face cache and "
+        f"could not be downloaded ({type(cause).__name__}: {_first_line(cause)}). "
+        f"Pre-download it on a machine with network access with "
+        f"`huggingface-cli download {repo_id}` (and copy the cache, or set HF_HOME), "
+        f"or pass a local directory holding the checkpoint files with --model DIR."
+    ) from cause
 
 
 def resolve_path(ref: str | Path) -> Path:
