@@ -34,12 +34,24 @@ from .config import (
     parse_config_json,
     parse_mimi_config_json,
 )
+from .tokenizer import SentencePieceTokenizer, Tokenizer, TokenizerError
 
 CONFIG_NAME = "config.json"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be found, read or matched to the architecture."""
+
+
+@dataclass
+class SttModel:
+    """A loaded checkpoint: its config, LM, Mimi encoder and tokenizer."""
+
+    name: str
+    config: ModelConfig
+    lm: nn.Module
+    mimi: nn.Module
+    tokenizer: Tokenizer
 
 
 @dataclass(frozen=True)
@@ -338,3 +350,17 @@ def load_lm(
 
 def _describe(source: object) -> str:
     return "tensor dict" if isinstance(source, Mapping) else str(source)
+
+
+def load_model(
+    model: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SttModel:
+    """Resolve and load a whole checkpoint (repo id or directory)."""
+    files = resolve(model)
+    try:
+        tokenizer = SentencePieceTokenizer(files.tokenizer_path)
+    except TokenizerError as exc:
+        raise CheckpointError(str(exc)) from exc
+    lm = load_lm(files.lm_path, files.config.lm, dtype, device)
+    mimi = load_mimi(files.mimi_path, files.config.mimi, device)
+    return SttModel(files.name, files.config, lm, mimi, tokenizer)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from .checkpoint import SttModel
 from .config import (
     PRESETS,
     LMConfig,
@@ -28,7 +28,7 @@ from .config import (
     ffn_hidden_dim,
     mimi_config_json,
 )
-from .tokenizer import PlaceholderTokenizer, SentencePieceTokenizer, Tokenizer
+from .tokenizer import PlaceholderTokenizer, SentencePieceTokenizer
 
 
 def tiny_config(
@@ -85,14 +85,6 @@ def architecture(name: str) -> ModelConfig:
     raise ValueError(f"unknown architecture {name!r}: use one of tiny, {', '.join(PRESETS)}")
 
 
-@dataclass
-class RandomModel:
-    config: ModelConfig
-    lm: torch.nn.Module
-    mimi: torch.nn.Module
-    tokenizer: Tokenizer
-
-
 def random_lm(
     cfg: LMConfig,
     dtype: torch.dtype = torch.float32,
@@ -123,12 +115,12 @@ def random_mimi(
 
 
 def random_model(
-    cfg: ModelConfig,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> RandomModel:
-    return RandomModel(
+    name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
+) -> SttModel:
+    """Any known architecture (repo id or ``tiny``) with random weights, no download."""
+    cfg = architecture(name)
+    return SttModel(
+        f"{name} (random weights)",
         cfg,
         random_lm(cfg.lm, dtype, device, seed),
         random_mimi(cfg.mimi, device, seed + 1),

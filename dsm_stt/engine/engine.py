@@ -1,0 +1,103 @@
+"""The batched streaming step: B fixed slots, one Mimi frame and one LM position per call.
+
+Owns ``Engine``: the loaded model placed on a device, the preallocated ``EngineState``, and
+``step(pcm[B, 1920], active[B], reset[B])`` which
+
+1. resets the slots that start a new stream (``reset`` mask),
+2. encodes each slot's frame with Mimi (frame t → codes c_t),
+3. runs one LM position on the *previous* frame's codes and the previous text token (the
+   training / moshi-server alignment of spec §2.8; step 0 feeds the start tokens),
+4. picks the next text token (greedy, or Gumbel-max sampling at ``temperature``) and the VAD
+   probabilities,
+5. stores c_t and the token for the next step — in active slots only.
+
+Inactive slots are computed but their state never changes. The engine returns plain Python
+values at its boundary (``StepOutput``); the scheduler decides what each slot does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..config import EngineConfig
+from ..model.checkpoint import SttModel, load_model
+from .scheduler import StepOutput
+from .state import EngineState
+
+
+class Engine:
+    def __init__(
+        self,
+        model: SttModel,
+        batch_size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        temperature: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model
+        self.lm = model.lm.to(device=self.device, dtype=dtype).eval()
+        self.mimi = model.mimi.to(device=self.device, dtype=torch.float32).eval()
+        self.batch_size = batch_size
+        self.frame_size = model.config.mimi.frame_size
+        self.has_vad = model.config.lm.extra_heads_num_heads > 0
+        self.delay_tokens = model.config.stt.asr_delay_in_tokens
+        self.temperature = float(temperature)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.state = EngineState.allocate(self.mimi, self.lm, batch_size, self.device, dtype)
+
+    @classmethod
+    def from_config(cls, model: str, config: EngineConfig, random_weights: bool = False) -> Engine:
+        """Load ``model`` (repo id or directory; with ``random_weights`` any known
+        architecture name) and place it as ``config`` says."""
+        device, dtype = config.torch_device(), config.torch_dtype()
+        if random_weights:
+            from ..model.synthetic import random_model
+
+            stt = random_model(model, dtype=dtype, device=device, seed=config.seed)
+        else:
+            stt = load_model(model, dtype=dtype, device=device)
+        return cls(stt, config.batch_size, device, dtype, config.temperature, config.seed)
+
+    @property
+    def name(self) -> str:
+        return self.model.name
+
+    def decode(self, ids: list[int]) -> str:
+        return self.model.tokenizer.decode(ids)
+
+    @torch.no_grad()
+    def step_tensors(self, pcm: Tensor, active: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+        """The device-side step: ``pcm`` [B, 1, F] float32, masks [B] bool → tokens [B] long,
+        VAD probabilities [B, H] float32."""
+        state = self.state
+        state.reset(reset)
+        codes = self.mimi.step(pcm, state.mimi, active)  # [B, K]
+        out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
+        tokens = self._sample(out.logits)
+        state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
+        state.prev_text.copy_(torch.where(active, tokens, state.prev_text))
+        return tokens, out.vad
+
+    def _sample(self, logits: Tensor) -> Tensor:
+        if self.temperature <= 0:
+            return logits.argmax(dim=-1)
+        u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
+        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        return (logits / self.temperature + gumbel).argmax(dim=-1)
+
+    def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+        """Host-side step for the scheduler: numpy in, plain Python out."""
+        B, F = self.batch_size, self.frame_size
+        if pcm.shape != (B, F):
+            raise ValueError(f"engine step takes pcm of shape [{B}, {F}], got {list(pcm.shape)}")
+        pcm_t = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
+        active_t = torch.from_numpy(np.asarray(active, dtype=bool)).to(self.device)
+        reset_t = torch.from_numpy(np.asarray(reset, dtype=bool)).to(self.device)
+        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t)
+        prs = vad.float().cpu().numpy()
+        return StepOutput(tokens=tokens.cpu().tolist(), prs=[tuple(map(float, r)) for r in prs])

@@ -1,0 +1,63 @@
+"""Every per-slot buffer of the streaming engine, allocated once for ``batch_size`` slots.
+
+Owns ``EngineState``: the Mimi encoder state, the LM's KV cache, and the two values that
+implement the step alignment of spec §2.8 — the previous frame's codes and the previous text
+token, which are the LM's inputs at the next step. ``reset(mask)`` starts fresh streams in the
+masked slots without touching the others. No Python loops over slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..model.mimi import MimiState
+from ..model.transformer import KVCache
+
+
+@dataclass
+class EngineState:
+    mimi: MimiState
+    lm: KVCache
+    prev_codes: Tensor  # [B, K] long: codes of the previous frame (audio pad at step 0)
+    prev_text: Tensor  # [B] long: the previous text token (text start at step 0)
+    text_start_id: int
+    audio_pad_id: int
+
+    @classmethod
+    def allocate(
+        cls,
+        mimi: torch.nn.Module,
+        lm: torch.nn.Module,
+        batch_size: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> EngineState:
+        cfg = lm.cfg
+        state = cls(
+            mimi=mimi.allocate_state(batch_size, device),
+            lm=lm.allocate_state(batch_size, device, dtype),
+            prev_codes=torch.full(
+                (batch_size, cfg.n_q), cfg.audio_pad_id, dtype=torch.long, device=device
+            ),
+            prev_text=torch.full((batch_size,), cfg.text_start_id, dtype=torch.long, device=device),
+            text_start_id=cfg.text_start_id,
+            audio_pad_id=cfg.audio_pad_id,
+        )
+        return state
+
+    @property
+    def batch_size(self) -> int:
+        return self.prev_text.shape[0]
+
+    def reset(self, mask: Tensor) -> None:
+        """Fresh streams in every slot where ``mask`` [B] is true."""
+        self.mimi.reset(mask)
+        self.lm.reset(mask)
+        self.prev_codes.masked_fill_(mask[:, None], self.audio_pad_id)
+        self.prev_text.masked_fill_(mask, self.text_start_id)
+
+    def kv_bytes_per_slot(self) -> int:
+        return self.lm.nbytes_per_slot()
