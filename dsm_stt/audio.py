@@ -323,6 +323,7 @@ class OggOpusStreamDecoder:
         self.sample_rate = sample_rate
         self._buffer = bytearray()
         self._offset = 0  # stream offset of _buffer[0], for error messages
+        self._page_offset = 0  # stream offset of the page being handled
         self._resampler = _Resampler(sample_rate)
         self._closed = False
         self._serial: int | None = None  # the Opus stream being decoded
@@ -374,6 +375,7 @@ class OggOpusStreamDecoder:
             return None
         body = memoryview(bytes(buf[body_start:end]))
         del buf[:end]
+        self._page_offset = self._offset
         self._offset += end
         return flags, granule, serial, lacing, body
 
@@ -391,7 +393,7 @@ class OggOpusStreamDecoder:
         elif self._serial is None:
             if not self._others:
                 raise AudioDecodeError(
-                    f"OggOpus stream: the first page (byte {self._offset}) does not begin a "
+                    f"OggOpus stream: the first page (byte {self._page_offset}) does not begin a "
                     "stream; the data must start at the beginning of the Ogg stream"
                 )
             raise AudioDecodeError(
