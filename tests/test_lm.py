@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+from reference import official_tensors, reference_lm
 
 from dsm_stt.model.config import LMConfig, ffn_hidden_dim, preset
 from dsm_stt.model.lm import LM, LMInputError, LMOutput
@@ -270,64 +271,21 @@ def test_forward_sequence_and_allocation_errors() -> None:
 # parity with the reference implementation
 
 
-def _reference_lm(cfg: LMConfig):
-    lm_mod = pytest.importorskip("moshi.models.lm")
-    ref = lm_mod.LMModel(
-        delays=[0] * (cfg.n_q + 1),
-        n_q=cfg.n_q,
-        dep_q=0,
-        card=cfg.card,
-        text_card=cfg.text_card,
-        dim=cfg.dim,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers,
-        hidden_scale=4.125,
-        context=cfg.context,
-        max_period=cfg.max_period,
-        causal=True,
-        layer_scale=None,
-        gating="silu",
-        norm="rms_norm_f32",
-        positional_embedding="rope",
-        existing_text_padding_id=cfg.text_padding_id,
-        extra_heads_num_heads=cfg.extra_heads_num_heads,
-        extra_heads_dim=cfg.extra_heads_dim,
-        # present in the published config.json; no tensors when dep_q == 0
-        depformer_dim=32,
-        depformer_num_heads=2,
-        depformer_num_layers=1,
-        depformer_multi_linear=True,
-        depformer_pos_emb="none",
-        depformer_weights_per_step=True,
-    )
-    assert ref.transformer.layers[0].gating.linear_out.in_features == cfg.hidden_dim
-    return ref.eval()
-
-
-def _official_file_tensors(ref: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The reference module's weights in the published file layout, as bf16."""
-    out = {}
-    for key, value in ref.state_dict().items():
-        key = key.replace("self_attn.in_projs.0.weight", "self_attn.in_proj_weight")
-        key = key.replace("self_attn.out_projs.0.weight", "self_attn.out_proj.weight")
-        out[key] = value.to(torch.bfloat16).contiguous()
-    return out
-
-
 @pytest.mark.reference
 def test_streaming_parity_with_reference(tmp_path) -> None:
+    pytest.importorskip("moshi")
     from safetensors.torch import save_file
 
     from dsm_stt.model import checkpoint
 
     cfg, B, T = TINY, 2, 210
     torch.manual_seed(10)
-    ref = _reference_lm(cfg)
+    ref = reference_lm(cfg)
     with torch.no_grad():
         for name, p in ref.named_parameters():
             if name.endswith("alpha"):
                 p.mul_(1 + 0.2 * torch.randn_like(p))
-    tensors = _official_file_tensors(ref)
+    tensors = official_tensors(ref, torch.bfloat16)
     assert set(tensors) == set(official_lm_shapes(cfg))  # nothing to drop for dep_q == 0
     assert tensors["out_norm.alpha"].shape == (1, 1, cfg.dim)
     path = tmp_path / "model.safetensors"

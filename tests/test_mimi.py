@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference import official_tensors, reference_mimi
 from torch import Tensor
 
 from dsm_stt.model.checkpoint import load_mimi
@@ -85,82 +86,6 @@ def stream(model: MimiEncoder, pcm: Tensor, chunk_frames: list[int]) -> Tensor:
 # parity with the reference package
 
 
-def _reference_mimi(cfg: MimiConfig) -> torch.nn.Module:
-    from moshi.models.compression import MimiModel
-    from moshi.modules.seanet import SEANetDecoder, SEANetEncoder
-    from moshi.modules.transformer import ProjectedTransformer
-    from moshi.quantization.vq import SplitResidualVectorQuantizer
-
-    seanet = dict(
-        channels=1,
-        dimension=cfg.dimension,
-        causal=True,
-        n_filters=cfg.n_filters,
-        n_residual_layers=cfg.n_residual_layers,
-        activation="ELU",
-        compress=cfg.compress,
-        dilation_base=cfg.dilation_base,
-        disable_norm_outer_blocks=0,
-        kernel_size=cfg.kernel_size,
-        residual_kernel_size=cfg.residual_kernel_size,
-        last_kernel_size=cfg.last_kernel_size,
-        norm="none",
-        pad_mode="constant",
-        ratios=list(cfg.ratios),
-        true_skip=True,
-    )
-    transformer = dict(
-        d_model=cfg.dimension,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_layers,
-        causal=True,
-        layer_scale=cfg.layer_scale,
-        context=cfg.context,
-        conv_layout=True,
-        max_period=cfg.max_period,
-        gating="none",
-        norm="layer_norm",
-        positional_embedding="rope",
-        dim_feedforward=cfg.dim_feedforward,
-        input_dimension=cfg.dimension,
-        output_dimensions=[cfg.dimension],
-    )
-    encoder = SEANetEncoder(**seanet)
-    model = MimiModel(
-        encoder,
-        SEANetDecoder(**seanet),
-        SplitResidualVectorQuantizer(
-            dimension=cfg.quantizer_dim,
-            n_q=cfg.quantizer_n_q,
-            bins=cfg.quantizer_bins,
-            input_dimension=cfg.dimension,
-            output_dimension=cfg.dimension,
-        ),
-        channels=1,
-        sample_rate=cfg.sample_rate,
-        frame_rate=cfg.frame_rate,
-        encoder_frame_rate=cfg.sample_rate / encoder.hop_length,
-        causal=True,
-        resample_method="conv",
-        encoder_transformer=ProjectedTransformer(**transformer),
-        decoder_transformer=ProjectedTransformer(**transformer),
-    ).eval()
-    model.set_num_codebooks(cfg.num_codebooks)
-    return model
-
-
-def _official_tensors(ref: torch.nn.Module) -> dict[str, Tensor]:
-    """The reference module's state dict in the published file's naming: the module keeps its
-    attention weights as ``in_projs.0`` / ``out_projs.0`` and renames the file's
-    ``in_proj_weight`` / ``out_proj.weight`` with a load hook (spec §1.5, §1.6)."""
-    out = {}
-    for key, value in ref.state_dict().items():
-        key = key.replace("in_projs.0.weight", "in_proj_weight")
-        key = key.replace("out_projs.0.weight", "out_proj.weight")
-        out[key] = value.contiguous()
-    return out
-
-
 @pytest.mark.reference
 @pytest.mark.parametrize("num_codebooks", [8, 5])
 def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> None:
@@ -169,7 +94,7 @@ def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> 
 
     cfg = dataclasses.replace(TINY, num_codebooks=num_codebooks)
     torch.manual_seed(1)
-    ref = _reference_mimi(cfg)
+    ref = reference_mimi(cfg)
     spread_seanet(ref.encoder)
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
@@ -183,7 +108,7 @@ def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> 
                     torch.randn(book.embedding_sum.shape, generator=g) * usage[:, None]
                 )
     path = tmp_path / "mimi.safetensors"
-    save_file(_official_tensors(ref), str(path))
+    save_file(official_tensors(ref), str(path))
     ours = load_mimi(path, cfg)
 
     n_frames = 40  # 80 encoder positions, 8x the window of 10
