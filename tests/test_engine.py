@@ -135,3 +135,63 @@ def test_step_rejects_wrong_shapes() -> None:
     engine = _engine(2)
     with pytest.raises(ValueError, match=r"\[2, 1920\]"):
         engine.step(np.zeros((2, 1000), np.float32), np.ones(2, bool), np.ones(2, bool))
+
+
+@pytest.mark.reference
+def test_engine_tokens_equal_a_reference_decoding(tmp_path) -> None:
+    """Reference Mimi + reference LM (same weights, saved in the official layout and loaded by
+    us), decoded greedily with the §2.8 alignment: every token equals the engine's, and so do
+    the words built from them."""
+    pytest.importorskip("moshi")
+    from reference import official_tensors, randomize_reference_mimi, reference_lm, reference_mimi
+
+    from dsm_stt.engine.words import WordAssembler
+    from dsm_stt.model.checkpoint import load_model
+    from dsm_stt.model.synthetic import write_checkpoint
+
+    cfg = tiny_config(context=16)
+    torch.manual_seed(0)
+    ref_mimi = reference_mimi(cfg.mimi)
+    randomize_reference_mimi(ref_mimi)
+    ref_lm = reference_lm(cfg.lm)
+    lm_tensors = official_tensors(ref_lm, torch.bfloat16)
+    ref_lm.load_state_dict({k: v.float() for k, v in lm_tensors.items()})
+    write_checkpoint(
+        tmp_path / "ckpt",
+        cfg,
+        None,
+        None,
+        lm_tensors=lm_tensors,
+        mimi_tensors=official_tensors(ref_mimi),
+    )
+    model = load_model(tmp_path / "ckpt")
+    engine = Engine(model, 2)
+
+    frames = 60
+    audio = np.stack([_audio(10, frames), _audio(11, frames)])
+    ours = []
+    for i in range(frames):
+        out = engine.step(
+            audio[:, i * FRAME : (i + 1) * FRAME], np.ones(2, bool), np.full(2, i == 0)
+        )
+        ours.append(out.tokens)
+
+    expected = []
+    with torch.no_grad(), ref_mimi.streaming(2), ref_lm.streaming(2):
+        initial = ref_lm._get_initial_token().expand(2, -1, -1)  # [B, 1 + K, 1]
+        prev = initial
+        for i in range(frames):
+            codes = ref_mimi.encode(torch.from_numpy(audio[:, None, i * FRAME : (i + 1) * FRAME]))
+            _, logits = ref_lm.forward_text(prev)
+            token = logits[:, 0, 0].float().argmax(-1)
+            expected.append(token.tolist())
+            prev = torch.cat([token[:, None, None], codes], dim=1)
+    assert ours == expected
+    assert len({t for step in expected for t in step}) > 3
+
+    def words(tokens: list[int]) -> list:
+        asm = WordAssembler(cfg.stt.asr_delay_in_tokens, model.tokenizer.decode)
+        return [e for t in tokens for e in asm.push(t)] + asm.finish()
+
+    for b in range(2):
+        assert words([s[b] for s in ours]) == words([s[b] for s in expected])
