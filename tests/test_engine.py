@@ -195,3 +195,16 @@ def test_engine_tokens_equal_a_reference_decoding(tmp_path) -> None:
 
     for b in range(2):
         assert words([s[b] for s in ours]) == words([s[b] for s in expected])
+
+
+def test_full_size_1b_architecture_builds_and_steps_on_cpu() -> None:
+    """stt-1b-en_fr-candle with random weights (bf16, ~2 GB): two batched steps."""
+    model = random_model("kyutai/stt-1b-en_fr-candle", dtype=torch.bfloat16)
+    assert sum(p.numel() for p in model.lm.parameters()) == 989_253_632
+    engine = Engine(model, 2, dtype=torch.bfloat16)
+    for i in range(2):
+        out = engine.step(
+            _audio(i, 1).reshape(1, -1).repeat(2, 0), np.ones(2, bool), np.full(2, i == 0)
+        )
+        assert all(0 <= t < 8000 for t in out.tokens)
+        assert all(len(p) == 4 and all(0.0 <= x <= 1.0 for x in p) for p in out.prs)
