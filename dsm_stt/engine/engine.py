@@ -17,6 +17,8 @@ values at its boundary (``StepOutput``); the scheduler decides what each slot do
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -71,17 +73,29 @@ class Engine:
         return self.model.tokenizer.decode(ids)
 
     @torch.no_grad()
-    def step_tensors(self, pcm: Tensor, active: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
+    def step_tensors(
+        self, pcm: Tensor, active: Tensor, reset: Tensor, marks: list[float] | None = None
+    ) -> tuple[Tensor, Tensor]:
         """The device-side step: ``pcm`` [B, 1, F] float32, masks [B] bool → tokens [B] long,
-        VAD probabilities [B, H] float32."""
+        VAD probabilities [B, H] float32. With ``marks``, the (device-synchronised) times after
+        Mimi and after the LM are appended: the benchmark's breakdown."""
         state = self.state
         state.reset(reset)
         codes = self.mimi.step(pcm, state.mimi, active)  # [B, K]
+        if marks is not None:
+            marks.append(self._clock())
         out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
+        if marks is not None:
+            marks.append(self._clock())
         tokens = self._sample(out.logits)
         state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
         state.prev_text.copy_(torch.where(active, tokens, state.prev_text))
         return tokens, out.vad
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _sample(self, logits: Tensor) -> Tensor:
         if self.temperature <= 0:
@@ -90,14 +104,21 @@ class Engine:
         gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
         return (logits / self.temperature + gumbel).argmax(dim=-1)
 
-    def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
-        """Host-side step for the scheduler: numpy in, plain Python out."""
+    def step(
+        self,
+        pcm: np.ndarray,
+        active: np.ndarray,
+        reset: np.ndarray,
+        marks: list[float] | None = None,
+    ) -> StepOutput:
+        """Host-side step for the scheduler: numpy in, plain Python out (``marks``: see
+        ``step_tensors``)."""
         B, F = self.batch_size, self.frame_size
         if pcm.shape != (B, F):
             raise ValueError(f"engine step takes pcm of shape [{B}, {F}], got {list(pcm.shape)}")
         pcm_t = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
         active_t = torch.from_numpy(np.asarray(active, dtype=bool)).to(self.device)
         reset_t = torch.from_numpy(np.asarray(reset, dtype=bool)).to(self.device)
-        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t)
+        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks)
         prs = vad.float().cpu().numpy()
         return StepOutput(tokens=tokens.cpu().tolist(), prs=[tuple(map(float, r)) for r in prs])

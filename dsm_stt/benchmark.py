@@ -1,0 +1,95 @@
+"""The engine micro-benchmark behind ``dsm-stt bench``.
+
+Owns the measurement protocol: warm-up steps, then ``steps`` timed steps of the whole batch with
+every slot active, each split into Mimi, LM and host overhead (numpy in → tokens out, sampling,
+transfers); medians; ``realtime_streams = B * 80 / step_ms``; peak memory. It measures the same
+``Engine.step`` the scheduler and the server call. Comparisons against the reference package
+live in ``bench/`` scripts, which run both in one process.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .engine.engine import Engine
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    model: str
+    device: str
+    dtype: str
+    batch_size: int
+    steps: int
+    step_ms: float
+    mimi_ms: float
+    lm_ms: float
+    host_ms: float
+    realtime_streams: float
+    peak_rss_mb: float
+    kv_mb_per_stream: float
+    gpu_peak_mb: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        gpu = f", GPU peak {self.gpu_peak_mb:.0f} MB" if self.gpu_peak_mb is not None else ""
+        return (
+            f"{self.model} on {self.device} ({self.dtype}), batch {self.batch_size}: "
+            f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
+            f"host {self.host_ms:.1f}) → {self.realtime_streams:.2f} real-time streams; "
+            f"peak RSS {self.peak_rss_mb:.0f} MB, KV {self.kv_mb_per_stream:.1f} MB/stream"
+            f"{gpu}"
+        )
+
+
+def run_benchmark(engine: Engine, steps: int, warmup: int = 3, seed: int = 0) -> BenchResult:
+    if steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    B, F = engine.batch_size, engine.frame_size
+    rng = np.random.default_rng(seed)
+    pcm = (0.1 * rng.standard_normal((B, F))).astype(np.float32)
+    active = np.ones(B, bool)
+    no_reset = np.zeros(B, bool)
+    engine.step(pcm, active, np.ones(B, bool))
+    for _ in range(warmup):
+        engine.step(pcm, active, no_reset)
+    if engine.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(engine.device)
+    totals, mimi, lm = [], [], []
+    for _ in range(steps):
+        marks: list[float] = []
+        start = time.perf_counter()
+        engine.step(pcm, active, no_reset, marks)
+        end = time.perf_counter()
+        mimi_end, lm_end = marks
+        totals.append((end - start) * 1e3)
+        mimi.append((mimi_end - start) * 1e3)
+        lm.append((lm_end - mimi_end) * 1e3)
+    step_ms = statistics.median(totals)
+    mimi_ms, lm_ms = statistics.median(mimi), statistics.median(lm)
+    gpu = None
+    if engine.device.type == "cuda":
+        gpu = torch.cuda.max_memory_allocated(engine.device) / 2**20
+    return BenchResult(
+        model=engine.name,
+        device=str(engine.device),
+        dtype=str(engine.dtype).replace("torch.", ""),
+        batch_size=B,
+        steps=steps,
+        step_ms=round(step_ms, 3),
+        mimi_ms=round(mimi_ms, 3),
+        lm_ms=round(lm_ms, 3),
+        host_ms=round(max(step_ms - mimi_ms - lm_ms, 0.0), 3),
+        realtime_streams=round(B * 80.0 / step_ms, 3),
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        kv_mb_per_stream=round(engine.state.kv_bytes_per_slot() / 2**20, 2),
+        gpu_peak_mb=gpu,
+    )
