@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import official_tensors, reference_mimi
+from reference import official_tensors, randomize_reference_mimi, reference_mimi
 from torch import Tensor
 
 from dsm_stt.model.checkpoint import load_mimi
@@ -95,18 +95,7 @@ def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> 
     cfg = dataclasses.replace(TINY, num_codebooks=num_codebooks)
     torch.manual_seed(1)
     ref = reference_mimi(cfg)
-    spread_seanet(ref.encoder)
-    g = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for stack in (ref.quantizer.rvq_first, ref.quantizer.rvq_rest):
-            for layer in stack.vq.layers:
-                book = layer._codebook
-                book._initialized.fill_(1)
-                usage = 0.5 + 2 * torch.rand(book.cluster_usage.shape, generator=g)
-                book.cluster_usage.copy_(usage)
-                book.embedding_sum.copy_(
-                    torch.randn(book.embedding_sum.shape, generator=g) * usage[:, None]
-                )
+    randomize_reference_mimi(ref, seed=2)
     path = tmp_path / "mimi.safetensors"
     save_file(official_tensors(ref), str(path))
     ours = load_mimi(path, cfg)
