@@ -1,0 +1,110 @@
+"""Engine step time: dsm-stt against Kyutai's reference package, same weights, one process.
+
+For a published architecture with random weights, builds the reference Mimi + ``LMGen``
+(``moshi==0.2.13``, installed with ``pip install --no-deps moshi==0.2.13 einops``) and a
+dsm-stt ``Engine`` loaded from the same tensors, then times one full step per 80 ms frame for
+the whole batch (Mimi encode + LM step + greedy token) in interleaved rounds, so both see the
+same machine state. Prints medians and the ratios.
+
+    python bench/compare_reference.py --model kyutai/stt-1b-en_fr-candle --batch-size 1 \
+        --dtype float32 --steps 10 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from reference import official_tensors, reference_lm, reference_mimi
+
+from dsm_stt.config import DTYPES
+from dsm_stt.engine.engine import Engine
+from dsm_stt.model.checkpoint import SttModel, load_lm, load_mimi
+from dsm_stt.model.config import preset
+from dsm_stt.model.tokenizer import PlaceholderTokenizer
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="kyutai/stt-1b-en_fr-candle")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.dtype]
+    cfg = preset(args.model)
+    B = args.batch_size
+    torch.manual_seed(0)
+
+    from moshi.models.lm import LMGen
+
+    ref_mimi = reference_mimi(cfg.mimi)
+    ref_lm = reference_lm(cfg.lm)
+    lm_tensors = official_tensors(ref_lm, torch.bfloat16)
+    ref_lm.load_state_dict({k: v.float() for k, v in lm_tensors.items()})
+    ref_lm = ref_lm.to(dtype)
+    gen = LMGen(ref_lm, use_sampling=False, temp=0.0, temp_text=0.0)
+    model = SttModel(
+        args.model,
+        cfg,
+        load_lm(lm_tensors, cfg.lm, dtype),
+        load_mimi(official_tensors(ref_mimi), cfg.mimi),
+        PlaceholderTokenizer(cfg.lm.text_card),
+    )
+    del lm_tensors
+    engine = Engine(model, B, dtype=dtype)
+
+    rng = np.random.default_rng(0)
+    pcm = (0.1 * rng.standard_normal((B, 1920))).astype(np.float32)
+    pcm_t = torch.from_numpy(pcm)[:, None]
+    active, no_reset = np.ones(B, bool), np.zeros(B, bool)
+
+    def ours() -> None:
+        engine.step(pcm, active, no_reset)
+
+    def reference() -> None:
+        with torch.no_grad():
+            codes = ref_mimi.encode(pcm_t)
+            gen.step(codes)
+
+    ours_ms, ref_ms = [], []
+    engine.step(pcm, active, np.ones(B, bool))
+    with ref_mimi.streaming(B), gen.streaming(B):
+        for _ in range(2):  # warm-up
+            ours()
+            reference()
+        for r in range(args.rounds):
+            for fn, out in (
+                ((ours, ours_ms), (reference, ref_ms))
+                if r % 2 == 0
+                else ((reference, ref_ms), (ours, ours_ms))
+            ):
+                for _ in range(args.steps):
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append((time.perf_counter() - t0) * 1e3)
+    o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
+    print(
+        f"{args.model}, batch {B}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.rounds}x{args.steps} interleaved steps each"
+    )
+    print(f"reference (moshi 0.2.13): {ref:8.1f} ms/step -> {B * 80 / ref:6.2f} real-time streams")
+    print(f"dsm-stt:                  {o:8.1f} ms/step -> {B * 80 / o:6.2f} real-time streams")
+    print(f"speed-up: {ref / o:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
