@@ -288,9 +288,7 @@ def convert_lm_tensors(tensors: Mapping[str, Tensor], cfg: LMConfig) -> dict[str
     return out
 
 
-def load_into(
-    module: nn.Module, tensors: Mapping[str, Tensor], what: str, dtype: torch.dtype | None = None
-) -> None:
+def load_into(module: nn.Module, tensors: Mapping[str, Tensor], what: str) -> None:
     """Strictly load ``tensors`` into ``module``; the first mismatch is named in the error."""
     expected = module.state_dict()
     for key, ref in expected.items():
@@ -308,11 +306,8 @@ def load_into(
             raise CheckpointError(
                 f"{what}: unexpected weight {key!r} (not part of this architecture: wrong config?)"
             )
-    cast = {
-        k: v.to(dtype) if dtype is not None and v.is_floating_point() else v
-        for k, v in tensors.items()
-    }
-    module.load_state_dict(cast, strict=True)
+    # load_state_dict copies into the existing parameters, casting to their dtype
+    module.load_state_dict(dict(tensors), strict=True)
 
 
 def _tensors(source: str | Path | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
@@ -327,7 +322,7 @@ def load_mimi(
 
     tensors = convert_mimi_tensors(_tensors(source), cfg)
     model = MimiEncoder(cfg)
-    load_into(model, tensors, f"Mimi weights ({_describe(source)})", torch.float32)
+    load_into(model, tensors, f"Mimi weights ({_describe(source)})")
     return model.to(device).eval()
 
 
@@ -344,7 +339,7 @@ def load_lm(
     with torch.device("meta"):
         model = LM(cfg)
     model = model.to_empty(device=device).to(dtype)
-    load_into(model, tensors, f"LM weights ({_describe(source)})", dtype)
+    load_into(model, tensors, f"LM weights ({_describe(source)})")
     return model.eval()
 
 

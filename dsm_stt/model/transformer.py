@@ -135,7 +135,7 @@ class LMLayer(nn.Module):
         self.norm2 = RMSNorm(dim, eps)
         self.gating = GatedFFN(dim, hidden)
 
-    def residual_attn(self, x: Tensor) -> Tensor:
+    def attn_input(self, x: Tensor) -> Tensor:
         return self.norm1(x)
 
     def finish(self, h: Tensor) -> Tensor:
@@ -166,7 +166,7 @@ class MimiLayer(nn.Module):
         self.layer_scale_1 = LayerScale(dim, layer_scale)
         self.layer_scale_2 = LayerScale(dim, layer_scale)
 
-    def residual_attn(self, x: Tensor) -> Tensor:
+    def attn_input(self, x: Tensor) -> Tensor:
         return self.norm1(x)
 
     def finish(self, h: Tensor) -> Tensor:
@@ -230,7 +230,7 @@ class Transformer(nn.Module):
         mask[:, :, :, C] |= ~active[:, None, None]
         rot = rope_rotation(query_positions, self.head_dim, self.max_period)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn.step(layer.residual_attn(x), i, cache, write_index, rot, mask)
+            attn = layer.self_attn.step(layer.attn_input(x), i, cache, write_index, rot, mask)
             x = layer.finish(x + layer.scale_attn(attn))
         cache.positions.add_(active.long() * T)
         return x
@@ -239,6 +239,6 @@ class Transformer(nn.Module):
         """Teacher-forced forward of a whole sequence [B, T, D] from position 0."""
         for layer in self.layers:
             x = layer.finish(
-                x + layer.scale_attn(layer.self_attn.forward_sequence(layer.residual_attn(x)))
+                x + layer.scale_attn(layer.self_attn.forward_sequence(layer.attn_input(x)))
             )
         return x
