@@ -139,6 +139,160 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------- serve
+
+
+def _server_config(args: argparse.Namespace):
+    """Flags over the TOML file over the defaults: a flag given on the command line wins."""
+    import dataclasses
+
+    from .server.config import ServerConfig, read_moshi_server_toml
+
+    config = ServerConfig()
+    if args.config:
+        config = read_moshi_server_toml(args.config, config)
+    engine_flags = {
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "temperature": args.temperature,
+    }
+    engine = dataclasses.replace(
+        config.engine, **{k: v for k, v in engine_flags.items() if v is not None}
+    )
+    if args.batch_size is None and not args.config:
+        engine = dataclasses.replace(engine, batch_size=64 if _cuda_requested(engine.device) else 8)
+    changes = {
+        "engine": engine,
+        "host": args.host,
+        "port": args.port,
+        "random_weights": args.random_weights,
+        "log_level": args.log_level,
+    }
+    if args.model is not None:
+        changes |= {"model": args.model, "model_files": None}
+    if args.api_key:
+        changes["api_keys"] = tuple(args.api_key)
+    for flag in ("queue_timeout", "idle_timeout", "audio_timeout", "path"):
+        if getattr(args, flag) is not None:
+            changes[flag] = getattr(args, flag)
+    return config.replace(**changes)
+
+
+def _cuda_requested(device: str) -> bool:
+    if device == "cuda":
+        return True
+    if device != "auto":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .model.checkpoint import CheckpointError
+    from .server.app import load_engine, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = _server_config(args)
+        engine = load_engine(config)
+    except (CheckpointError, ValueError) as exc:
+        return _fail(str(exc))
+    return serve(config, engine)
+
+
+# --------------------------------------------------------------------------------- stream
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import numpy as np
+
+    from .audio import AudioDecodeError, load_audio
+    from .client import ServerError, stream_audio
+    from .engine.events import EndWord, Word
+
+    try:
+        pcm = load_audio(args.audio)
+    except AudioDecodeError as exc:
+        return _fail(str(exc))
+    prefix = np.zeros(round(args.prefix * 24000), dtype=np.float32)
+    pcm = np.concatenate([prefix, pcm])
+
+    async def run() -> None:
+        words: list[list] = []
+        async for msg in stream_audio(args.url, pcm, api_key=args.api_key, rtf=args.rtf):
+            if isinstance(msg, Word) and msg.text.strip():
+                if args.timestamps:
+                    words.append([msg.text.strip(), msg.start_time - args.prefix, None])
+                else:
+                    sys.stdout.write(msg.text.strip() + " ")
+                    sys.stdout.flush()
+            elif isinstance(msg, EndWord) and words and words[-1][2] is None:
+                words[-1][2] = msg.stop_time - args.prefix
+        for text, start, end in words:
+            end_text = "" if end is None else f"{max(end, start):8.2f}"
+            print(f"{max(start, 0.0):8.2f} {end_text:>8} {text}")
+        if not args.timestamps:
+            print()
+
+    try:
+        asyncio.run(run())
+    except (ServerError, TimeoutError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+# ------------------------------------------------------------------------------------ mic
+
+
+def cmd_mic(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .client import LivePrinter, ServerError, SttClient, import_sounddevice, microphone
+
+    try:
+        import_sounddevice()
+    except ImportError as exc:
+        return _fail(str(exc))
+    printer = LivePrinter(sys.stdout)
+
+    async def run() -> None:
+        async with await SttClient.connect(args.url, api_key=args.api_key) as client:
+
+            async def send() -> None:
+                async for block in microphone(args.input_device):
+                    await client.send_audio(block)
+
+            sender = asyncio.create_task(send())
+            try:
+                async for msg in client:
+                    if type(msg).__name__ == "Error":
+                        raise ServerError(msg.message)
+                    printer.on_message(msg)
+            finally:
+                sender.cancel()
+
+    print("listening (Ctrl-C to stop)...", file=sys.stderr)
+    try:
+        asyncio.run(run())
+    except (ServerError, OSError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        printer.close()
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -160,6 +314,121 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("audio", nargs="+", help="audio or video files FFmpeg can read")
     p.set_defaults(func=cmd_transcribe)
+
+    p = sub.add_parser(
+        "serve",
+        help="run the streaming server (moshi-server compatible WebSocket API, file POST, metrics)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help=f"hub repo id or local checkpoint directory (default {DEFAULT_MODEL}); "
+        "with --random-weights, a known repo id or 'tiny'",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the architecture with random weights (no download): for load "
+        "and smoke tests, the transcripts are meaningless",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE.toml",
+        help="moshi-server configuration file (its ASR module: model files, "
+        "batch_size, authorized_ids, ...); flags given here override it",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every "
+        "interface, as moshi-server)",
+    )
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--path", default=None, help="route of the streaming API (default /api/asr-streaming)"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="concurrent sessions (default 64 on CUDA, 8 otherwise)",
+    )
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    p.add_argument(
+        "--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples"
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="accept this key (kyutai-api-key header or ?auth_id=); repeat for "
+        "several; none = open server",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="let a newcomer wait up to S seconds for a free slot (default 0: "
+        "'no free channels' at once)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="close a connection that does not answer pings for S seconds (default 20)",
+    )
+    p.add_argument(
+        "--audio-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="close a session that sends no audio for S seconds (default 120)",
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "stream", help="stream an audio file to a running server, print words as they come"
+    )
+    p.add_argument("audio", help="audio or video file FFmpeg can read")
+    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming")
+    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--rtf",
+        type=float,
+        default=1.0,
+        help="speed relative to real time (default 1; 1000 = as fast as possible)",
+    )
+    p.add_argument(
+        "--prefix",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="seconds of silence sent first (default 1, which the 2.6B needs); "
+        "subtracted from the printed times",
+    )
+    p.add_argument(
+        "--timestamps",
+        action="store_true",
+        help="print 'start end word' lines at the end instead of live text",
+    )
+    p.set_defaults(func=cmd_stream)
+
+    p = sub.add_parser(
+        "mic",
+        help="live transcript of the microphone from a running server (needs the 'mic' extra)",
+    )
+    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming")
+    p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--input-device", default=None, help="sound card (index or name, see python -m sounddevice)"
+    )
+    p.set_defaults(func=cmd_mic)
 
     p = sub.add_parser("bench", help="time the batched engine step (Mimi + LM + host)")
     _add_engine_flags(p, batch_default=1)

@@ -1,0 +1,264 @@
+"""Async client for the streaming server — this one or moshi-server — over WebSocket + msgpack.
+
+Owns ``SttClient`` (one session: connect and wait for ``Ready``, send ``Audio`` / ``Marker`` /
+``Flush`` / ``Init``, iterate over what the server sends), ``stream_audio`` (send a signal
+paced at a real-time factor, yield the server's messages until all of it is transcribed),
+``microphone`` (80 ms blocks from the sound card; needs the optional ``sounddevice``) and
+``LivePrinter`` (a live transcript for a terminal, with the model's end-of-turn indicator).
+
+Ending a stream uses the recipe every moshi-server client uses (a ``Marker``, then silence
+until the marker comes back, spec §4.5), so the same code works against both servers.
+Messages are the protocol's values (``Word``, ``EndWord``, ``Step``, ``Marker``, ``Error``…).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterable
+from typing import Any, TextIO
+
+import numpy as np
+import websockets
+
+from .server.protocol import (
+    Audio,
+    EndWord,
+    Error,
+    Flush,
+    Init,
+    Marker,
+    ProtocolError,
+    Ready,
+    ServerMessage,
+    Step,
+    Word,
+    decode_server_message,
+    encode_client_message,
+)
+
+DEFAULT_URL = "ws://127.0.0.1:8080/api/asr-streaming"
+SAMPLE_RATE = 24000
+FRAME_SIZE = 1920  # 80 ms: the size of one model step, what Kyutai's clients send
+END_OF_TURN_HEAD = 2  # VAD head whose class-0 probability > 0.5 means "end of turn" (spec §4.6)
+
+
+class ServerError(RuntimeError):
+    """The server refused the session or reported an error that ends it."""
+
+
+class SttClient:
+    """One streaming session. Use ``await SttClient.connect(url)`` (or ``async with``)."""
+
+    def __init__(self, connection: Any) -> None:
+        self._ws = connection
+        self._pending: list[ServerMessage] = []  # read while waiting for Ready
+
+    @classmethod
+    async def connect(
+        cls, url: str = DEFAULT_URL, *, api_key: str | None = None, open_timeout: float = 10.0
+    ) -> SttClient:
+        """Open a session. Raises ``ServerError`` when the server refuses it (HTTP 401,
+        "no free channels"…)."""
+        headers = {"kyutai-api-key": api_key} if api_key is not None else None
+        try:
+            ws = await websockets.connect(
+                url, additional_headers=headers, open_timeout=open_timeout, max_size=None
+            )
+        except websockets.InvalidStatus as exc:
+            status = exc.response.status_code
+            body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
+            raise ServerError(f"{url}: HTTP {status}{': ' + body if body else ''}") from None
+        client = cls(ws)
+        try:
+            first = await asyncio.wait_for(client._recv(), open_timeout)
+        except BaseException:
+            await ws.close()
+            raise
+        if isinstance(first, Error):
+            await ws.close()
+            raise ServerError(f"{url}: {first.message}")
+        if not isinstance(first, Ready):  # moshi-server's non-batched module sends no Ready
+            client._pending.append(first)
+        return client
+
+    async def __aenter__(self) -> SttClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._ws.close()
+
+    async def send_audio(self, pcm: np.ndarray | Iterable[float]) -> None:
+        """24 kHz mono float samples in [-1, 1]; any length (80 ms blocks are best)."""
+        await self._ws.send(encode_client_message(Audio(np.asarray(pcm, dtype=np.float32))))
+
+    async def send_marker(self, marker_id: int) -> None:
+        await self._ws.send(encode_client_message(Marker(marker_id)))
+
+    async def send_flush(self, flush_id: int = 0) -> None:
+        """Extension of this server: get every word of the audio sent so far, then
+        ``Flushed(flush_id)``, without sending silence."""
+        await self._ws.send(encode_client_message(Flush(flush_id)))
+
+    async def send_init(self) -> None:
+        """Restart the stream without reconnecting; the server answers ``Ready``."""
+        await self._ws.send(encode_client_message(Init()))
+
+    async def receive(self) -> ServerMessage:
+        """The next message. Raises ``websockets.ConnectionClosed`` at the end."""
+        if self._pending:
+            return self._pending.pop(0)
+        return await self._recv()
+
+    def __aiter__(self) -> AsyncIterator[ServerMessage]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[ServerMessage]:
+        while True:
+            try:
+                yield await self.receive()
+            except websockets.ConnectionClosedOK:
+                return
+
+    async def _recv(self) -> ServerMessage:
+        while True:
+            data = await self._ws.recv()
+            if isinstance(data, str):
+                continue  # no text messages in this protocol
+            try:
+                return decode_server_message(data)
+            except ProtocolError as exc:
+                raise ServerError(f"unexpected message from the server: {exc}") from exc
+
+
+async def stream_audio(
+    url: str,
+    pcm: np.ndarray,
+    *,
+    api_key: str | None = None,
+    rtf: float = 1.0,
+    marker_id: int = 0,
+    max_tail_seconds: float = 40.0,
+) -> AsyncIterator[ServerMessage]:
+    """Send ``pcm`` (24 kHz mono) in 80 ms messages at ``rtf`` × real time, then a Marker and
+    silence until the marker comes back; yield every message received before it.
+
+    ``Error`` messages from the server raise ``ServerError``. If the marker has not come back
+    after ``max_tail_seconds`` of silence (and a grace period), ``TimeoutError`` is raised.
+    """
+    if not rtf > 0:
+        raise ValueError(f"rtf must be > 0, got {rtf!r}")
+    pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+    async with await SttClient.connect(url, api_key=api_key) as client:
+
+        async def send() -> None:
+            silence = np.zeros(FRAME_SIZE, dtype=np.float32)
+            tail = [silence] * int(max_tail_seconds * SAMPLE_RATE / FRAME_SIZE)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            for i, frame in enumerate([*_frames(pcm), None, *tail]):
+                due = start + i * FRAME_SIZE / SAMPLE_RATE / rtf
+                await asyncio.sleep(max(0.0, due - loop.time()))
+                if frame is None:
+                    await client.send_marker(marker_id)
+                else:
+                    await client.send_audio(frame)
+
+        loop = asyncio.get_running_loop()
+        sender = asyncio.create_task(send())
+        deadline: float | None = None  # set once everything is sent
+        try:
+            while True:
+                if deadline is None and sender.done():
+                    sender.result()  # a failed send ends the stream with its exception
+                    deadline = loop.time() + _GRACE_SECONDS
+                try:
+                    msg = await asyncio.wait_for(client.receive(), 1.0)
+                except asyncio.TimeoutError:
+                    if deadline is not None and loop.time() > deadline:
+                        raise TimeoutError(
+                            f"{url}: the end-of-stream marker never came back"
+                        ) from None
+                    continue
+                if isinstance(msg, Error):
+                    raise ServerError(msg.message)
+                if isinstance(msg, Marker) and msg.id == marker_id:
+                    return
+                yield msg
+        finally:
+            sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await sender
+
+
+_GRACE_SECONDS = 10.0
+
+
+def _frames(pcm: np.ndarray) -> list[np.ndarray]:
+    return [pcm[i : i + FRAME_SIZE] for i in range(0, pcm.size, FRAME_SIZE)]
+
+
+async def microphone(device: int | str | None = None) -> AsyncIterator[np.ndarray]:
+    """80 ms blocks of 24 kHz mono float32 from the sound card (needs ``sounddevice``)."""
+    sd = import_sounddevice()
+    loop = asyncio.get_running_loop()
+    blocks: asyncio.Queue[np.ndarray] = asyncio.Queue()
+
+    def callback(indata: np.ndarray, frames: int, time: Any, status: Any) -> None:
+        loop.call_soon_threadsafe(blocks.put_nowait, indata[:, 0].copy())
+
+    with sd.InputStream(
+        samplerate=SAMPLE_RATE,
+        channels=1,
+        dtype="float32",
+        blocksize=FRAME_SIZE,
+        device=device,
+        callback=callback,
+    ):
+        while True:
+            yield await blocks.get()
+
+
+def import_sounddevice() -> Any:
+    try:
+        import sounddevice
+    except ImportError as exc:  # also OSError-like failures to find PortAudio surface here
+        raise ImportError(
+            "the microphone needs the optional dependency 'sounddevice': "
+            "pip install 'dsm-stt[mic]' (and the PortAudio library)"
+        ) from exc
+    return sounddevice
+
+
+class LivePrinter:
+    """A live transcript for a terminal: words as they arrive; when the model's VAD says the
+    speaker finished a turn, a pause mark and a new line (printed once per turn)."""
+
+    def __init__(self, out: TextIO = sys.stdout, vad_threshold: float = 0.5) -> None:
+        self.out = out
+        self.vad_threshold = vad_threshold
+        self._in_turn = False
+
+    def on_message(self, msg: ServerMessage) -> None:
+        if isinstance(msg, Word):
+            text = msg.text.strip()
+            if text:
+                self.out.write(("" if self._in_turn else "> ") + text + " ")
+                self._in_turn = True
+        elif isinstance(msg, Step) and len(msg.prs) > END_OF_TURN_HEAD:
+            if self._in_turn and msg.prs[END_OF_TURN_HEAD] > self.vad_threshold:
+                self.out.write("[pause]\n")
+                self._in_turn = False
+        elif isinstance(msg, EndWord | Marker):
+            return
+        self.out.flush()
+
+    def close(self) -> None:
+        if self._in_turn:
+            self.out.write("\n")
+            self._in_turn = False
+        self.out.flush()

@@ -1,0 +1,396 @@
+"""The one place asyncio meets torch: a worker thread that owns the engine and the scheduler.
+
+Owns ``Runner`` and ``Channel``. The ``Scheduler`` (and through it the engine) is not
+thread-safe, so exactly one thread touches it: the runner's worker. Sessions, which live on the
+asyncio event loop, talk to it through a command queue (admit / feed / marker / flush / reset /
+close / remove: cheap, non-blocking calls from any thread) and receive what their stream
+produced on their ``Channel``: the worker hands each channel one batch of messages per model
+step with ``loop.call_soon_threadsafe`` into the channel's ``asyncio.Queue``.
+
+The worker sleeps on a condition variable until a command arrives or a stream has a full frame
+(no polling), then runs: apply commands → one scheduler tick (one batched model step) → route
+events. It never waits on a client: a session that does not read its messages only grows its
+own queue, and past ``max_pending`` messages the channel calls its ``on_overflow`` hook so the
+session can be dropped (others never notice). Audio coming in faster than the model consumes it
+is bounded the other way: ``Channel.wait_for_room`` lets a session stop reading its socket
+while its stream has more than a given backlog, which pushes back on the client through TCP.
+
+Protocol extensions handled here because they need the stream's step count: ``flush`` answers
+``Flushed{id}`` right after the words of the flushed audio, ``reset`` answers ``Ready`` after any
+markers it released. Step durations go to the metrics from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..engine.events import Closed, Event
+from ..engine.scheduler import Scheduler, SchedulerError
+from .metrics import ServerMetrics
+from .protocol import Error, Flushed, Ready
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    """Last message of a stream the runner gave up (model failure, runner stopped)."""
+
+    reason: str
+
+
+Outbound = Event | Ready | Flushed | Error | Dropped
+
+
+class Channel:
+    """One session's side of the runner; created (and read) on the session's event loop.
+
+    ``buffered`` (samples queued in the scheduler after the last step) is written by the worker
+    and ``inflight`` (samples in feed commands not yet applied) under the runner's lock; both
+    are plain ints, read without locking for back-pressure, which only needs to be roughly
+    right.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        max_pending: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        self.id = next(Channel._ids)
+        self.loop = loop
+        self.max_pending = max_pending
+        self.on_overflow = on_overflow
+        self.pending = 0  # messages queued and not yet taken by ``get``
+        self.overflowed = False
+        self.buffered = 0
+        self.inflight = 0
+        self.wants_progress = False
+        self._queue: asyncio.Queue[list[object]] = asyncio.Queue()
+        self._progress = asyncio.Event()
+        # Owned by the worker thread.
+        self.admitted = False
+        self.done = False  # the stream has left the scheduler
+        self.flushes: deque[tuple[int, int]] = deque()  # (target step count, flush id)
+        self.after: list[Outbound] = []  # sent after this round's events (Ready, Flushed)
+
+    # -- event-loop side ---------------------------------------------------------------------
+
+    def post(self, batch: list[object]) -> None:
+        """Queue messages for the session (event-loop thread only)."""
+        self._progress.set()
+        if self.overflowed or not batch:
+            return
+        self.pending += len(batch)
+        self._queue.put_nowait(batch)
+        if self.pending > self.max_pending:
+            self.overflowed = True
+            if self.on_overflow is not None:
+                self.on_overflow()
+
+    async def get(self) -> list[object]:
+        """The next batch of messages, in order."""
+        batch = await self._queue.get()
+        self.pending -= len(batch)
+        return batch
+
+    def backlog(self) -> int:
+        """Samples of this stream waiting for the model (queued or on their way)."""
+        return self.buffered + self.inflight
+
+    async def wait_for_room(self, max_samples: int) -> None:
+        """Return once at most ``max_samples`` samples wait for the model."""
+        while self.backlog() > max_samples:
+            self._progress.clear()
+            self.wants_progress = True
+            # The worker wakes us after every step; the timeout only guards a lost wake-up.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._progress.wait(), 1.0)
+
+    def _wake(self) -> None:
+        self._progress.set()
+
+
+class Runner:
+    """Owns the scheduler on a worker thread; sessions drive it with non-blocking commands."""
+
+    def __init__(self, scheduler: Scheduler, metrics: ServerMetrics | None = None) -> None:
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self.total_slots = scheduler.batch_size
+        self.frame_size = scheduler.frame_size
+        self.sample_rate = scheduler.sample_rate
+        self.used_slots = 0  # written by the worker
+        self.iterations = 0  # worker loop passes (tests check that an idle runner sleeps)
+        self._cond = threading.Condition()
+        self._commands: deque[tuple[str, Channel, object]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # Worker-owned.
+        self._channels: dict[int, Channel] = {}
+        self._waiting: deque[tuple[Channel, concurrent.futures.Future[bool], float, float | None]]
+        self._waiting = deque()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("the runner is already started")
+        self._thread = threading.Thread(target=self._work, name="dsm-stt-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker: waiting newcomers are refused, open streams get ``Dropped``."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    # -- commands (any thread) -------------------------------------------------------------------
+
+    def channel(
+        self,
+        max_pending: int = 20_000,
+        on_overflow: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> Channel:
+        """A new channel bound to ``loop`` (default: the running loop)."""
+        return Channel(loop or asyncio.get_running_loop(), max_pending, on_overflow)
+
+    async def admit(
+        self, channel: Channel, *, timeout: float = 0.0, time_offset: float | None = None
+    ) -> bool:
+        """Give ``channel`` a slot; wait up to ``timeout`` seconds for one. False if none."""
+        future: concurrent.futures.Future[bool] = concurrent.futures.Future()
+        self._submit("admit", channel, (future, time.monotonic() + timeout, time_offset))
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self.remove(channel)  # the slot may have been granted in the meantime
+            raise
+
+    def feed(self, channel: Channel, pcm: np.ndarray) -> None:
+        with self._cond:
+            channel.inflight += int(pcm.size)
+            self._commands.append(("feed", channel, pcm))
+            self._cond.notify()
+
+    def marker(self, channel: Channel, marker_id: int) -> None:
+        self._submit("marker", channel, marker_id)
+
+    def flush(self, channel: Channel, flush_id: int) -> None:
+        self._submit("flush", channel, flush_id)
+
+    def reset(self, channel: Channel) -> None:
+        self._submit("reset", channel, None)
+
+    def close(self, channel: Channel) -> None:
+        """Finish the stream: its last words, pending markers, then ``Closed``."""
+        self._submit("close", channel, None)
+
+    def remove(self, channel: Channel) -> None:
+        """Drop the stream at once (client gone); frees its slot or its place in the queue."""
+        self._submit("remove", channel, None)
+
+    def _submit(self, op: str, channel: Channel, arg: object) -> None:
+        with self._cond:
+            if self._stopping and op == "admit":
+                _resolve(arg[0], False)  # type: ignore[index]
+                return
+            self._commands.append((op, channel, arg))
+            self._cond.notify()
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                if not (self._commands or self._stopping or self.scheduler.has_work()):
+                    self._cond.wait(self._wait_timeout())
+                commands, self._commands = self._commands, deque()
+                stopping = self._stopping
+                for op, channel, arg in commands:
+                    if op == "feed":
+                        channel.inflight -= int(arg.size)  # type: ignore[attr-defined]
+            self.iterations += 1
+            out: dict[Channel, list[Outbound]] = {}
+            try:
+                for op, channel, arg in commands:
+                    self._apply(op, channel, arg, out)
+                self._expire_waiters()
+                if self.scheduler.has_work():
+                    self._tick(out)
+                self._finish_round(out)
+            except Exception as exc:  # a bug or a model failure: drop every stream, keep serving
+                log.exception("engine worker failed")
+                self._drop_all(f"the model step failed ({type(exc).__name__}: {exc})", out)
+            self._deliver(out)
+            if stopping:
+                out = {}
+                self._drop_all("the server is shutting down", out)
+                self._deliver(out)
+                return
+
+    def _wait_timeout(self) -> float | None:
+        if not self._waiting:
+            return None
+        return max(0.0, min(deadline for _, _, deadline, _ in self._waiting) - time.monotonic())
+
+    def _apply(self, op: str, ch: Channel, arg: object, out: dict[Channel, list[Outbound]]) -> None:
+        sched = self.scheduler
+        if op == "admit":
+            future, deadline, offset = arg  # type: ignore[misc]
+            if ch.admitted or ch.done:  # a channel is admitted once
+                _resolve(future, False)
+            elif self._try_admit(ch, offset):
+                _resolve(future, True)
+            elif deadline > time.monotonic():
+                self._waiting.append((ch, future, deadline, offset))
+            else:
+                _resolve(future, False)
+            return
+        if op == "remove":
+            for entry in [w for w in self._waiting if w[0] is ch]:
+                self._waiting.remove(entry)
+                _resolve(entry[1], False)
+            if ch.admitted and not ch.done:
+                steps = sched.steps(ch.id)
+                sched.remove(ch.id)
+                self._release(ch, steps)
+            return
+        if not ch.admitted or ch.done:
+            return  # a command racing with the end of its stream
+        try:
+            if op == "feed":
+                sched.feed(ch.id, arg)  # type: ignore[arg-type]
+            elif op == "marker":
+                sched.marker(ch.id, arg)  # type: ignore[arg-type]
+            elif op == "flush":
+                sched.flush(ch.id)
+                queued = -(-sched.buffered_samples(ch.id) // self.frame_size)
+                ch.flushes.append((sched.steps(ch.id) + queued, arg))  # type: ignore[arg-type]
+            elif op == "reset":
+                sched.reset(ch.id)
+                ch.after.extend(Flushed(i) for _, i in ch.flushes)
+                ch.flushes.clear()
+                ch.after.append(Ready())
+            elif op == "close":
+                sched.close(ch.id)
+            else:  # pragma: no cover - internal misuse
+                raise ValueError(f"unknown runner command {op!r}")
+        except SchedulerError as exc:
+            out.setdefault(ch, []).append(Error(str(exc)))
+
+    def _try_admit(self, ch: Channel, time_offset: float | None) -> bool:
+        if not self.scheduler.admit(ch.id, time_offset=time_offset):
+            return False
+        ch.admitted = True
+        self._channels[ch.id] = ch
+        self.used_slots = self.scheduler.used_slots
+        if self.metrics is not None:
+            self.metrics.open_channels.set(self.used_slots)
+        return True
+
+    def _release(self, ch: Channel, steps: int) -> None:
+        """The stream left the scheduler: forget it and hand its slot to the first waiter."""
+        ch.done = True
+        self._channels.pop(ch.id, None)
+        self.used_slots = self.scheduler.used_slots
+        if self.metrics is not None:
+            self.metrics.open_channels.set(self.used_slots)
+            self.metrics.connection_steps.observe(steps)
+        while self._waiting and self.scheduler.free_slots:
+            waiter, future, _, offset = self._waiting.popleft()
+            _resolve(future, self._try_admit(waiter, offset))
+
+    def _expire_waiters(self) -> None:
+        now = time.monotonic()
+        for entry in [w for w in self._waiting if w[2] <= now]:
+            self._waiting.remove(entry)
+            _resolve(entry[1], False)
+
+    def _tick(self, out: dict[Channel, list[Outbound]]) -> None:
+        sched = self.scheduler
+        before = sched.step_count
+        start = time.perf_counter()
+        events = sched.tick()
+        if self.metrics is not None and sched.step_count != before:
+            self.metrics.step_duration.observe(time.perf_counter() - start)
+            self.metrics.steps.inc()
+        for sid, evs in events.items():
+            ch = self._channels.get(sid)
+            if ch is None:  # pragma: no cover - every stream in the scheduler has a channel
+                continue
+            bucket = out.setdefault(ch, [])
+            for ev in evs:
+                if isinstance(ev, Closed):
+                    bucket.extend(Flushed(i) for _, i in ch.flushes)
+                    ch.flushes.clear()
+                    bucket.append(ev)
+                    self._release(ch, ev.steps)
+                else:
+                    bucket.append(ev)
+
+    def _finish_round(self, out: dict[Channel, list[Outbound]]) -> None:
+        """Answer reached flushes and resets; note each stream's backlog."""
+        sched = self.scheduler
+        for ch in self._channels.values():
+            if ch.flushes:
+                steps = sched.steps(ch.id)
+                while ch.flushes and ch.flushes[0][0] <= steps:
+                    out.setdefault(ch, []).append(Flushed(ch.flushes.popleft()[1]))
+            if ch.after:
+                out.setdefault(ch, []).extend(ch.after)
+                ch.after = []
+            ch.buffered = sched.buffered_samples(ch.id)
+
+    def _drop_all(self, reason: str, out: dict[Channel, list[Outbound]]) -> None:
+        for _, future, _, _ in self._waiting:
+            _resolve(future, False)
+        self._waiting.clear()
+        for ch in list(self._channels.values()):
+            try:
+                steps = self.scheduler.steps(ch.id)
+                self.scheduler.remove(ch.id)
+            except SchedulerError:  # pragma: no cover - already gone
+                steps = 0
+            out.setdefault(ch, []).append(Dropped(reason))
+            self._release(ch, steps)
+
+    def _deliver(self, out: dict[Channel, list[Outbound]]) -> None:
+        for ch, batch in out.items():
+            _call_soon(ch, ch.post, batch)
+            ch.wants_progress = False
+        for ch in self._channels.values():
+            if ch.wants_progress:
+                ch.wants_progress = False
+                _call_soon(ch, ch._wake)
+
+
+def _call_soon(ch: Channel, fn: Callable[..., None], *args: object) -> None:
+    # A closed loop (RuntimeError) means nobody is listening any more.
+    with contextlib.suppress(RuntimeError):
+        ch.loop.call_soon_threadsafe(fn, *args)
+
+
+def _resolve(future: concurrent.futures.Future[bool], value: bool) -> None:
+    if not future.done():
+        future.set_result(value)

@@ -1,0 +1,289 @@
+"""One streaming session per WebSocket connection, wire-compatible with moshi-server (spec §5).
+
+Owns ``Session`` and its explicit lifecycle (``SessionState``):
+
+``CONNECTING`` (auth and capacity checks; refusals are HTTP responses, before any slot is
+taken) → ``WAITING`` (accepted, waiting for a slot: at once, or up to ``queue_timeout``) →
+``STREAMING`` (``Ready`` sent; audio in, words out) → ``FINISHING`` (server shutdown: input
+stops, the last words go out) → ``CLOSED``.
+
+Two tasks per session: the receiver decodes client frames and turns them into runner commands
+(every malformed message gets an ``Error`` and the session goes on); the sender is the only
+writer on the socket and sends what the runner produced, in order. The slot is released the
+moment the client goes away. Keep-alive pings and the 20 s "no frame" rule are the WebSocket
+layer's (uvicorn's ping interval/timeout); the 120 s "no audio" rule is enforced here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from starlette.responses import PlainTextResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from ..audio import AudioDecodeError, OggOpusStreamDecoder
+from ..engine.events import Closed
+from .protocol import (
+    Audio,
+    ClientMessage,
+    Error,
+    Flush,
+    Init,
+    Marker,
+    OggOpus,
+    ProtocolError,
+    Ready,
+    decode_client_message,
+    encode_server_message,
+)
+from .runner import Channel, Dropped
+
+if TYPE_CHECKING:
+    from .app import ServerContext
+
+log = logging.getLogger(__name__)
+
+NO_FREE_CHANNELS = "no free channels"
+SHUTTING_DOWN = "the server is shutting down"
+
+
+class SessionState(enum.Enum):
+    CONNECTING = "connecting"
+    WAITING = "waiting"
+    STREAMING = "streaming"
+    FINISHING = "finishing"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.CONNECTING: frozenset({SessionState.WAITING, SessionState.CLOSED}),
+    SessionState.WAITING: frozenset({SessionState.STREAMING, SessionState.CLOSED}),
+    SessionState.STREAMING: frozenset({SessionState.FINISHING, SessionState.CLOSED}),
+    SessionState.FINISHING: frozenset({SessionState.CLOSED}),
+    SessionState.CLOSED: frozenset(),
+}
+
+
+class SessionStateError(RuntimeError):
+    """An internal lifecycle transition that is not allowed (a bug, never a client error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _CloseRequest:
+    """Sender instruction: close the socket after what was queued before."""
+
+    code: int
+    reason: str = ""
+
+
+async def asr_streaming(websocket: WebSocket) -> None:
+    """The ``/api/asr-streaming`` WebSocket endpoint."""
+    await Session(websocket, websocket.app.state.server).run()
+
+
+def request_key(headers: object, query: object | None) -> str | None:
+    """moshi-server's auth: the ``kyutai-api-key`` header, else the ``auth_id`` query parameter
+    (for browsers, which cannot set WebSocket headers)."""
+    key = headers.get("kyutai-api-key")  # type: ignore[attr-defined]
+    if key is None and query is not None:
+        key = query.get("auth_id")  # type: ignore[attr-defined]
+    return key
+
+
+class Session:
+    def __init__(self, websocket: WebSocket, server: ServerContext) -> None:
+        self.ws = websocket
+        self.server = server
+        self.config = server.config
+        self.state = SessionState.CONNECTING
+        self.channel: Channel | None = None
+        self._receiver: asyncio.Task[str] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._opus: OggOpusStreamDecoder | None = None
+        self._max_backlog = round(self.config.max_buffered_seconds * server.sample_rate)
+        self._dropped = False
+
+    def _move(self, state: SessionState) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise SessionStateError(f"session cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server, ws = self.server, self.ws
+        if not server.authorized(request_key(ws.headers, ws.query_params)):
+            server.metrics.reject("unauthorized")
+            self._move(SessionState.CLOSED)
+            await _deny(ws, 401, "unauthorized: missing or unknown API key")
+            return
+        if not server.accepting:
+            server.metrics.reject("shutting_down")
+            self._move(SessionState.CLOSED)
+            await _deny(ws, 503, SHUTTING_DOWN)
+            return
+        await ws.accept()
+        server.metrics.connect.inc()
+        self._move(SessionState.WAITING)
+        server.register(self)
+        try:
+            await self._serve()
+        except Exception:  # a bug must not take the server down: log it, free the slot
+            log.exception("session failed")
+        finally:
+            if self.channel is not None:
+                server.runner.remove(self.channel)
+            for task in (self._receiver, self._sender):
+                if task is not None:
+                    task.cancel()
+            self.state = SessionState.CLOSED
+            server.unregister(self)
+
+    async def _serve(self) -> None:
+        server, ws = self.server, self.ws
+        self.channel = server.runner.channel(
+            max_pending=self.config.max_outbound_messages, on_overflow=self._on_overflow
+        )
+        admitted = await server.runner.admit(self.channel, timeout=self.config.queue_timeout)
+        if not admitted or self.state is not SessionState.WAITING:
+            reason = NO_FREE_CHANNELS if server.accepting else SHUTTING_DOWN
+            server.metrics.reject("no_free_channels" if server.accepting else "shutting_down")
+            await _quietly(ws.send_bytes(encode_server_message(Error(reason))))
+            await _quietly(ws.close(1000 if server.accepting else 1001))
+            return
+        self._move(SessionState.STREAMING)
+        await ws.send_bytes(encode_server_message(Ready()))
+        self._sender = asyncio.create_task(self._send_loop())
+        self._receiver = asyncio.create_task(self._receive_loop())
+        await asyncio.wait({self._sender, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
+        receiver = self._receiver
+        if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
+            return  # nobody to send to: ``run`` removes the stream
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._sender
+
+    def finish(self) -> None:
+        """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
+        if self.state is SessionState.WAITING and self.channel is not None:
+            self.server.runner.remove(self.channel)  # the pending admission answers False
+        elif self.state is SessionState.STREAMING and self.channel is not None:
+            self._move(SessionState.FINISHING)
+            if self._receiver is not None:
+                self._receiver.cancel()
+            self.server.runner.close(self.channel)
+
+    def _on_overflow(self) -> None:
+        """The client does not read what we send: drop it so its backlog cannot grow."""
+        if self._dropped:
+            return
+        self._dropped = True
+        log.warning("dropping a session whose client does not read its messages")
+        self.server.metrics.reject("too_slow")
+        for task in (self._receiver, self._sender):
+            if task is not None:
+                task.cancel()
+
+    def _post(self, *items: object) -> None:
+        assert self.channel is not None
+        self.channel.post(list(items))
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> str:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.audio_timeout
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._post(
+                    Error(f"no audio received for {timeout:g} s: closing the session"),
+                    _CloseRequest(1000, "audio timeout"),
+                )
+                return "timeout"
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            except WebSocketDisconnected:  # the sender closed the socket
+                return "disconnected"
+            if message["type"] == "websocket.disconnect":
+                return "disconnected"
+            data = message.get("bytes")
+            if data is None:
+                continue  # text frames are ignored, as moshi-server does
+            deadline = loop.time() + timeout
+            try:
+                msg = decode_client_message(data, max_message_bytes=self.config.max_message_bytes)
+            except ProtocolError as exc:
+                self._post(Error(str(exc)))
+                continue
+            await self._handle(msg)
+
+    async def _handle(self, msg: ClientMessage) -> None:
+        runner, channel = self.server.runner, self.channel
+        assert channel is not None
+        if isinstance(msg, Audio):
+            if msg.pcm.size:
+                await channel.wait_for_room(self._max_backlog)
+                runner.feed(channel, msg.pcm)
+        elif isinstance(msg, OggOpus):
+            if self._opus is None:
+                self._opus = OggOpusStreamDecoder(round(self.server.sample_rate))
+            try:
+                pcm = self._opus.feed(msg.data)
+            except AudioDecodeError as exc:
+                self._opus = None  # the next OggOpus message must start a new stream
+                self._post(Error(f"OggOpus: {exc}"))
+                return
+            if pcm.size:
+                await channel.wait_for_room(self._max_backlog)
+                runner.feed(channel, pcm)
+        elif isinstance(msg, Marker):
+            runner.marker(channel, msg.id)
+        elif isinstance(msg, Flush):
+            runner.flush(channel, msg.id)
+        elif isinstance(msg, Init):
+            self._opus = None
+            runner.reset(channel)
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        assert self.channel is not None
+        ws = self.ws
+        try:
+            while True:
+                for item in await self.channel.get():
+                    if isinstance(item, Closed):  # end of a stream closed at shutdown
+                        await ws.close(1001, SHUTTING_DOWN)
+                        return
+                    if isinstance(item, Dropped):
+                        await ws.send_bytes(encode_server_message(Error(item.reason)))
+                        await ws.close(1011, "stream dropped")
+                        return
+                    if isinstance(item, _CloseRequest):
+                        await ws.close(item.code, item.reason)
+                        return
+                    await ws.send_bytes(encode_server_message(item))  # type: ignore[arg-type]
+        except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the client went away
+            log.debug("send failed: %s", exc)
+
+
+async def _deny(ws: WebSocket, status: int, text: str) -> None:
+    """Refuse the upgrade with an HTTP response (before accepting: no slot is ever taken)."""
+    try:
+        await ws.send_denial_response(PlainTextResponse(text, status))
+    except RuntimeError:  # an ASGI server without the denial-response extension: plain 403
+        await ws.close(1008)
+
+
+async def _quietly(awaitable: object) -> None:
+    """Await a send/close whose failure (client already gone) changes nothing."""
+    with contextlib.suppress(Exception):
+        await awaitable  # type: ignore[misc]
