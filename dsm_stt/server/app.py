@@ -262,10 +262,9 @@ def create_app(
     return app
 
 
-def serve(config: ServerConfig, engine: Engine | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if startup failed."""
-    app = create_app(config, engine)
-    uv_config = uvicorn.Config(
+def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
+    """How uvicorn runs ``app``: keep-alive pings and frame limits come from ``config``."""
+    return uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -279,7 +278,12 @@ def serve(config: ServerConfig, engine: Engine | None = None) -> int:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
-    server = GracefulServer(uv_config, app.state.server)
+
+
+def serve(config: ServerConfig, engine: Engine | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if startup failed."""
+    app = create_app(config, engine)
+    server = GracefulServer(uvicorn_config(app, config), app.state.server)
     server.run()
     return 0 if server.started else 1
 

@@ -228,8 +228,9 @@ class Runner:
                 commands, self._commands = self._commands, deque()
                 stopping = self._stopping
                 for op, channel, arg in commands:
-                    if op == "feed":
+                    if op == "feed":  # moved from "on its way" to "queued" (updated below)
                         channel.inflight -= int(arg.size)  # type: ignore[attr-defined]
+                        channel.buffered += int(arg.size)  # type: ignore[attr-defined]
             self.iterations += 1
             out: dict[Channel, list[Outbound]] = {}
             try:

@@ -247,6 +247,11 @@ class Session:
         elif isinstance(msg, Marker):
             runner.marker(channel, msg.id)
         elif isinstance(msg, Flush):
+            if self._opus is not None:  # the Ogg stream is final too: take what it holds back
+                opus, self._opus = self._opus, None
+                tail = opus.close()
+                if tail.size:
+                    runner.feed(channel, tail)
             runner.flush(channel, msg.id)
         elif isinstance(msg, Init):
             self._opus = None

@@ -1,0 +1,398 @@
+"""The server over real sockets (uvicorn in a thread of the test process, a tiny checkpoint whose
+words follow the audio): sessions equal ``transcribe``, auth, capacity, malformed input, the
+Flush and Init extensions, OggOpus, the HTTP routes and the metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+from pathlib import Path
+
+import av
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import torch
+import websockets
+from server_support import (
+    FRAME,
+    SAMPLE_RATE,
+    connect,
+    events,
+    pack,
+    recv,
+    recv_until,
+    reference_words,
+    send_frames,
+    silence,
+    speechlike,
+    threaded_server,
+    transcribe_session,
+    words_of,
+    write_talkative_checkpoint,
+    write_wav,
+)
+
+from dsm_stt.config import EngineConfig
+from dsm_stt.engine.engine import Engine
+from dsm_stt.server.app import load_engine
+from dsm_stt.server.config import ModelFiles, ServerConfig
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> object:
+    """Two tiny models' worth of work: one thread is fastest, and fair to parallel test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_talkative_checkpoint(tmp_path_factory.mktemp("talkative") / "ckpt")
+
+
+def make_engine(checkpoint: Path, batch_size: int) -> Engine:
+    return Engine.from_config(str(checkpoint), EngineConfig(batch_size=batch_size, device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Engine:
+    return make_engine(checkpoint, 4)
+
+
+SPEECH = {seed: np.concatenate([silence(1.0), speechlike(3.0, seed)]) for seed in (1, 2, 3)}
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, list]:
+    """``dsm-stt transcribe`` of each test signal, by seed."""
+    folder = tmp_path_factory.mktemp("wav")
+    files = [write_wav(folder / f"{seed}.wav", pcm) for seed, pcm in SPEECH.items()]
+    return dict(zip(SPEECH, reference_words(checkpoint, files, 4), strict=True))
+
+
+def run(coro: object) -> object:
+    return asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_a_session_equals_transcribe_and_init_restarts_it(engine: Engine, reference: dict) -> None:
+    assert len(reference[1]) >= 5 and len({w[0] for w in reference[1]}) >= 3  # a real test
+
+    async def main(url: str) -> None:
+        async with await connect(url) as ws:
+            assert await recv(ws) == {"type": "Ready"}
+            await send_frames(ws, SPEECH[1])
+            await ws.send(pack({"type": "Flush", "id": 7}))
+            msgs = await recv_until(ws, "Flushed")
+            assert msgs[-1] == {"type": "Flushed", "id": 7}
+            assert words_of(events(msgs)) == reference[1]
+            steps = [m for m in msgs if m["type"] == "Step"]
+            assert len(steps[0]["prs"]) == 4  # the tiny model has 4 VAD heads
+            assert [s["step_idx"] for s in steps] == sorted(s["step_idx"] for s in steps)
+            # Init: the same stream restarts from scratch without reconnecting.
+            await ws.send(pack({"type": "Init"}))
+            await recv_until(ws, "Ready")
+            await send_frames(ws, SPEECH[2][: 5 * FRAME + 77])  # odd sizes are fine too
+            await send_frames(ws, SPEECH[2][5 * FRAME + 77 :], frame=3000)
+            await ws.send(pack({"type": "Flush"}))  # id is optional
+            msgs = await recv_until(ws, "Flushed")
+            assert msgs[-1] == {"type": "Flushed", "id": 0}
+            assert words_of(events(msgs)) == reference[2]
+
+    with threaded_server(ServerConfig(), engine) as server:
+        run(main(server.url))
+
+
+def test_api_keys_header_query_and_401_before_any_slot(engine: Engine) -> None:
+    config = ServerConfig(api_keys=("k1", "k2"))
+
+    async def main(url: str, used_slots: object) -> None:
+        a = await connect(url, {"kyutai-api-key": "k1"})
+        b = await connect(url + "?auth_id=k2")
+        assert (await recv(a))["type"] == "Ready"
+        assert (await recv(b))["type"] == "Ready"
+        assert await asyncio.to_thread(used_slots) == 2
+        for target, headers in [
+            (url, None),
+            (url, {"kyutai-api-key": "nope"}),
+            (url + "?auth_id=nope", None),
+            (url + "?auth_id=k1", {"kyutai-api-key": "nope"}),  # the header wins
+        ]:
+            with pytest.raises(websockets.InvalidStatus) as info:
+                await connect(target, headers)
+            assert info.value.response.status_code == 401
+        assert await asyncio.to_thread(used_slots) == 2
+        await a.close()
+        await b.close()
+
+    with threaded_server(config, engine) as server:
+        run(main(server.url, server.used_slots))
+        assert 'asr_rejected_total{reason="unauthorized"} 4.0' in server.get("/metrics").text
+        assert "asr_connect_total 2.0" in server.get("/metrics").text
+        wav = io.BytesIO()
+        write_wav_to(wav, SPEECH[1][: SAMPLE_RATE // 2])
+        assert server.post(config.path, content=wav.getvalue()).status_code == 401
+        # POST takes the header only, as moshi-server
+        post_q = server.post(config.path + "?auth_id=k1", content=wav.getvalue())
+        assert post_q.status_code == 401
+        ok = server.post(config.path, content=wav.getvalue(), headers={"kyutai-api-key": "k2"})
+        assert ok.status_code == 200
+
+
+def write_wav_to(buffer: io.BytesIO, pcm: np.ndarray) -> None:
+    import wave
+
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes(np.round(pcm * 32768).clip(-32768, 32767).astype("<i2").tobytes())
+
+
+def test_full_server_says_no_free_channels_and_a_disconnect_frees_the_slot(
+    checkpoint: Path, reference: dict
+) -> None:
+    async def main(url: str, used_slots: object) -> None:
+        a = await connect(url)
+        assert (await recv(a))["type"] == "Ready"
+        b = await connect(url)
+        assert await recv(b) == {"type": "Error", "message": "no free channels"}
+        with pytest.raises(websockets.ConnectionClosedOK):
+            await asyncio.wait_for(b.recv(), 5)
+        # A leaves mid-stream, abruptly (no close handshake), with audio still queued.
+        await send_frames(a, SPEECH[1])
+        await recv_until(a, "Step")
+        a.transport.abort()
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        while await asyncio.to_thread(used_slots) != 0:
+            assert loop.time() - t0 < 1.0, "the slot was not freed"
+            await asyncio.sleep(0.01)
+        assert await transcribe_session(url, SPEECH[2]) == reference[2]
+
+    with threaded_server(ServerConfig(), make_engine(checkpoint, 1)) as server:
+        run(main(server.url, server.used_slots))
+        text = server.get("/metrics").text
+        assert 'asr_rejected_total{reason="no_free_channels"} 1.0' in text
+
+
+def test_queue_timeout_lets_a_newcomer_wait_for_a_slot(checkpoint: Path) -> None:
+    async def main(url: str) -> None:
+        a = await connect(url)
+        assert (await recv(a))["type"] == "Ready"
+        b = await connect(url)
+        waiting = asyncio.ensure_future(recv(b))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # accepted, waiting for the slot
+        await a.close()
+        assert await asyncio.wait_for(waiting, 2.0) == {"type": "Ready"}
+        await b.close()
+
+    config = ServerConfig(queue_timeout=10.0)
+    with threaded_server(config, make_engine(checkpoint, 1)) as server:
+        run(main(server.url))
+
+
+BAD_FRAMES: list[tuple[bytes, str]] = [
+    (b"\xc1", "not a valid MessagePack message"),
+    (msgpack.packb([1, 2]), "must be a map"),
+    (msgpack.packb({"pcm": [0.0]}), "'type' is missing"),
+    (pack({"type": "Nope"}), "unknown message type 'Nope'"),
+    (pack({"type": "Audio", "pcm": "abc"}), "Audio.pcm must be an array of numbers"),
+    (pack({"type": "Audio", "pcm": [0.0, "x"]}), "found string"),
+    (pack({"type": "Audio", "pcm": [0.0, True]}), "found boolean"),
+    (pack({"type": "Audio", "pcm": [0.0, float("nan")]}), "sample 1 is nan"),
+    (pack({"type": "Audio", "pcm": [float("-inf")]}), "sample 0 is -inf"),
+    (msgpack.packb({"type": "Audio", "pcm": [1e39]}), "finite float32"),
+    (pack({"type": "Audio"}), "missing the field 'pcm'"),
+    (pack({"type": "Marker", "id": "a"}), "Marker.id must be an integer"),
+    (pack({"type": "Marker", "id": 2**63}), "fit in a signed 64-bit integer"),
+    (pack({"type": "OggOpus", "data": "text"}), "OggOpus.data must be binary"),
+    (pack({"type": "OggOpus", "data": b"garbage" * 10}), "expected an Ogg page"),
+    (pack({"type": "Audio", "pcm": [0.0] * (60 * SAMPLE_RATE + 1)}), "more than the limit"),
+    (b"\x00" * (9 * 1024 * 1024), "exceeds the limit"),
+]
+
+
+def test_malformed_messages_get_an_error_and_every_session_goes_on(
+    engine: Engine, reference: dict
+) -> None:
+    async def abuse(url: str) -> list:
+        async with await connect(url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            await send_frames(ws, SPEECH[1][: 10 * FRAME])
+            for frame, expected in BAD_FRAMES:
+                await ws.send(frame)
+                msg = (await recv_until(ws, "Error"))[-1]
+                assert expected in msg["message"], (expected, msg)
+            await ws.send("a text frame is ignored")
+            await send_frames(ws, SPEECH[1][10 * FRAME :])
+            await ws.send(pack({"type": "Flush", "id": 3}))
+            msgs = await recv_until(ws, "Flushed")
+            assert not [m for m in msgs if m["type"] == "Error"]
+            return words_of(events(msgs))
+
+    async def main(url: str) -> None:
+        bad, good = await asyncio.gather(abuse(url), transcribe_session(url, SPEECH[2], delay=0.05))
+        assert bad == reference[1]  # the abused session still transcribes its audio
+        assert good == reference[2]  # and its neighbour never noticed
+        # A frame beyond what the WebSocket layer accepts closes that session (1009) only.
+        async with await connect(url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            await ws.send(b"\x00" * (17 * 1024 * 1024))
+            with pytest.raises(websockets.ConnectionClosedError) as info:
+                await recv(ws)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1009
+        assert await transcribe_session(url, SPEECH[3]) == reference[3]
+
+    with threaded_server(ServerConfig(), engine) as server:
+        run(main(server.url))
+
+
+def ogg_opus(pcm: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=SAMPLE_RATE, layout="mono")
+        for i in range(0, pcm.size, 960):
+            chunk = np.ascontiguousarray(pcm[None, i : i + 960], dtype=np.float32)
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def test_oggopus_input_gives_the_words_of_the_decoded_file(
+    engine: Engine, checkpoint: Path, tmp_path: Path
+) -> None:
+    data = ogg_opus(SPEECH[3])
+    path = tmp_path / "speech.opus"
+    path.write_bytes(data)
+    (expected,) = reference_words(checkpoint, [path], 4)
+    assert len(expected) >= 5
+
+    async def main(url: str) -> None:
+        async with await connect(url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            for i in range(0, len(data), 1000):  # pieces cut anywhere, as a browser sends them
+                await ws.send(pack({"type": "OggOpus", "data": data[i : i + 1000]}))
+            await ws.send(pack({"type": "Flush", "id": 1}))
+            msgs = await recv_until(ws, "Flushed")
+            got = words_of(events(msgs))
+            assert got == expected
+            starts = [m["start_time"] for m in msgs if m["type"] == "Word"]
+            assert starts == sorted(starts) and starts[-1] > 2.0
+
+    with threaded_server(ServerConfig(), engine) as server:
+        run(main(server.url))
+
+
+def test_audio_timeout_closes_a_silent_session(engine: Engine) -> None:
+    async def main(url: str, used_slots: object) -> None:
+        async with await connect(url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            await ws.send("text frames are not audio")
+            msg = await recv(ws, timeout=5)
+            assert msg["type"] == "Error" and "no audio received for 0.5 s" in msg["message"]
+            with pytest.raises(websockets.ConnectionClosedOK):
+                await recv(ws)
+        assert await asyncio.to_thread(used_slots) == 0
+
+    with threaded_server(ServerConfig(audio_timeout=0.5), engine) as server:
+        run(main(server.url, server.used_slots))
+
+
+def test_post_transcribes_a_file_like_transcribe(
+    engine: Engine, reference: dict, tmp_path: Path
+) -> None:
+    long_speech = np.concatenate([SPEECH[1]] * 25)  # 100 s: well over moshi-server's 2 MB cap
+    wav = write_wav(tmp_path / "long.wav", long_speech).read_bytes()
+    assert len(wav) > 4_000_000
+    with threaded_server(ServerConfig(max_buffered_seconds=2.0), engine) as server:
+        short = server.post("/api/asr-streaming", content=(tmp_path / "long.wav").read_bytes()[:0])
+        assert short.status_code == 400 and "empty" in short.json()["error"]
+        bad = server.post("/api/asr-streaming", content=b"not audio at all" * 100)
+        assert bad.status_code == 400 and bad.json()["error"]
+        one = write_wav(tmp_path / "one.wav", SPEECH[1]).read_bytes()
+        answer = server.post("/api/asr-streaming", content=one)
+        assert answer.status_code == 200
+        items = answer.json()
+        assert {item["type"] for item in items} == {"Word", "EndWord"}
+        assert words_of(events(items)) == reference[1]
+        long_items = server.post("/api/asr-streaming", content=wav).json()
+        long_words = words_of(events(long_items))
+        assert long_words[: len(reference[1]) - 1] == reference[1][:-1]
+        assert long_words[-1][1] > 95.0
+        assert server.used_slots() == 0
+
+
+def test_info_routes_health_and_metrics(engine: Engine) -> None:
+    with threaded_server(ServerConfig(), engine) as server:
+        assert server.get("/health").json() == {"status": "ok"}
+        (info,) = server.get("/api/modules_info").json()
+        assert info["type"] == "batched_asr" and info["path"] == "/api/asr-streaming"
+        assert info["used_slots"] == "0" and info["total_slots"] == "4"
+        assert info["lm"] == engine.name and info["audio_tokenizer"].endswith(".safetensors")
+        build = server.get("/api/build_info").json()
+        assert build["name"] == "dsm-stt" and build["batch_size"] == 4
+        assert build["device"] == "cpu" and build["dtype"] == "float32"
+        run(transcribe_session(server.url, SPEECH[1][: 20 * FRAME]))
+        metrics = server.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        text = metrics.text
+        steps = float(re.search(r"^asr_model_steps_total (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+        assert steps >= 20 + engine.delay_tokens
+        durations = re.search(r"^asr_model_step_duration_count (\S+)$", text, re.M)
+        assert durations is not None and float(durations.group(1)) == steps
+        assert re.search(r"^asr_connection_num_steps_count 1\.0$", text, re.M)
+        assert re.search(r"^asr_open_channels [01]\.0$", text, re.M)
+        assert "asr_connect_total 1.0" in text
+
+
+def test_unknown_routes_and_methods() -> None:
+    # No model needed: the lifespan never runs for these plain HTTP checks.
+    from starlette.testclient import TestClient
+
+    from dsm_stt.server.app import create_app
+
+    app = create_app(ServerConfig())
+    client = TestClient(app)
+    assert client.get("/nope").status_code == 404
+    assert client.put("/api/asr-streaming").status_code == 405
+
+
+def test_load_engine_from_model_files_keeps_the_first_codebooks(checkpoint: Path) -> None:
+    """A TOML model section may use fewer codebooks than the file holds (Unmute runs the 1B
+    with 20 of 32): the extra embeddings are ignored, as moshi-server does."""
+    full = make_engine(checkpoint, 1).model.config
+    n_q = full.lm.n_q - 2
+    cfg = full.replace(
+        lm=full.lm.__class__(**{**full.lm.__dict__, "n_q": n_q}),
+        mimi=full.mimi.__class__(**{**full.mimi.__dict__, "num_codebooks": n_q}),
+    )
+    files = ModelFiles(
+        cfg,
+        lm=str(checkpoint / cfg.moshi_name),
+        mimi=str(checkpoint / cfg.mimi_name),
+        tokenizer=str(checkpoint / cfg.tokenizer_name),
+    )
+    engine = load_engine(ServerConfig(model_files=files, engine=EngineConfig(batch_size=2)))
+    assert engine.model.lm.cfg.n_q == n_q
+    out = engine.step(np.zeros((2, FRAME), np.float32), np.ones(2, bool), np.ones(2, bool))
+    assert len(out.tokens) == 2
+    with pytest.raises(Exception, match="file not found"):
+        load_engine(ServerConfig(model_files=ModelFiles(cfg, "/nonexistent.st", "x", "y")))
+
+
+def test_httpx_is_not_needed_by_the_server() -> None:
+    assert httpx  # the tests use it; the server must not import it
+    import dsm_stt.server.app as app_module
+
+    assert "httpx" not in app_module.__dict__
