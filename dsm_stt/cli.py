@@ -237,7 +237,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
             elif isinstance(msg, EndWord) and words and words[-1][2] is None:
                 words[-1][2] = msg.stop_time - args.prefix
         for text, start, end in words:
-            end_text = "" if end is None else f"{max(end, start):8.2f}"
+            end_text = "-" if end is None else f"{max(end, start):8.2f}"
             print(f"{max(start, 0.0):8.2f} {end_text:>8} {text}")
         if not args.timestamps:
             print()

@@ -64,7 +64,11 @@ class SttClient:
         headers = {"kyutai-api-key": api_key} if api_key is not None else None
         try:
             ws = await websockets.connect(
-                url, additional_headers=headers, open_timeout=open_timeout, max_size=None
+                url,
+                additional_headers=headers,
+                open_timeout=open_timeout,
+                close_timeout=2.0,
+                max_size=None,
             )
         except websockets.InvalidStatus as exc:
             status = exc.response.status_code
@@ -160,13 +164,21 @@ async def stream_audio(
             tail = [silence] * int(max_tail_seconds * SAMPLE_RATE / FRAME_SIZE)
             loop = asyncio.get_running_loop()
             start = loop.time()
-            for i, frame in enumerate([*_frames(pcm), None, *tail]):
-                due = start + i * FRAME_SIZE / SAMPLE_RATE / rtf
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                if frame is None:
-                    await client.send_marker(marker_id)
-                else:
-                    await client.send_audio(frame)
+            for i, frame in enumerate(_frames(pcm)):
+                await asyncio.sleep(
+                    max(0.0, start + i * FRAME_SIZE / SAMPLE_RATE / rtf - loop.time())
+                )
+                await client.send_audio(frame)
+            await client.send_marker(marker_id)
+            # The silence that lets the model catch up goes at most at real time: the marker
+            # comes back after a few frames of it, and there is no point queueing seconds of
+            # silence the server would have to chew through before closing.
+            start, speed = loop.time(), min(rtf, 1.0)
+            for i, frame in enumerate(tail):
+                await asyncio.sleep(
+                    max(0.0, start + i * FRAME_SIZE / SAMPLE_RATE / speed - loop.time())
+                )
+                await client.send_audio(frame)
 
         loop = asyncio.get_running_loop()
         sender = asyncio.create_task(send())

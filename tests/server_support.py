@@ -83,10 +83,13 @@ def write_talkative_checkpoint(directory: Path) -> Path:
                 mimi.step(torch.from_numpy(x[i : i + FRAME])[None, None], state, active)
     hook.remove()
     pool = torch.cat(latents)
+    per_run = len(latents) // 4
+    quiet = torch.cat([pool[r * per_run : r * per_run + 12] for r in range(4)])  # the 1 s silences
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         book = mimi.quantizer.rvq_first.vq.layers[0]._codebook.embedding
         book.copy_(_spread(pool, book.shape[0]))
+        silent_codes = set(torch.cdist(quiet, book).argmin(dim=1).tolist())
         W = lm.text_linear.weight  # [text_card, dim]
         lm.text_emb.weight.mul_(0.1)
         for layer in lm.transformer.layers:  # keep some context dependence, mostly the input
@@ -96,7 +99,9 @@ def write_talkative_checkpoint(directory: Path) -> Path:
         n = emb.shape[0] - 1
         scale = 4 * emb.shape[1] ** 0.5
         for j, code in enumerate(torch.randperm(n, generator=g).tolist()):
-            if j < 0.35 * n:  # this code says WORD
+            if code in silent_codes:  # silence: no words
+                emb[code] = scale * W[3] / W[3].norm()
+            elif j < 0.35 * n:  # this code says WORD
                 emb[code] = scale * W[0] / W[0].norm()
             elif j < 0.5 * n:  # this one PAD
                 emb[code] = scale * W[3] / W[3].norm()
@@ -311,9 +316,12 @@ async def recv_until(ws: Any, kind: str, timeout: float = TIMEOUT, **fields: obj
             return out
 
 
-async def send_frames(ws: Any, pcm: np.ndarray, frame: int = FRAME) -> None:
+async def send_frames(ws: Any, pcm: np.ndarray, frame: int = FRAME, pace: float = 0.0) -> None:
+    """``pcm`` in messages of ``frame`` samples, ``pace`` seconds apart (0: at once)."""
     for i in range(0, pcm.size, frame):
         await ws.send(audio_msg(pcm[i : i + frame]))
+        if pace:
+            await asyncio.sleep(pace)
 
 
 def events(msgs: Sequence[dict]) -> list[object]:
@@ -328,12 +336,16 @@ def events(msgs: Sequence[dict]) -> list[object]:
 
 
 async def transcribe_session(
-    url: str, pcm: np.ndarray, headers: dict[str, str] | None = None, delay: float = 0.0
+    url: str,
+    pcm: np.ndarray,
+    headers: dict[str, str] | None = None,
+    delay: float = 0.0,
+    pace: float = 0.0,
 ) -> list[tuple[str, float, float | None]]:
     """One session: (wait ``delay``), Ready, audio in 80 ms messages, Flush, words."""
     await asyncio.sleep(delay)
     async with await connect(url, headers) as ws:
         assert (await recv(ws))["type"] == "Ready"
-        await send_frames(ws, pcm)
+        await send_frames(ws, pcm, pace=pace)
         await ws.send(pack({"type": "Flush", "id": 1}))
         return words_of(events(await recv_until(ws, "Flushed", id=1)))

@@ -5,8 +5,10 @@ Flush and Init extensions, OggOpus, the HTTP routes and the metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import re
+import time
 from pathlib import Path
 
 import av
@@ -396,3 +398,65 @@ def test_httpx_is_not_needed_by_the_server() -> None:
     import dsm_stt.server.app as app_module
 
     assert "httpx" not in app_module.__dict__
+
+
+def test_drain_sends_the_last_words_and_refuses_newcomers(engine: Engine, reference: dict) -> None:
+    async def main(server: object) -> None:
+        ctx = server.context  # type: ignore[attr-defined]
+        async with await connect(server.url) as ws:  # type: ignore[attr-defined]
+            assert (await recv(ws))["type"] == "Ready"
+            await send_frames(ws, SPEECH[1])  # no Flush: the drain must finish the words
+            msgs: list[dict] = []
+            while sum(m["type"] == "Step" for m in msgs) < SPEECH[1].size // FRAME:
+                msgs.append(await recv(ws))  # (audio still unread when the drain starts is lost)
+            drained = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(ctx.drain(), ctx.loop))
+            with pytest.raises(websockets.ConnectionClosedOK) as info:
+                while True:
+                    msgs.append(await recv(ws))
+            assert info.value.rcvd.code == 1001  # type: ignore[union-attr]
+            assert words_of(events(msgs)) == reference[1]
+            await asyncio.wait_for(drained, 10)
+        health = await asyncio.to_thread(server.get, "/health")  # type: ignore[attr-defined]
+        assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+        with pytest.raises(websockets.InvalidStatus) as refused:
+            await connect(server.url)  # type: ignore[attr-defined]
+        assert refused.value.response.status_code == 503
+
+    with threaded_server(ServerConfig(), engine) as server:
+        run(main(server))
+
+
+def test_a_peer_that_stops_answering_pings_is_dropped(engine: Engine) -> None:
+    """The 20 s "no frame" rule: keep-alive pings that are never answered close the
+    connection and free the slot (here with 0.2 s / 0.3 s instead of 10 s / 20 s)."""
+    import base64
+    import os
+    import socket
+
+    config = ServerConfig(ping_interval=0.2, idle_timeout=0.3)
+    with threaded_server(config, engine) as server:
+        sock = socket.create_connection(("127.0.0.1", server.config.port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                f"GET {config.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        assert received.startswith(b"HTTP/1.1 101")
+        assert server.used_slots() == 1
+        # Never answer: the server pings, waits, and gives up.
+        deadline = time.monotonic() + 5
+        while server.used_slots() != 0:
+            assert time.monotonic() < deadline, "the silent peer kept its slot"
+            time.sleep(0.05)
+        chunks = []
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(4096):
+                chunks.append(chunk)
+        sock.close()
+        assert b"keepalive ping timeout" in b"".join(chunks)

@@ -63,6 +63,7 @@ class ServerContext:
         self._keys = tuple(key.encode() for key in config.api_keys)
         self._no_sessions: asyncio.Event | None = None
         self._drained = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -104,6 +105,7 @@ class ServerContext:
 
     async def start(self) -> None:
         """Load (if needed) and warm up the model, then start the runner."""
+        self.loop = asyncio.get_running_loop()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
         if self.engine is None:

@@ -1,0 +1,158 @@
+"""The Python client and the ``stream`` / ``mic`` commands, against a server on a loopback port."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from server_support import (
+    reference_words,
+    silence,
+    speechlike,
+    threaded_server,
+    words_of,
+    write_talkative_checkpoint,
+    write_wav,
+)
+
+from dsm_stt.cli import main
+from dsm_stt.client import LivePrinter, ServerError, SttClient, stream_audio
+from dsm_stt.config import EngineConfig
+from dsm_stt.engine.engine import Engine
+from dsm_stt.server.config import ServerConfig
+from dsm_stt.server.protocol import EndWord, Flushed, Marker, Ready, Step, Word
+
+pytestmark = pytest.mark.timeout(120)
+
+SPEECH = np.concatenate([silence(1.0), speechlike(3.0, seed=1)])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> object:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Engine, Path, list]:
+    folder = tmp_path_factory.mktemp("client")
+    checkpoint = write_talkative_checkpoint(folder / "ckpt")
+    engine = Engine.from_config(str(checkpoint), EngineConfig(batch_size=2, device="cpu"))
+    wav = write_wav(folder / "speech.wav", SPEECH)
+    (expected,) = reference_words(checkpoint, [wav], 2)
+    assert len(expected) >= 5
+    return checkpoint, engine, wav, expected
+
+
+def test_stream_audio_yields_the_words_until_the_marker(setup: tuple) -> None:
+    _, engine, _, expected = setup
+
+    async def collect(url: str) -> list:
+        return [msg async for msg in stream_audio(url, SPEECH, rtf=1000.0, marker_id=5)]
+
+    with threaded_server(ServerConfig(), engine) as server:
+        msgs = asyncio.run(collect(server.url))
+    assert not any(isinstance(m, Marker) for m in msgs)  # the end marker is consumed
+    assert any(isinstance(m, Step) for m in msgs)
+    got = words_of(msgs)
+    # Every word; the last one's EndWord only comes with a WORD token after it.
+    assert [w[:2] for w in got] == [w[:2] for w in expected]
+
+
+def test_client_session_flush_init_and_refusals(setup: tuple) -> None:
+    _, engine, _, expected = setup
+
+    async def main_(url: str) -> None:
+        with pytest.raises(ServerError, match="HTTP 401"):
+            await SttClient.connect(url)
+        async with await SttClient.connect(url, api_key="k") as client:
+            for i in range(0, SPEECH.size, 1920):
+                await client.send_audio(SPEECH[i : i + 1920])
+            await client.send_flush(3)
+            msgs = []
+            async for msg in client:
+                msgs.append(msg)
+                if isinstance(msg, Flushed):
+                    break
+            assert msgs[-1] == Flushed(3)
+            assert words_of(msgs) == expected
+            await client.send_init()
+            while not isinstance(await client.receive(), Ready):
+                pass
+            await client.send_marker(8)
+            await client.send_audio(np.zeros(1920 * 8, np.float32))
+            assert any([isinstance(await client.receive(), Marker) for _ in range(9)])
+            other = await SttClient.connect(url, api_key="k")
+            with pytest.raises(ServerError, match="no free channels"):
+                await SttClient.connect(url, api_key="k")
+            await other.close()
+
+    with threaded_server(ServerConfig(api_keys=("k",)), engine) as server:
+        asyncio.run(main_(server.url))
+
+
+def test_stream_command_prints_the_words(setup: tuple, capsys: pytest.CaptureFixture) -> None:
+    _, engine, wav, expected = setup
+    with threaded_server(ServerConfig(), engine) as server:
+        args = ["stream", str(wav), "--url", server.url, "--rtf", "1000", "--prefix", "0"]
+        assert main([*args, "--timestamps"]) == 0
+        rows = [line.split(None, 2) for line in capsys.readouterr().out.splitlines()]
+        assert [(text, float(start)) for start, _, text in rows] == [w[:2] for w in expected]
+        ends = [None if end == "-" else float(end) for _, end, _ in rows]
+        assert ends[:-1] == [w[2] for w in expected[:-1]]
+        assert main(args) == 0  # live text
+        assert capsys.readouterr().out.split() == " ".join(w[0] for w in expected).split()
+        assert main(["stream", str(wav), "--url", server.url + "x", "--rtf", "1000"]) == 2
+        assert "HTTP 403" in capsys.readouterr().err  # unknown WebSocket route
+
+
+def test_stream_command_reports_unreadable_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"nothing here")
+    assert main(["stream", str(bad), "--url", "ws://127.0.0.1:9/api/asr-streaming"]) == 2
+    assert "bad.wav" in capsys.readouterr().err
+
+
+def test_stream_audio_rejects_a_bad_rtf() -> None:
+    async def first() -> None:
+        async for _ in stream_audio("ws://127.0.0.1:9/x", SPEECH, rtf=0):
+            pass
+
+    with pytest.raises(ValueError, match="rtf must be > 0"):
+        asyncio.run(first())
+
+
+def test_live_printer_shows_turns_and_pauses() -> None:
+    out = io.StringIO()
+    printer = LivePrinter(out)
+    for msg in [
+        Step(0, (0.9, 0.9, 0.9, 0.9), 0),  # silence before anything was said: no pause mark
+        Word("", 0.0),
+        Word("hello", 0.1),
+        EndWord(0.5),
+        Step(1, (0.1, 0.1, 0.2, 0.1), 0),
+        Word("world", 0.5),
+        Step(2, (0.1, 0.1, 0.8, 0.1), 0),  # end of turn
+        Step(3, (0.1, 0.1, 0.9, 0.1), 0),  # printed once
+        Word("again", 2.0),
+    ]:
+        printer.on_message(msg)
+    printer.close()
+    assert out.getvalue() == "> hello world [pause]\n> again \n"
+
+
+def test_mic_without_sounddevice_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as if not installed
+    assert main(["mic", "--url", "ws://127.0.0.1:9/api/asr-streaming"]) == 2
+    assert "pip install 'dsm-stt[mic]'" in capsys.readouterr().err
