@@ -460,3 +460,70 @@ def test_a_peer_that_stops_answering_pings_is_dropped(engine: Engine) -> None:
                 chunks.append(chunk)
         sock.close()
         assert b"keepalive ping timeout" in b"".join(chunks)
+
+
+class FakeSocket:
+    """The part of Starlette's WebSocket a session uses, over in-memory queues. ``stall_after``
+    sends make every later send hang, like a client that stopped reading (its TCP window full)."""
+
+    def __init__(self, frames: list[bytes], stall_after: int | None = None) -> None:
+        self.headers: dict[str, str] = {}
+        self.query_params: dict[str, str] = {}
+        self.incoming: asyncio.Queue[dict] = asyncio.Queue()
+        for frame in frames:
+            self.incoming.put_nowait({"type": "websocket.receive", "bytes": frame})
+        self.sent: list[dict] = []
+        self.stall_after = stall_after
+        self.closed: int | None = None
+        self.got_flushed = asyncio.Event()
+
+    async def accept(self) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        return await self.incoming.get()
+
+    async def send_bytes(self, data: bytes) -> None:
+        if self.stall_after is not None and len(self.sent) >= self.stall_after:
+            await asyncio.Event().wait()  # forever
+        self.sent.append(msgpack.unpackb(data))
+        if self.sent[-1]["type"] == "Flushed":
+            self.got_flushed.set()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.closed = code
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_neighbour_goes_on(
+    engine: Engine, reference: dict
+) -> None:
+    from dsm_stt.server.app import ServerContext
+    from dsm_stt.server.websocket import Session
+
+    def frames(pcm: np.ndarray) -> list[bytes]:
+        return [pack({"type": "Audio", "pcm": pcm[i : i + FRAME].tolist()})
+                for i in range(0, pcm.size, FRAME)]  # fmt: skip
+
+    async def main() -> None:
+        ctx = ServerContext(ServerConfig(max_outbound_messages=30), engine)
+        await ctx.start()
+        try:
+            stalled = FakeSocket(frames(np.concatenate([SPEECH[1]] * 3)), stall_after=5)
+            healthy = FakeSocket([*frames(SPEECH[2]), pack({"type": "Flush", "id": 1})])
+            slow = asyncio.ensure_future(Session(stalled, ctx).run())  # type: ignore[arg-type]
+            fine = asyncio.ensure_future(Session(healthy, ctx).run())  # type: ignore[arg-type]
+            await asyncio.wait_for(slow, 20)  # dropped: its handler returned
+            assert ctx.metrics.rejected.labels("too_slow")._value.get() == 1
+            await asyncio.wait_for(healthy.got_flushed.wait(), 20)
+            assert words_of(events(healthy.sent)) == reference[2]
+            healthy.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
+            await asyncio.wait_for(fine, 5)
+            for _ in range(100):
+                if ctx.runner.used_slots == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert ctx.runner.used_slots == 0
+        finally:
+            await ctx.stop()
+
+    run(main())

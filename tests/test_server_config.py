@@ -219,3 +219,43 @@ def test_server_config_validation() -> None:
     with pytest.raises(ValueError, match="api keys"):
         ServerConfig(api_keys=("",))
     assert ServerConfig().host == "127.0.0.1"
+
+
+def test_serve_flags_override_the_file(tmp_path: Path) -> None:
+    from dsm_stt.cli import _server_config, build_parser
+
+    path = write(tmp_path, DSM_EN_FR)
+    args = build_parser().parse_args(["serve", "--config", str(path)])
+    cfg = _server_config(args)
+    assert cfg.engine.batch_size == 64 and cfg.api_keys == ("public_token",)
+    assert cfg.model_files is not None and cfg.host == "127.0.0.1" and cfg.port == 8080
+    args = build_parser().parse_args(
+        ["serve", "--config", str(path), "--batch-size", "3", "--api-key", "a", "--api-key", "b",
+         "--queue-timeout", "2.5", "--port", "9999", "--temperature", "0.5"]
+    )  # fmt: skip
+    cfg = _server_config(args)
+    assert (cfg.engine.batch_size, cfg.api_keys, cfg.queue_timeout, cfg.port) == (
+        3,
+        ("a", "b"),
+        2.5,
+        9999,
+    )
+    assert cfg.engine.temperature == 0.5
+    args = build_parser().parse_args(["serve", "--config", str(path), "--model", "some/repo"])
+    cfg = _server_config(args)
+    assert cfg.model == "some/repo" and cfg.model_files is None
+    plain = _server_config(build_parser().parse_args(["serve", "--device", "cpu"]))
+    assert plain.engine.batch_size == 8 and plain.model == "kyutai/stt-1b-en_fr-candle"
+
+
+def test_serve_reports_missing_model_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dsm_stt.cli import main
+
+    text = DSM_EN_FR.replace("hf://kyutai/stt-1b-en_fr-candle/", str(tmp_path / "nowhere") + "/")
+    assert main(["serve", "--config", str(write(tmp_path, text)), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "file not found" in err and "nowhere" in err
+    assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
+    assert "cannot read config file" in capsys.readouterr().err

@@ -127,7 +127,11 @@ class Session:
             self._move(SessionState.CLOSED)
             await _deny(ws, 503, SHUTTING_DOWN)
             return
-        await ws.accept()
+        try:
+            await ws.accept()
+        except Exception:  # the client left during the handshake
+            self._move(SessionState.CLOSED)
+            return
         server.metrics.connect.inc()
         self._move(SessionState.WAITING)
         server.register(self)
@@ -164,8 +168,7 @@ class Session:
         receiver = self._receiver
         if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
             return  # nobody to send to: ``run`` removes the stream
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._sender
+        await asyncio.wait({self._sender})  # (does not raise if the sender was cancelled)
 
     def finish(self) -> None:
         """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
