@@ -258,6 +258,7 @@ def cmd_mic(args: argparse.Namespace) -> int:
     import asyncio
 
     from .client import LivePrinter, ServerError, SttClient, import_sounddevice, microphone
+    from .server.protocol import Error
 
     try:
         import_sounddevice()
@@ -272,14 +273,20 @@ def cmd_mic(args: argparse.Namespace) -> int:
                 async for block in microphone(args.input_device):
                     await client.send_audio(block)
 
-            sender = asyncio.create_task(send())
-            try:
+            async def receive() -> None:
                 async for msg in client:
-                    if type(msg).__name__ == "Error":
+                    if isinstance(msg, Error):
                         raise ServerError(msg.message)
                     printer.on_message(msg)
+
+            tasks = {asyncio.create_task(send()), asyncio.create_task(receive())}
+            try:
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    task.result()  # the microphone or the connection failed: say why
             finally:
-                sender.cancel()
+                for task in tasks:
+                    task.cancel()
 
     print("listening (Ctrl-C to stop)...", file=sys.stderr)
     try:

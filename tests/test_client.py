@@ -156,3 +156,49 @@ def test_mic_without_sounddevice_says_how_to_install_it(
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as if not installed
     assert main(["mic", "--url", "ws://127.0.0.1:9/api/asr-streaming"]) == 2
     assert "pip install 'dsm-stt[mic]'" in capsys.readouterr().err
+
+
+class FakeSoundDevice:
+    """Stands in for the ``sounddevice`` module: an input stream that plays ``pcm`` in blocks
+    from a thread, like PortAudio's callback thread, then goes quiet."""
+
+    def __init__(self, pcm: np.ndarray) -> None:
+        self.pcm = pcm
+        self.opened: dict = {}
+
+    def InputStream(self, **kwargs: object) -> object:
+        import threading
+
+        self.opened = kwargs
+        pcm, callback, block = self.pcm, kwargs["callback"], int(kwargs["blocksize"])  # type: ignore[call-overload]
+
+        class Stream:
+            def __enter__(self) -> Stream:
+                def play() -> None:
+                    for i in range(0, pcm.size - block + 1, block):
+                        callback(pcm[i : i + block, None], block, None, None)  # type: ignore[operator]
+
+                threading.Thread(target=play, daemon=True).start()
+                return self
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        return Stream()
+
+
+def test_mic_command_prints_a_live_transcript(
+    setup: tuple, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    _, engine, _, expected = setup
+    fake = FakeSoundDevice(np.concatenate([SPEECH, silence(1.0)]))
+    monkeypatch.setitem(sys.modules, "sounddevice", fake)
+    # The fake microphone goes quiet after 5 s of audio: the server's audio timeout ends it.
+    with threaded_server(ServerConfig(audio_timeout=1.0), engine) as server:
+        assert main(["mic", "--url", server.url]) == 2
+    out, err = capsys.readouterr()
+    assert fake.opened["samplerate"] == 24000 and fake.opened["channels"] == 1
+    assert "no audio received" in err
+    printed = out.replace("[pause]", "").replace(">", "").split()
+    words = " ".join(w[0] for w in expected).split()
+    assert printed == words[: len(printed)] and len(printed) >= len(words) - 3
