@@ -296,7 +296,10 @@ def audio_msg(pcm: np.ndarray) -> bytes:
 
 async def connect(url: str, headers: dict[str, str] | None = None) -> Any:
     return await asyncio.wait_for(
-        websockets.connect(url, additional_headers=headers, max_size=None, proxy=None), TIMEOUT
+        websockets.connect(
+            url, additional_headers=headers, max_size=None, proxy=None, close_timeout=1.0
+        ),
+        TIMEOUT,
     )
 
 
