@@ -57,8 +57,9 @@ class _Job:
 
     def transcript(self, model: str) -> Transcript:
         duration = self.samples / SAMPLE_RATE
-        words = [TimedWord(t, round(s, 3), None if e is None else round(e, 3))
-                 for t, s, e in self.words]
+        words = [
+            TimedWord(t, round(s, 3), None if e is None else round(e, 3)) for t, s, e in self.words
+        ]
         return Transcript(" ".join(w.text for w in words), words, round(duration, 3), model)
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from server_support import (
     reference_words,
     silence,
@@ -30,14 +29,6 @@ from dsm_stt.server.protocol import EndWord, Flushed, Marker, Ready, Step, Word
 pytestmark = pytest.mark.timeout(120)
 
 SPEECH = np.concatenate([silence(1.0), speechlike(3.0, seed=1)])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

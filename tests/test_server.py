@@ -16,7 +16,6 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
-import torch
 import websockets
 from server_support import (
     FRAME,
@@ -43,15 +42,6 @@ from dsm_stt.server.app import load_engine
 from dsm_stt.server.config import ModelFiles, ServerConfig
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> object:
-    """Two tiny models' worth of work: one thread is fastest, and fair to parallel test runs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

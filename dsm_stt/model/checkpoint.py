@@ -278,10 +278,20 @@ def convert_mimi_tensors(tensors: Mapping[str, Tensor], cfg: MimiConfig) -> dict
     return out
 
 
+_AUDIO_EMB = re.compile(r"^emb\.(\d+)\.")
+
+
 def convert_lm_tensors(tensors: Mapping[str, Tensor], cfg: LMConfig) -> dict[str, Tensor]:
-    """Official LM file → our LM's state dict (RMSNorm gains [1,1,D] or [D] → [D])."""
+    """Official LM file → our LM's state dict (RMSNorm gains [1,1,D] or [D] → [D]).
+
+    Audio embeddings beyond ``cfg.n_q`` are dropped: like moshi-server, a config may use only the
+    first codebooks of a checkpoint (Unmute runs the 32-codebook 1B with 20).
+    """
     out = {}
     for key, value in tensors.items():
+        m = _AUDIO_EMB.match(key)
+        if m and int(m.group(1)) >= cfg.n_q:
+            continue
         if key.endswith(".alpha") and value.dim() == 3 and value.shape[:2] == (1, 1):
             value = value.reshape(-1)
         out[key] = value
@@ -351,7 +361,13 @@ def load_model(
     model: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
 ) -> SttModel:
     """Resolve and load a whole checkpoint (repo id or directory)."""
-    files = resolve(model)
+    return load_files(resolve(model), dtype, device)
+
+
+def load_files(
+    files: CheckpointFiles, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> SttModel:
+    """Load the LM, Mimi and tokenizer of already-located checkpoint files."""
     try:
         tokenizer = SentencePieceTokenizer(files.tokenizer_path)
     except TokenizerError as exc:

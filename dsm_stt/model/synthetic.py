@@ -118,7 +118,17 @@ def random_model(
     name: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", seed: int = 0
 ) -> SttModel:
     """Any known architecture (repo id or ``tiny``) with random weights, no download."""
-    cfg = architecture(name)
+    return random_model_for(architecture(name), name, dtype, device, seed)
+
+
+def random_model_for(
+    cfg: ModelConfig,
+    name: str,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> SttModel:
+    """The architecture ``cfg`` with random weights and a placeholder tokenizer."""
     return SttModel(
         f"{name} (random weights)",
         cfg,

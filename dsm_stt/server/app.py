@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import hmac
 import logging
-import re
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -163,7 +162,9 @@ def load_engine(config: ServerConfig) -> Engine:
     device, dtype = ec.torch_device(), ec.torch_dtype()
     files = config.model_files
     if config.random_weights:
-        model = _random_model(files, dtype, device, ec.seed)
+        from ..model.synthetic import random_model_for
+
+        model = random_model_for(files.config, files.lm, dtype, device, ec.seed)
     else:
         model = load_model_files(files, dtype, device)
     return Engine(model, ec.batch_size, device, dtype, ec.temperature, ec.seed)
@@ -171,48 +172,16 @@ def load_engine(config: ServerConfig) -> Engine:
 
 def load_model_files(files: ModelFiles, dtype: Any, device: Any) -> SttModel:
     """Load a checkpoint given file by file (``hf://`` references are downloaded)."""
-    from ..model.checkpoint import (
-        CheckpointError,
-        SttModel,
-        load_lm,
-        load_mimi,
-        read_safetensors,
-        resolve_path,
+    from ..model.checkpoint import CheckpointFiles, load_files, resolve_path
+
+    located = CheckpointFiles(
+        files.lm,
+        files.config,
+        resolve_path(files.lm),
+        resolve_path(files.mimi),
+        resolve_path(files.tokenizer),
     )
-    from ..model.tokenizer import SentencePieceTokenizer, TokenizerError
-
-    cfg = files.config
-    lm_tensors = read_safetensors(resolve_path(files.lm))
-    # moshi-server reads only the first ``audio_codebooks`` audio embeddings (Unmute's config
-    # runs the 32-codebook 1B with 20): drop the others so the strict load accepts the file.
-    extra = re.compile(r"^emb\.(\d+)\.")
-    lm_tensors = {
-        k: v
-        for k, v in lm_tensors.items()
-        if not ((m := extra.match(k)) and int(m.group(1)) >= cfg.lm.n_q)
-    }
-    lm = load_lm(lm_tensors, cfg.lm, dtype, device)
-    mimi = load_mimi(resolve_path(files.mimi), cfg.mimi, device)
-    try:
-        tokenizer = SentencePieceTokenizer(resolve_path(files.tokenizer))
-    except TokenizerError as exc:
-        raise CheckpointError(str(exc)) from exc
-    return SttModel(files.lm, cfg, lm, mimi, tokenizer)
-
-
-def _random_model(files: ModelFiles, dtype: Any, device: Any, seed: int) -> SttModel:
-    from ..model.checkpoint import SttModel
-    from ..model.synthetic import random_lm, random_mimi
-    from ..model.tokenizer import PlaceholderTokenizer
-
-    cfg = files.config
-    return SttModel(
-        f"{files.lm} (random weights)",
-        cfg,
-        random_lm(cfg.lm, dtype, device, seed),
-        random_mimi(cfg.mimi, device, seed + 1),
-        PlaceholderTokenizer(cfg.lm.text_card),
-    )
+    return load_files(located, dtype, device)
 
 
 def warm_up(engine: Engine, steps: int) -> None:
