@@ -98,18 +98,20 @@ class Attention(nn.Module):
         x: Tensor,
         layer: int,
         cache: KVCache,
-        write_index: Tensor,
+        write_at: tuple[Tensor, Tensor],
         rot: tuple[Tensor, Tensor],
         mask: Tensor,
     ) -> Tensor:
-        """One streaming call on T new positions. ``write_index`` [B, T] is the ring entry each
-        new key goes to (the trash entry for inactive slots); ``rot`` the RoPE cos/sin and
-        ``mask`` [B, 1, T, C+1] the attention mask, both computed once for all layers."""
+        """One streaming call on T new positions. ``write_at`` holds two [B, T] index tensors,
+        the slot and the ring entry each new key goes to (the trash entry for inactive slots);
+        ``rot`` the RoPE cos/sin and ``mask`` [B, 1, T, C+1] the attention mask, all computed
+        once for all layers."""
         q, k, v = self._qkv(x, rot)
-        index = write_index[:, None, :, None].expand_as(k)
         keys, values = cache.keys[layer], cache.values[layer]
-        keys.scatter_(2, index, k)
-        values.scatter_(2, index, v)
+        # Advanced indexing writes B*T rows in place ([B, T] index pairs select [B, T, H, hd]);
+        # ``scatter_`` would be equivalent but copies the whole cache on CPU.
+        keys[write_at[0], :, write_at[1]] = k.transpose(1, 2)
+        values[write_at[0], :, write_at[1]] = v.transpose(1, 2)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self._out(y)
 
@@ -220,7 +222,8 @@ class Transformer(nn.Module):
         new_positions = torch.where(
             active[:, None], query_positions, torch.full_like(query_positions, -1)
         )
-        cache.key_positions.scatter_(1, write_index, new_positions)
+        slots = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(write_index)
+        cache.key_positions[slots, write_index] = new_positions
         cache.key_positions[:, C] = -1
         kp = cache.key_positions[:, None, :]  # [B, 1, C+1]
         delta = query_positions[:, :, None] - kp  # [B, T, C+1]
@@ -230,7 +233,9 @@ class Transformer(nn.Module):
         mask[:, :, :, C] |= ~active[:, None, None]
         rot = rope_rotation(query_positions, self.head_dim, self.max_period)
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn.step(layer.attn_input(x), i, cache, write_index, rot, mask)
+            attn = layer.self_attn.step(
+                layer.attn_input(x), i, cache, (slots, write_index), rot, mask
+            )
             x = layer.finish(x + layer.scale_attn(attn))
         cache.positions.add_(active.long() * T)
         return x
