@@ -25,6 +25,7 @@ class BenchResult:
     model: str
     device: str
     dtype: str
+    quantize: str
     batch_size: int
     steps: int
     step_ms: float
@@ -41,8 +42,9 @@ class BenchResult:
 
     def summary(self) -> str:
         gpu = f", GPU peak {self.gpu_peak_mb:.0f} MB" if self.gpu_peak_mb is not None else ""
+        quant = ", int8 weights" if self.quantize == "int8" else ""
         return (
-            f"{self.model} on {self.device} ({self.dtype}), batch {self.batch_size}: "
+            f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
             f"host {self.host_ms:.1f}) → {self.realtime_streams:.2f} real-time streams; "
             f"peak RSS {self.peak_rss_mb:.0f} MB, KV {self.kv_mb_per_stream:.1f} MB/stream"
@@ -82,6 +84,7 @@ def run_benchmark(engine: Engine, steps: int, warmup: int = 3, seed: int = 0) ->
         model=engine.name,
         device=str(engine.device),
         dtype=str(engine.dtype).replace("torch.", ""),
+        quantize=engine.quantize,
         batch_size=B,
         steps=steps,
         step_ms=round(step_ms, 3),

@@ -14,6 +14,11 @@ from pathlib import Path
 
 from .model.config import DEFAULT_MODEL
 
+QUANTIZE_HELP = (
+    "int8: LM projections as int8 weights with per-row scales (faster at small batch on "
+    "CPU, logits slightly off); none (default)"
+)
+
 
 def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument(
@@ -39,6 +44,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
+    p.add_argument("--quantize", default="none", choices=["none", "int8"], help=QUANTIZE_HELP)
 
 
 def _engine(args: argparse.Namespace):
@@ -50,6 +56,7 @@ def _engine(args: argparse.Namespace):
         device=args.device,
         dtype=args.dtype,
         temperature=args.temperature,
+        quantize=args.quantize,
     )
     return Engine.from_config(args.model, config, random_weights=args.random_weights)
 
@@ -156,6 +163,7 @@ def _server_config(args: argparse.Namespace):
         "device": args.device,
         "dtype": args.dtype,
         "temperature": args.temperature,
+        "quantize": args.quantize,
     }
     engine = dataclasses.replace(
         config.engine, **{k: v for k, v in engine_flags.items() if v is not None}
@@ -365,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples"
     )
+    p.add_argument("--quantize", default=None, choices=["none", "int8"], help=QUANTIZE_HELP)
     p.add_argument(
         "--api-key",
         action="append",

@@ -97,7 +97,21 @@ class CausalConv1d(nn.Module):
             return self.conv.conv(x)
         x = torch.cat([buffer, x], dim=-1)
         buffer.copy_(torch.where(active[:, None, None], x[..., -self.context :], buffer))
+        if self.stride > 1 and self.conv.conv.dilation == (1,):
+            return self._strided(x)
         return self.conv.conv(x)
+
+    def _strided(self, x: Tensor) -> Tensor:
+        # A strided conv over a short chunk as one matrix product of its windows: oneDNN's
+        # direct convolution is 5-10x slower at these shapes (few output steps, wide kernels).
+        conv = self.conv.conv
+        out_channels, _, kernel = conv.weight.shape
+        windows = x.unfold(-1, kernel, self.stride).transpose(1, 2)  # [B, T, C_in, k]
+        B, T = windows.shape[:2]
+        y = torch.mm(windows.reshape(B * T, -1), conv.weight.reshape(out_channels, -1).t())
+        if conv.bias is not None:
+            y = y + conv.bias
+        return y.view(B, T, out_channels).transpose(1, 2)
 
 
 class ResidualBlock(nn.Module):
@@ -212,13 +226,34 @@ class ResidualVQ(nn.Module):
     def encode(self, latent: Tensor) -> Tensor:
         """``latent`` [B, D, 1] → codes [B, n_q]; ties go to the lowest index."""
         residual = self.input_proj(latent)[..., 0]  # [B, dim]
+        ones = residual.new_ones(residual.shape[0], 1)
         codes = []
-        for layer in self.vq.layers:
-            book = layer._codebook.embedding  # [bins, dim]
-            code = torch.cdist(residual[None], book[None])[0].argmin(dim=-1)  # [B]
-            residual = residual - F.embedding(code, book)
+        for layer, augmented in zip(self.vq.layers, self._augmented_books(), strict=True):
+            code = _euclidean_distances(residual, ones, augmented).argmin(dim=-1)  # [B]
+            residual = residual - F.embedding(code, layer._codebook.embedding)
             codes.append(code)
         return torch.stack(codes, dim=1)
+
+    def _augmented_books(self) -> list[Tensor]:
+        """``[book, 1, |book|²]`` per stage ([bins, dim + 2]), rebuilt only when a codebook
+        changed (loading writes the buffers in place, which bumps their version)."""
+        books = [layer._codebook.embedding for layer in self.vq.layers]
+        key = tuple((b.data_ptr(), b._version, b.device, b.dtype) for b in books)
+        if getattr(self, "_augmented_key", None) != key:
+            self._augmented = [
+                torch.cat([b, b.new_ones(b.shape[0], 1), b.pow(2).sum(-1, keepdim=True)], -1)
+                for b in books
+            ]
+            self._augmented_key = key
+        return self._augmented
+
+
+def _euclidean_distances(x: Tensor, ones: Tensor, augmented: Tensor) -> Tensor:
+    """Distances [B, bins] from ``x`` [B, dim] to every codebook entry, bit for bit what
+    ``torch.cdist`` computes for these sizes (its matrix-product form, with ``[-2x, |x|², 1]``
+    against ``[book, 1, |book|²]``), with the codebook half precomputed."""
+    lhs = torch.cat([x.mul(-2), x.pow(2).sum(-1, keepdim=True), ones], dim=-1)
+    return lhs[None].matmul(augmented[None].mT)[0].clamp_min_(1e-30).sqrt_()
 
 
 class SplitResidualVQ(nn.Module):

@@ -81,12 +81,20 @@ class Attention(nn.Module):
         self.context = context
         self.max_period = max_period
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj: nn.Module | None = None
         self.out_proj = nn.Linear(dim, dim, bias=False)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
+    def set_in_proj(self, module: nn.Module) -> None:
+        """Compute the fused QKV projection with ``module`` (e.g. a quantized linear) instead
+        of ``in_proj_weight``, which is dropped."""
+        self.in_proj = module
+        del self.in_proj_weight
+        self.register_parameter("in_proj_weight", None)
+
     def _qkv(self, x: Tensor, rot: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         # x: [B, T, D] -> q, k, v: [B, H, T, hd]
-        qkv = F.linear(x, self.in_proj_weight)
+        qkv = F.linear(x, self.in_proj_weight) if self.in_proj is None else self.in_proj(x)
         q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4)
         return apply_rope(q, *rot), apply_rope(k, *rot), v
 

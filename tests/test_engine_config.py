@@ -1,0 +1,36 @@
+"""Tests of dsm_stt.config: the ``auto`` device / dtype rules and EngineConfig validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsm_stt import config
+from dsm_stt.config import EngineConfig, resolve_dtype
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_dtype_on_cpu_follows_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    expected = torch.bfloat16 if native else torch.float32
+    assert resolve_dtype("auto", torch.device("cpu")) == expected
+    assert EngineConfig(device="cpu").torch_dtype() == expected
+    assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
+
+
+def test_auto_dtype_on_cuda_is_bf16() -> None:
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("batch_size", 0), ("temperature", -1.0), ("device", "tpu"), ("dtype", "int8")]
+    + [("quantize", "int4")],
+)
+def test_invalid_settings_name_the_field(field: str, value: object) -> None:
+    with pytest.raises(
+        ValueError, match=field.replace("_", " ") if field == "batch_size" else field
+    ):
+        EngineConfig(**{field: value})

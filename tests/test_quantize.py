@@ -1,0 +1,82 @@
+"""Tests of dsm_stt.model.quantize: int8 weight-only projections, exact per-row arithmetic,
+closeness of the quantized LM to the float one, and the engine / CLI option."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_lm import TINY, make_lm, random_inputs, stream
+
+from dsm_stt.cli import main
+from dsm_stt.config import EngineConfig
+from dsm_stt.engine.engine import Engine
+from dsm_stt.model.quantize import Int8Linear, is_quantized, quantize_lm_int8
+from dsm_stt.model.synthetic import random_model
+
+
+def test_rows_are_quantized_symmetrically_within_half_a_step() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(48, 96) * torch.linspace(0.01, 3.0, 48)[:, None]
+    q = Int8Linear.from_float(w)
+    assert q.weight.dtype == torch.int8 and q.weight.shape == (48, 96)
+    assert torch.equal(q.weight.abs().amax(dim=1), torch.full((48,), 127, dtype=torch.int8))
+    err = (q.dequantized() - w).abs()
+    assert bool((err <= q.scales[:, None] / 2 + 1e-7).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_forward_is_the_product_with_the_dequantized_weight(dtype: torch.dtype) -> None:
+    torch.manual_seed(1)
+    w = torch.randn(40, 64)
+    q = Int8Linear.from_float(w.to(dtype))
+    x = torch.randn(2, 3, 64).to(dtype)
+    y = q(x)
+    assert y.shape == (2, 3, 40) and y.dtype == dtype
+    ref = x.float() @ q.dequantized().T
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(y.float(), ref, atol=tol * ref.abs().max().item(), rtol=0)
+
+
+def test_quantized_lm_stays_close_to_the_float_lm() -> None:
+    lm = make_lm()
+    text, audio = random_inputs(TINY, 3, 20, seed=4)
+    ref = stream(lm, text, audio)
+    quantize_lm_int8(lm)
+    assert is_quantized(lm)
+    names = set(lm.state_dict())
+    assert not any(n.endswith("in_proj_weight") for n in names)
+    assert any(n.endswith("in_proj.weight") for n in names)
+    out = stream(lm, text, audio)
+    spread = ref.logits.std().item()
+    err = (out.logits - ref.logits).abs().max().item()
+    assert 0 < err < 0.1 * spread
+    assert (out.vad - ref.vad).abs().max().item() < 0.05
+    agree = (out.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+
+
+def test_engine_runs_quantized_and_rejects_unknown_modes() -> None:
+    model = random_model("tiny", seed=0)
+    engine = Engine(model, batch_size=2, quantize="int8")
+    assert is_quantized(engine.lm)
+    pcm = np.random.default_rng(0).standard_normal((2, 1920)).astype(np.float32) * 0.1
+    out = engine.step(pcm, np.ones(2, bool), np.ones(2, bool))
+    assert len(out.tokens) == 2 and all(isinstance(t, int) for t in out.tokens)
+    with pytest.raises(ValueError, match="quantize"):
+        Engine(random_model("tiny", seed=0), batch_size=1, quantize="int4")
+    with pytest.raises(ValueError, match="quantize"):
+        EngineConfig(quantize="fp8")
+
+
+def test_bench_reports_the_quantization(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        ["bench", "--random-weights", "--model", "tiny", "--device", "cpu"]
+        + ["--quantize", "int8", "--steps", "2", "--warmup", "1", "--json"]
+    )
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantize"] == "int8" and result["batch_size"] == 1
+    assert result["step_ms"] > 0
