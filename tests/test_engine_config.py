@@ -26,8 +26,13 @@ def test_auto_dtype_on_cuda_is_bf16() -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("batch_size", 0), ("temperature", -1.0), ("device", "tpu"), ("dtype", "int8")]
-    + [("quantize", "int4")],
+    [
+        ("batch_size", 0),
+        ("temperature", -1.0),
+        ("device", "tpu"),
+        ("dtype", "int8"),
+        ("quantize", "int4"),
+    ],
 )
 def test_invalid_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(

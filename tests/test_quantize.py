@@ -72,10 +72,8 @@ def test_engine_runs_quantized_and_rejects_unknown_modes() -> None:
 
 
 def test_bench_reports_the_quantization(capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(
-        ["bench", "--random-weights", "--model", "tiny", "--device", "cpu"]
-        + ["--quantize", "int8", "--steps", "2", "--warmup", "1", "--json"]
-    )
+    args = "bench --random-weights --model tiny --device cpu --quantize int8 --steps 2"
+    code = main([*args.split(), "--warmup", "1", "--json"])
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == "int8" and result["batch_size"] == 1
