@@ -263,6 +263,28 @@ def test_wait_for_room_holds_a_fast_sender_back() -> None:
     run(main())
 
 
+def test_step_metrics_time_the_tick_and_the_engine_call_within_it() -> None:
+    async def main() -> None:
+        runner, engine = make_runner(delay_s=0.02)
+        try:
+            ch = runner.channel()
+            assert await runner.admit(ch)
+            runner.feed(ch, SPEECH)
+            runner.flush(ch, 1)
+            await collect(ch, Flushed)
+            sample = runner.metrics.registry.get_sample_value  # type: ignore[union-attr]
+            steps = sample("asr_model_steps_total")
+            assert steps == engine.steps > 0
+            assert sample("asr_engine_step_duration_count") == steps
+            assert sample("asr_model_step_duration_count") == steps
+            engine_s = sample("asr_engine_step_duration_sum")
+            assert 0.02 * steps <= engine_s <= sample("asr_model_step_duration_sum")
+        finally:
+            runner.stop()
+
+    run(main())
+
+
 def test_an_idle_worker_sleeps() -> None:
     async def main() -> None:
         runner, _ = make_runner()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable
 
 import numpy as np
@@ -155,6 +156,23 @@ def test_no_work_means_no_engine_call() -> None:
     assert not sched.has_work()
     assert sched.tick() == {}
     assert engine.calls == []
+
+
+def test_the_engine_call_is_timed() -> None:
+    sched, engine = make()
+    inner = engine.step
+
+    def slow_step(*args: object) -> StepOutput:
+        time.sleep(0.01)
+        return inner(*args)  # type: ignore[arg-type]
+
+    engine.step = slow_step  # type: ignore[method-assign]
+    assert sched.last_engine_seconds == 0.0
+    sched.admit("a")
+    sched.feed("a", np.zeros(F, np.float32))
+    start = time.perf_counter()
+    sched.tick()
+    assert 0.01 <= sched.last_engine_seconds <= time.perf_counter() - start
 
 
 # ------------------------------------------------------------------------------- words

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 import heapq
 import operator
+import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ class Scheduler:
         self.sample_rate = self.frame_size * self.frame_rate
         self.time_offset = float(time_offset)
         self.step_count = 0  # engine steps run so far: Step.step_idx
+        self.last_engine_seconds = 0.0  # wall time of the last engine.step call alone
         self._decode = decode
         self._streams: dict[Hashable, _Stream] = {}
         self._free: list[int] = list(range(self.batch_size))  # heap: lowest free slot first
@@ -348,7 +350,9 @@ class Scheduler:
         reset = np.zeros(B, dtype=bool)
         reset[slots[resets]] = True
 
+        start = time.perf_counter()
         output = self.engine.step(pcm, active, reset)
+        self.last_engine_seconds = time.perf_counter() - start
         if len(output.tokens) != B or (self.engine.has_vad and len(output.prs) != B):
             raise SchedulerError(
                 f"engine returned {len(output.tokens)} tokens and {len(output.prs)} prs "

@@ -6,7 +6,9 @@ Who increments what is decided by the runner (model steps) and the routes (conne
 
 Names: ``asr_connect`` (connections), ``asr_open_channels`` (sessions holding a slot),
 ``asr_model_step_duration`` (seconds per batched model step), ``asr_connection_num_steps``
-(model steps per finished session), plus ``asr_model_steps`` (steps run) and
+(model steps per finished session), plus ``asr_model_steps`` (steps run),
+``asr_engine_step_duration`` (the part of each model step spent in the engine call alone, so
+that ``asr_model_step_duration`` minus it is the scheduler's host work per step) and
 ``asr_rejected`` (sessions refused, by reason). prometheus_client exposes counters with the
 conventional ``_total`` suffix (``asr_connect_total``).
 """
@@ -39,6 +41,13 @@ class ServerMetrics:
         self.step_duration = Histogram(
             "asr_model_step_duration",
             "Duration of one batched model step in seconds",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.engine_step_duration = Histogram(
+            "asr_engine_step_duration",
+            "Seconds of one batched model step spent in the engine call (Mimi, LM, sampling), "
+            "without the scheduler's per-stream work",
             buckets=STEP_BUCKETS,
             registry=r,
         )

@@ -17,7 +17,8 @@ while its stream has more than a given backlog, which pushes back on the client 
 
 Protocol extensions handled here because they need the stream's step count: ``flush`` answers
 ``Flushed{id}`` right after the words of the flushed audio, ``reset`` answers ``Ready`` after any
-markers it released. Step durations go to the metrics from here.
+markers it released. Step durations (the whole tick, and the engine call within it) go to the
+metrics from here.
 """
 
 from __future__ import annotations
@@ -335,6 +336,7 @@ class Runner:
         events = sched.tick()
         if self.metrics is not None and sched.step_count != before:
             self.metrics.step_duration.observe(time.perf_counter() - start)
+            self.metrics.engine_step_duration.observe(sched.last_engine_seconds)
             self.metrics.steps.inc()
         for sid, evs in events.items():
             ch = self._channels.get(sid)

@@ -1,0 +1,118 @@
+"""bench/load.py against real server processes: N real-time sessions, step lag, word latency,
+and the server overhead read from the engine-time metric."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from server_support import running_server, write_talkative_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "load.py"
+
+
+@pytest.fixture(scope="module")
+def load() -> Iterator[ModuleType]:
+    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+def run_json(load: ModuleType, capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    assert load.main([*args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def metric(text: str, name: str) -> float:
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
+def finite(x: object) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+def test_sessions_lag_words_and_overhead_against_a_running_server(
+    load: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    checkpoint = write_talkative_checkpoint(tmp_path / "ckpt")
+    args = ["--model", str(checkpoint), "--batch-size", "4", "--api-key", "k"]
+    with running_server(args, tmp_path / "server.log") as server:
+        out = run_json(
+            load, capsys, "--url", server.url, "--api-key", "k", "--sessions", "1,2",
+            "--seconds", "3",
+        )  # fmt: skip
+        metrics = server.get("/metrics").text
+
+    frames = 3 * 24000 // 1920
+    assert [run["sessions"] for run in out["runs"]] == [1, 2]
+    for run in out["runs"]:
+        assert run["errors"] == [] and run["ok_sessions"] == run["sessions"]
+        assert run["frames_per_session"] == frames
+        for session in run["session_results"]:
+            # Ready, one Step per frame in order, the Flush answered.
+            assert session["ready"] and session["error"] is None and session["flushed"]
+            assert session["frames"] == session["steps"] == frames
+            assert session["step_idx_increasing"]
+        lag = run["lag_ms"]
+        # Frames after the 1 s warm-up; a Step never comes before its frame was sent (an
+        # off-by-one between Steps and frames would show as lags near -80 ms).
+        assert lag["n"] == run["sessions"] * (frames - 12)
+        assert all(finite(lag[k]) for k in ("min", "p50", "p95", "p99", "max"))
+        assert 0 <= lag["min"] <= lag["p50"] <= lag["p99"] <= lag["max"]
+        assert run["passed"] == (lag["p99"] < 80)
+        # The talkative model says words: every session has a first word.
+        assert run["word_latency_ms"]["n"] >= run["sessions"]
+        assert run["first_word_latency_ms"]["n"] == run["sessions"]
+        assert finite(run["word_latency_ms"]["p99"])
+        # Server figures from /metrics.
+        assert finite(run["overhead_ms"]) and run["overhead_ms"] >= 0
+        assert 0 < run["engine_ms"] <= run["tick_ms"]
+        assert run["steps_per_second"] > 0
+    assert out["largest_passing_sessions"] in (None, 1, 2)
+    for key in ("word_latency_ms", "first_word_latency_ms", "overhead_ms_per_step"):
+        assert key in out
+    assert out["overhead_at_sessions"] == 2 and finite(out["overhead_ms_per_step"])
+
+    # The engine-time histogram: one observation per model step, nested in the tick.
+    ticks = metric(metrics, "asr_model_step_duration_count")
+    assert metric(metrics, "asr_engine_step_duration_count") == ticks > 0
+    assert metric(metrics, "asr_model_steps_total") == ticks
+    engine = metric(metrics, "asr_engine_step_duration_sum")
+    assert 0 < engine <= metric(metrics, "asr_model_step_duration_sum")
+
+
+def test_serve_starts_and_stops_its_own_server_and_a_range_doubles(
+    load: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_json(
+        load, capsys, "--serve", "--random-weights --model tiny --batch-size 2",
+        "--sessions", "1..2", "--seconds", "1.5", "--warmup", "0.5",
+    )  # fmt: skip
+    assert out["server_command"][-4:-2] == ["--port", out["url"].split(":")[2].split("/")[0]]
+    assert [run["sessions"] for run in out["runs"]] == [1, 2]
+    assert all(run["errors"] == [] for run in out["runs"])
+    assert load._healthy(load.http_base(out["url"])) is False  # stopped at the end
+
+
+def test_session_counts(load: ModuleType) -> None:
+    assert load.session_counts("1,16,64") == ([1, 16, 64], False)
+    assert load.session_counts("1..64") == ([1, 2, 4, 8, 16, 32, 64], True)
+    assert load.session_counts("3..20") == ([3, 6, 12, 20], True)
+    for bad in ("", "0,1", "8..4", "x"):
+        with pytest.raises(Exception, match="--sessions"):
+            load.session_counts(bad)
