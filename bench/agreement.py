@@ -93,7 +93,6 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    torch.set_flush_denormal(True)
     torch.set_grad_enabled(False)
     if args.random_weights:
         model = random_model(args.model, dtype=torch.float32)

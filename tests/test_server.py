@@ -334,7 +334,8 @@ def test_info_routes_health_and_metrics(engine: Engine) -> None:
         assert info["lm"] == engine.name and info["audio_tokenizer"].endswith(".safetensors")
         build = server.get("/api/build_info").json()
         assert build["name"] == "dsm-stt" and build["batch_size"] == 4
-        assert build["device"] == "cpu" and build["dtype"] == "float32"
+        assert build["device"] == "cpu" and build["dtype"] == str(engine.dtype).split(".")[1]
+        assert build["dtype"] in ("float32", "bfloat16")
         run(transcribe_session(server.url, SPEECH[1][: 20 * FRAME]))
         metrics = server.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")

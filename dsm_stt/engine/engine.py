@@ -42,10 +42,6 @@ class Engine:
         quantize: str = "none",
     ) -> None:
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            # Subnormal floats make x86 arithmetic tens of times slower (seen in Mimi's convs);
-            # values that small never change a code or a token.
-            torch.set_flush_denormal(True)
         self.dtype = dtype
         self.model = model
         self.lm = model.lm.to(device=self.device, dtype=dtype).eval()
