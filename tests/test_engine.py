@@ -72,6 +72,37 @@ def test_stream_is_independent_of_its_neighbours(pattern: str) -> None:
     assert len(set(alone)) > 1  # random weights still give varied tokens
 
 
+def test_only_the_slots_up_to_the_last_used_one_are_computed() -> None:
+    """A stream in the last slot pauses while slot 0 keeps going: those steps compute slot 0
+    alone (slot 3 reads token -1 and keeps its state bit for bit), and slot 3's tokens still
+    equal a run alone."""
+    frames = 30
+    target = _audio(5, frames)
+    alone = _run_alone(_engine(1), target)
+    engine = _engine(4)
+    rng = np.random.default_rng(3)
+    tokens, sent, paused_steps = [], 0, 0
+    for i in range(frames + 10):
+        pcm = (0.3 * rng.standard_normal((4, FRAME))).astype(np.float32)
+        paused = 8 <= i < 18
+        active = np.array([True, False, False, not paused and sent < frames])
+        reset = np.array([i == 0, False, False, i == 0])
+        if active[3]:
+            pcm[3] = target[sent * FRAME : (sent + 1) * FRAME]
+        before = [t[:, 3].clone() if t.dim() == 5 else t[3].clone() for t in _state_tensors(engine)]
+        out = engine.step(pcm, active, reset)
+        if active[3]:
+            tokens.append(out.tokens[3])
+            sent += 1
+        elif paused:
+            paused_steps += 1
+            assert out.tokens[1:] == [-1, -1, -1] and out.prs[3] == (0.0,) * len(out.prs[0])
+            after = [t[:, 3] if t.dim() == 5 else t[3] for t in _state_tensors(engine)]
+            assert all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    assert paused_steps == 10
+    assert tokens == alone
+
+
 def test_alignment_step_t_sees_frame_t_minus_1() -> None:
     """The text predicted at step t depends on frames 0..t-1 only (spec §2.8)."""
     a = _audio(1, 12)

@@ -89,12 +89,18 @@ class Engine:
 
     @torch.no_grad()
     def step_tensors(
-        self, pcm: Tensor, active: Tensor, reset: Tensor, marks: list[float] | None = None
+        self,
+        pcm: Tensor,
+        active: Tensor,
+        reset: Tensor,
+        marks: list[float] | None = None,
+        state: EngineState | None = None,
     ) -> tuple[Tensor, Tensor]:
         """The device-side step: ``pcm`` [B, 1, F] float32, masks [B] bool → tokens [B] long,
         VAD probabilities [B, H] float32. With ``marks``, the (device-synchronised) times after
-        Mimi and after the LM are appended: the benchmark's breakdown."""
-        state = self.state
+        Mimi and after the LM are appended: the benchmark's breakdown. ``state`` defaults to
+        the engine's whole state; ``self.state.prefix(n)`` steps the first ``n`` slots only."""
+        state = self.state if state is None else state
         state.reset(reset)
         codes = self.mimi.step(pcm, state.mimi, active)  # [B, K]
         if marks is not None:
@@ -127,13 +133,27 @@ class Engine:
         marks: list[float] | None = None,
     ) -> StepOutput:
         """Host-side step for the scheduler: numpy in, plain Python out (``marks``: see
-        ``step_tensors``)."""
+        ``step_tensors``).
+
+        Only the slots up to the last one that is active or reset are computed (the scheduler
+        fills the lowest free slot first), so a lightly loaded engine pays for the slots in use,
+        not for all ``batch_size``. The slots past them get token -1 and zero VAD.
+        """
         B, F = self.batch_size, self.frame_size
         if pcm.shape != (B, F):
             raise ValueError(f"engine step takes pcm of shape [{B}, {F}], got {list(pcm.shape)}")
-        pcm_t = torch.from_numpy(np.ascontiguousarray(pcm, dtype=np.float32)).to(self.device)
-        active_t = torch.from_numpy(np.asarray(active, dtype=bool)).to(self.device)
-        reset_t = torch.from_numpy(np.asarray(reset, dtype=bool)).to(self.device)
-        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks)
-        prs = vad.float().cpu().numpy()
-        return StepOutput(tokens=tokens.cpu().tolist(), prs=[tuple(map(float, r)) for r in prs])
+        active = np.asarray(active, dtype=bool)
+        reset = np.asarray(reset, dtype=bool)
+        used = np.flatnonzero(active | reset)
+        n = int(used[-1]) + 1 if used.size else 1
+        pcm_t = torch.from_numpy(np.ascontiguousarray(pcm[:n], dtype=np.float32)).to(self.device)
+        active_t = torch.from_numpy(active[:n]).to(self.device)
+        reset_t = torch.from_numpy(reset[:n]).to(self.device)
+        state = self.state if n == B else self.state.prefix(n)
+        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks, state)
+        prs = [tuple(map(float, r)) for r in vad.float().cpu().numpy()]
+        idle = B - n
+        return StepOutput(
+            tokens=tokens.cpu().tolist() + [-1] * idle,
+            prs=prs + [(0.0,) * vad.shape[1]] * idle,
+        )

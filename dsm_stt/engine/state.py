@@ -52,6 +52,18 @@ class EngineState:
     def batch_size(self) -> int:
         return self.prev_text.shape[0]
 
+    def prefix(self, n: int) -> EngineState:
+        """The first ``n`` slots, as views sharing this state's memory: a step on it costs
+        ``n`` slots and leaves the others untouched."""
+        return EngineState(
+            self.mimi.prefix(n),
+            self.lm.prefix(n),
+            self.prev_codes[:n],
+            self.prev_text[:n],
+            self.text_start_id,
+            self.audio_pad_id,
+        )
+
     def reset(self, mask: Tensor) -> None:
         """Fresh streams in every slot where ``mask`` [B] is true."""
         self.mimi.reset(mask)

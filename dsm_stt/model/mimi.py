@@ -49,6 +49,15 @@ class MimiState:
     def batch_size(self) -> int:
         return self.first.shape[0]
 
+    def prefix(self, n: int) -> MimiState:
+        """The first ``n`` slots, as views sharing this state's memory."""
+        return MimiState(
+            [b[:n] for b in self.conv_buffers],
+            self.kv.prefix(n),
+            self.downsample_buffer[:n],
+            self.first[:n],
+        )
+
     def reset(self, mask: Tensor) -> None:
         """Start a fresh stream in every slot where ``mask`` [B] (bool) is true."""
         for buf in (*self.conv_buffers, self.downsample_buffer):

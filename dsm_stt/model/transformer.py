@@ -61,6 +61,12 @@ class KVCache:
     def context(self) -> int:
         return self.key_positions.shape[1] - 1
 
+    def prefix(self, n: int) -> KVCache:
+        """The first ``n`` slots, as views sharing this cache's memory."""
+        return KVCache(
+            self.keys[:, :n], self.values[:, :n], self.key_positions[:n], self.positions[:n]
+        )
+
     def reset(self, mask: Tensor) -> None:
         """Start a fresh stream in every slot where ``mask`` [B] is true."""
         self.positions.masked_fill_(mask, 0)
