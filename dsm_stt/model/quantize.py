@@ -55,7 +55,10 @@ class Int8Linear(nn.Module):
 
 
 def quantize_lm_int8(lm: LM) -> LM:
-    """Replace the LM layers' projections by ``Int8Linear`` (in place; returns ``lm``)."""
+    """Replace the LM layers' projections by ``Int8Linear`` (in place; returns ``lm``).
+    An LM that is already quantized is returned as it is."""
+    if is_quantized(lm):
+        return lm
     for layer in lm.transformer.layers:
         attn = layer.self_attn
         attn.set_in_proj(Int8Linear.from_float(attn.in_proj_weight))
