@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..allocator import reuse_freed_memory
 from ..config import EngineConfig
 from ..model.checkpoint import SttModel, load_model
 from ..model.quantize import quantize_lm_int8
@@ -42,6 +43,8 @@ class Engine:
         quantize: str = "none",
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            reuse_freed_memory()
         self.dtype = dtype
         self.model = model
         self.lm = model.lm.to(device=self.device, dtype=dtype).eval()
