@@ -4,7 +4,8 @@ For a published architecture with random weights, builds the reference Mimi + ``
 (``moshi==0.2.13``, installed with ``pip install --no-deps moshi==0.2.13 einops``) and a
 dsm-stt ``Engine`` loaded from the same tensors, then times one full step per 80 ms frame for
 the whole batch (Mimi encode + LM step + greedy token) in interleaved rounds, so both see the
-same machine state. Prints medians and the ratios.
+same machine state (the C-heap setting dsm-stt's CPU engine applies is process-wide, so the
+reference profits from it too). Prints medians and the ratios.
 
     python bench/compare_reference.py --model kyutai/stt-1b-en_fr-candle --batch-size 1 \
         --dtype float32 --steps 10 --rounds 3
@@ -40,6 +41,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8"], help="dsm-stt's LM weights"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +68,7 @@ def main() -> int:
         PlaceholderTokenizer(cfg.lm.text_card),
     )
     del lm_tensors
-    engine = Engine(model, B, dtype=dtype)
+    engine = Engine(model, B, dtype=dtype, quantize=args.quantize)
 
     rng = np.random.default_rng(0)
     pcm = (0.1 * rng.standard_normal((B, 1920))).astype(np.float32)
@@ -97,7 +101,9 @@ def main() -> int:
                     out.append((time.perf_counter() - t0) * 1e3)
     o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
     print(
-        f"{args.model}, batch {B}, {args.dtype}, {torch.get_num_threads()} threads, "
+        f"{args.model}, batch {B}, {args.dtype}"
+        f"{' (dsm-stt with int8 LM weights)' if args.quantize == 'int8' else ''}, "
+        f"{torch.get_num_threads()} threads, "
         f"{args.rounds}x{args.steps} interleaved steps each"
     )
     print(f"reference (moshi 0.2.13): {ref:8.1f} ms/step -> {B * 80 / ref:6.2f} real-time streams")
