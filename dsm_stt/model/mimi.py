@@ -106,13 +106,16 @@ class CausalConv1d(nn.Module):
             return self.conv.conv(x)
         x = torch.cat([buffer, x], dim=-1)
         buffer.copy_(torch.where(active[:, None, None], x[..., -self.context :], buffer))
-        if self.stride > 1 and self.conv.conv.dilation == (1,):
+        kernel = self.conv.conv.kernel_size[0]
+        outputs = (x.shape[-1] - kernel) // self.stride + 1
+        if self.stride > 1 and outputs <= 16 and self.conv.conv.dilation == (1,):
             return self._strided(x)
         return self.conv.conv(x)
 
     def _strided(self, x: Tensor) -> Tensor:
-        # A strided conv over a short chunk as one matrix product of its windows: oneDNN's
-        # direct convolution is 5-10x slower at these shapes (few output steps, wide kernels).
+        # A strided conv with few output steps as one matrix product of its windows: oneDNN's
+        # direct convolution is up to 5x slower at these shapes (wide kernels, 2 to 16
+        # outputs); with more outputs, gathering the windows costs more than it saves.
         conv = self.conv.conv
         out_channels, _, kernel = conv.weight.shape
         windows = x.unfold(-1, kernel, self.stride).transpose(1, 2)  # [B, T, C_in, k]
