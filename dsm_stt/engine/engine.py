@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..allocator import reuse_freed_memory
-from ..config import EngineConfig
+from ..config import QUANTIZE, EngineConfig
 from ..model.checkpoint import SttModel, load_model
 from ..model.quantize import quantize_lm_int8
 from .scheduler import StepOutput
@@ -48,10 +48,10 @@ class Engine:
         self.dtype = dtype
         self.model = model
         self.lm = model.lm.to(device=self.device, dtype=dtype).eval()
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         if quantize == "int8":
             quantize_lm_int8(self.lm)
-        elif quantize != "none":
-            raise ValueError(f"quantize must be 'none' or 'int8', got {quantize!r}")
         self.quantize = quantize
         self.mimi = model.mimi.to(device=self.device, dtype=torch.float32).eval()
         self.batch_size = batch_size
