@@ -450,9 +450,16 @@ def free_port() -> int:
 
 
 class ServedProcess:
-    """``dsm-stt serve ARGS --host 127.0.0.1 --port <free>``, until ``stop``."""
+    """``dsm-stt serve ARGS --host 127.0.0.1 --port <free>``, until ``stop``. Its output goes
+    to ``log_path`` (a temporary file by default); ``env`` replaces the environment."""
 
-    def __init__(self, args: list[str], startup_timeout: float) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        startup_timeout: float,
+        env: dict[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
         known, _ = _serve_parser().parse_known_args(args)
         if known.host is not None or known.port is not None:
             raise SystemExit("--serve: leave out --host and --port (a free loopback port is used)")
@@ -463,8 +470,9 @@ class ServedProcess:
         cmd = [sys.executable, "-m", "dsm_stt.cli", "serve", *args]
         cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
         self.command = cmd
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT)
+        # closed in stop()
+        self._log = open(log_path, "w+b") if log_path else tempfile.TemporaryFile()  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + startup_timeout
         while True:
             if self.proc.poll() is not None:
@@ -472,18 +480,21 @@ class ServedProcess:
             if _healthy(self.http):
                 return
             if time.monotonic() > deadline:
+                log = self.log()
                 self.stop()
-                raise RuntimeError(f"the server was not healthy after {startup_timeout:g} s")
-            time.sleep(0.2)
+                raise RuntimeError(
+                    f"the server was not healthy after {startup_timeout:g} s:\n{log}"
+                )
+            time.sleep(0.1)
 
     def log(self) -> str:
         self._log.flush()
         self._log.seek(0)
         return self._log.read().decode("utf-8", "replace")[-4000:]
 
-    def stop(self, timeout: float = 60.0) -> int | None:
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:

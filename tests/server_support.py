@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import os
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -170,40 +168,30 @@ def reference_words(
 # a real server process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _load_bench_script() -> Any:
+    """``bench/load.py`` as a module (the load benchmark and its server-process harness)."""
+    name = "bench_load"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, LOAD_SCRIPT)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
-class ServerProcess:
-    """``python -m dsm_stt.cli serve … --host 127.0.0.1 --port <free>`` until ``stop``."""
+LOAD_SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "load.py"
+bench_load = _load_bench_script()
+free_port = bench_load.free_port
+
+
+class ServerProcess(bench_load.ServedProcess):
+    """The benchmark's served process with one thread per op pool and no hub access, plus the
+    HTTP helpers the tests use."""
 
     def __init__(self, args: Sequence[str], log_path: Path, startup_timeout: float = 90.0) -> None:
-        self.port = free_port()
-        self.url = f"ws://127.0.0.1:{self.port}/api/asr-streaming"
-        self.http = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-        cmd = [sys.executable, "-m", "dsm_stt.cli", "serve", *args]
-        cmd += ["--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + startup_timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.http}/health", timeout=1.0).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"server did not become healthy:\n{self.log()}")
-            time.sleep(0.1)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")[-5000:]
+        super().__init__(list(args), startup_timeout, env=env, log_path=str(log_path))
 
     def get(self, path: str, **kwargs: object) -> httpx.Response:
         return httpx.get(f"{self.http}{path}", timeout=10.0, **kwargs)  # type: ignore[arg-type]
@@ -216,17 +204,6 @@ class ServerProcess:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
         raise RuntimeError("no VmRSS")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
 
 
 @contextlib.contextmanager

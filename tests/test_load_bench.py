@@ -3,34 +3,21 @@ and the server overhead read from the engine-time metric."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 import pytest
-from server_support import running_server, write_talkative_checkpoint
+from server_support import bench_load, running_server, write_talkative_checkpoint
 
 pytestmark = pytest.mark.timeout(120)
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "load.py"
-
 
 @pytest.fixture(scope="module")
-def load() -> Iterator[ModuleType]:
-    spec = importlib.util.spec_from_file_location("bench_load", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        del sys.modules[spec.name]
+def load() -> ModuleType:
+    return bench_load
 
 
 def run_json(load: ModuleType, capsys: pytest.CaptureFixture[str], *args: str) -> dict:
