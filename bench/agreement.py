@@ -1,4 +1,4 @@
-"""How far the fast LM variants move the logits: bf16 and int8 weights against float32.
+"""How far the fast LM variants move the logits: bf16, int8 and w8a8 against float32.
 
 Builds one architecture with random weights (or loads a checkpoint), encodes an audio signal
 with Mimi once, then streams the same inputs through the LM in float32 and in each variant:
@@ -25,15 +25,18 @@ import numpy as np
 import torch
 
 from dsm_stt.audio import load_audio
+from dsm_stt.config import cpu_has_vnni
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.lm import LM
-from dsm_stt.model.quantize import quantize_lm_int8
+from dsm_stt.model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_available
 from dsm_stt.model.synthetic import random_model
 
 VARIANTS = {
-    "bfloat16": (torch.bfloat16, False),
-    "bfloat16+int8": (torch.bfloat16, True),
-    "float32+int8": (torch.float32, True),
+    "bfloat16": (torch.bfloat16, "none"),
+    "bfloat16+int8": (torch.bfloat16, "int8"),
+    "float32+int8": (torch.float32, "int8"),
+    "bfloat16+w8a8": (torch.bfloat16, "w8a8"),
+    "float32+w8a8": (torch.float32, "w8a8"),
 }
 
 
@@ -104,10 +107,14 @@ def main() -> int:
     lm32 = model.lm.eval()
     ref, ref_vad, tokens = run_lm(lm32, codes, None)
     results = {}
-    for name, (dtype, int8) in VARIANTS.items():
+    for name, (dtype, quant) in VARIANTS.items():
+        if quant == "w8a8" and not w8a8_available():
+            continue
         lm = copy.deepcopy(lm32).to(dtype)
-        if int8:
+        if quant == "int8":
             quantize_lm_int8(lm)
+        elif quant == "w8a8":
+            quantize_lm_w8a8(lm, bits=8 if cpu_has_vnni() else 7)
         out, vad, _ = run_lm(lm, codes, tokens)
         results[name] = compare(ref, ref_vad, out.float(), vad.float())
         del lm

@@ -42,7 +42,10 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument(
-        "--quantize", default="none", choices=["none", "int8"], help="dsm-stt's LM weights"
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "w8a8"],
+        help="dsm-stt's LM projections",
     )
     args = parser.parse_args()
     if args.threads:
@@ -102,7 +105,7 @@ def main() -> int:
     o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
     print(
         f"{args.model}, batch {B}, {args.dtype}"
-        f"{' (dsm-stt with int8 LM weights)' if args.quantize == 'int8' else ''}, "
+        f"{f' (dsm-stt with {args.quantize} LM)' if args.quantize != 'none' else ''}, "
         f"{torch.get_num_threads()} threads, "
         f"{args.rounds}x{args.steps} interleaved steps each"
     )

@@ -2,12 +2,12 @@
 
 Runs ``dsm_stt.benchmark.run_benchmark`` for every (precision, batch size) pair on one loaded
 (or random-weight) model and prints a markdown table with real-time streams, step time and its
-Mimi / LM split, KV memory per stream and peak memory. Precisions run from the most to the
-least precise (float32, bfloat16, bfloat16 + int8 weights), because each one converts the
-shared weights in place.
+Mimi / LM split, KV memory per stream and peak memory. Each precision gets its own model build
+(the engine converts and quantizes the weights in place); its batch sizes share it.
+``+int8``: int8 LM weights; ``+w8a8``: int8 LM weights and activations (CPU only).
 
     python bench/sweep.py --model kyutai/stt-1b-en_fr-candle --random-weights \\
-        --batch-sizes 1,4,8,16,32 --precisions bfloat16,bfloat16+int8 --steps 8
+        --batch-sizes 1,4,8,16,32 --precisions bfloat16,bfloat16+w8a8 --steps 8
 """
 
 from __future__ import annotations
@@ -25,7 +25,14 @@ from dsm_stt.engine.engine import Engine
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.synthetic import random_model
 
-ORDER = ["float32", "float32+int8", "bfloat16", "bfloat16+int8"]
+ORDER = [
+    "float32",
+    "float32+int8",
+    "float32+w8a8",
+    "bfloat16",
+    "bfloat16+int8",
+    "bfloat16+w8a8",
+]
 
 
 def cpu_name() -> str:
@@ -60,11 +67,12 @@ def main() -> int:
     precisions.sort(key=ORDER.index)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     device = resolve_device(args.device)
-    first_dtype = DTYPES[precisions[0].split("+")[0]]
-    if args.random_weights:
-        model = random_model(args.model, dtype=first_dtype, device=device)
-    else:
-        model = load_model(args.model, dtype=first_dtype, device=device)
+
+    def build(dtype: torch.dtype):
+        if args.random_weights:
+            return random_model(args.model, dtype=dtype, device=device)
+        return load_model(args.model, dtype=dtype, device=device)
+
     hardware = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -73,6 +81,8 @@ def main() -> int:
     rows = []
     for precision in precisions:
         dtype_name, _, quant = precision.partition("+")
+        model = engine = None  # free the previous precision's weights before the next build
+        model = build(DTYPES[dtype_name])
         for batch in batch_sizes:
             engine = Engine(model, batch, device, DTYPES[dtype_name], quantize=quant or "none")
             result = run_benchmark(engine, args.steps, args.warmup)

@@ -42,7 +42,9 @@ class BenchResult:
 
     def summary(self) -> str:
         gpu = f", GPU peak {self.gpu_peak_mb:.0f} MB" if self.gpu_peak_mb is not None else ""
-        quant = ", int8 weights" if self.quantize == "int8" else ""
+        quant = {"int8": ", int8 weights", "w8a8": ", int8 weights and activations"}.get(
+            self.quantize, ""
+        )
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "

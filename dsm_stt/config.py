@@ -14,16 +14,27 @@ import torch
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "w8a8")
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+    flags = _cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def cpu_has_vnni() -> bool:
+    """True when the CPU has int8 dot products that accumulate without saturating
+    (AVX512-VNNI, AVX-VNNI or AMX-INT8): w8a8 then quantizes activations to 8 bits, else 7."""
+    flags = _cpu_flags()
+    return any(f" {name}" in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -1,5 +1,6 @@
 """Tests of dsm_stt.model.quantize: int8 weight-only projections, exact per-row arithmetic,
-closeness of the quantized LM to the float one, and the engine / CLI option."""
+int8-activation projections (accuracy, rows independent of the batch), closeness of the
+quantized LM to the float one, and the engine / CLI option."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ from test_lm import TINY, make_lm, random_inputs, stream
 from dsm_stt.cli import main
 from dsm_stt.config import EngineConfig
 from dsm_stt.engine.engine import Engine
-from dsm_stt.model.quantize import Int8Linear, is_quantized, quantize_lm_int8
+from dsm_stt.model.quantize import (
+    Int8Linear,
+    W8A8Linear,
+    is_quantized,
+    quantize_lm_int8,
+    quantize_lm_w8a8,
+    w8a8_available,
+)
 from dsm_stt.model.synthetic import random_model
 
 
@@ -78,3 +86,97 @@ def test_bench_reports_the_quantization(capsys: pytest.CaptureFixture[str]) -> N
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == "int8" and result["batch_size"] == 1
     assert result["step_ms"] > 0
+
+
+needs_w8a8 = pytest.mark.skipif(not w8a8_available(), reason="no fbgemm int8 kernels")
+
+
+@needs_w8a8
+@pytest.mark.parametrize(("bits", "bound"), [(8, 0.02), (7, 0.04)])
+def test_w8a8_product_is_close_to_the_float_product(bits: int, bound: float) -> None:
+    torch.manual_seed(2)
+    w = torch.randn(64, 96) * 0.1
+    x = torch.randn(5, 96) * torch.logspace(-3, 3, 5)[:, None]  # rows of very different scale
+    q = W8A8Linear(w, bits=bits)
+    y = q(x)
+    ref = x @ w.T
+    rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
+    assert y.shape == (5, 64) and y.dtype == torch.float32
+    assert float(rel.max()) < bound
+    # quantization is real: the result is not the float product
+    assert float(rel.min()) > 1e-5
+
+
+@needs_w8a8
+def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
+    torch.manual_seed(3)
+    q = W8A8Linear(torch.randn(32, 48))
+    x = torch.randn(4, 48)
+    alone = q(x[1:2])
+    loud = x.clone()
+    loud[0] *= 1e4
+    loud[2] = 0
+    together = q(loud)
+    assert torch.equal(together[1:2], alone)
+    assert torch.equal(together[2], torch.zeros(32))
+    assert bool(torch.isfinite(together).all())
+
+
+@needs_w8a8
+def test_w8a8_keeps_the_activation_dtype_and_shape() -> None:
+    torch.manual_seed(4)
+    w = torch.randn(24, 40)
+    q = W8A8Linear(w.bfloat16())
+    x = torch.randn(2, 3, 40).bfloat16()
+    y = q(x)
+    assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
+    ref = x.float() @ w.bfloat16().float().T
+    assert float((y.float() - ref).norm() / ref.norm()) < 0.03
+    with pytest.raises(ValueError, match="bits"):
+        W8A8Linear(w, bits=4)
+
+
+@needs_w8a8
+def test_w8a8_lm_stays_close_to_the_float_lm() -> None:
+    lm = make_lm()
+    text, audio = random_inputs(TINY, 3, 20, seed=5)
+    ref = stream(lm, text, audio)
+    quantize_lm_w8a8(lm)
+    assert is_quantized(lm)
+    assert sum(isinstance(m, W8A8Linear) for m in lm.modules()) == 4 * len(lm.transformer.layers)
+    out = stream(lm, text, audio)
+    spread = ref.logits.std().item()
+    err = (out.logits - ref.logits).abs().max().item()
+    assert 0 < err < 0.1 * spread
+    assert (out.vad - ref.vad).abs().max().item() < 0.05
+    agree = (out.logits.argmax(-1) == ref.logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.9
+    assert quantize_lm_w8a8(lm) is lm  # already w8a8: unchanged
+    assert torch.equal(stream(lm, text, audio).logits, out.logits)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_lm_int8(lm)
+    other = make_lm()
+    quantize_lm_int8(other)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_lm_w8a8(other)
+
+
+@needs_w8a8
+def test_engine_runs_w8a8_and_bench_reports_it(capsys: pytest.CaptureFixture[str]) -> None:
+    engine = Engine(random_model("tiny", seed=0), batch_size=2, quantize="w8a8")
+    assert any(isinstance(m, W8A8Linear) for m in engine.lm.modules())
+    pcm = np.random.default_rng(1).standard_normal((2, 1920)).astype(np.float32) * 0.1
+    out = engine.step(pcm, np.ones(2, bool), np.ones(2, bool))
+    assert len(out.tokens) == 2 and all(isinstance(t, int) and t >= 0 for t in out.tokens)
+    assert EngineConfig(quantize="w8a8").quantize == "w8a8"
+    args = "bench --random-weights --model tiny --device cpu --quantize w8a8 --steps 2"
+    assert main([*args.split(), "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantize"] == "w8a8" and result["step_ms"] > 0
+
+
+def test_w8a8_refuses_weights_off_the_cpu() -> None:
+    with pytest.raises(ValueError, match="CPU only"):
+        W8A8Linear(torch.empty(4, 8, device="meta"))
+    with pytest.raises(ValueError, match="CPU only"):
+        Engine(random_model("tiny", seed=0), batch_size=1, device="meta", quantize="w8a8")

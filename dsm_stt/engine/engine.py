@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 
 from ..allocator import reuse_freed_memory
-from ..config import QUANTIZE, EngineConfig
+from ..config import QUANTIZE, EngineConfig, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
-from ..model.quantize import quantize_lm_int8
+from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_available
 from .scheduler import StepOutput
 from .state import EngineState
 
@@ -52,6 +52,12 @@ class Engine:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         if quantize == "int8":
             quantize_lm_int8(self.lm)
+        elif quantize == "w8a8":
+            if self.device.type != "cpu":
+                raise ValueError(f"quantize w8a8 runs on CPU only, not {self.device.type}")
+            if not w8a8_available():
+                raise ValueError("quantize w8a8: this PyTorch build has no fbgemm int8 kernels")
+            quantize_lm_w8a8(self.lm, bits=8 if cpu_has_vnni() else 7)
         self.quantize = quantize
         self.mimi = model.mimi.to(device=self.device, dtype=torch.float32).eval()
         self.batch_size = batch_size

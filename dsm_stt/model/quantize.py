@@ -1,9 +1,16 @@
-"""Weight-only int8 quantization of the LM's transformer projections.
+"""int8 quantization of the LM's transformer projections.
 
-Owns ``Int8Linear`` (int8 weights with one scale per output channel, activations kept in the
-model's dtype) and ``quantize_lm_int8``, which swaps every projection of every LM layer
-(fused QKV, attention output, gated FFN in and out) for its int8 form, in place. The
-embeddings, norms and output heads stay in the model's dtype: they are a small share of the
+Owns two linear forms and the functions that swap every projection of every LM layer (fused
+QKV, attention output, gated FFN in and out) for one of them, in place:
+
+- ``Int8Linear`` / ``quantize_lm_int8``: int8 weights with one scale per output channel,
+  activations kept in the model's dtype (weight-only; any device).
+- ``W8A8Linear`` / ``quantize_lm_w8a8``: the same int8 weights, and each activation row
+  quantized to 8 (or 7) bits on the fly, so the product runs on the CPU's integer dot-product
+  units (PyTorch's fbgemm kernels; CPU only). Each row is scaled to ``max |x| = 1`` before a
+  fixed quantization grid, so a row's result never depends on the other rows of the batch.
+
+The embeddings, norms and output heads stay in the model's dtype: they are a small share of the
 bytes read per step and the heads decide the tokens.
 
 Why: one LM step at small batch reads every weight once, so it is bound by memory bandwidth;
@@ -13,6 +20,8 @@ units win, so this is an option, not a default. Quantization is symmetric per ou
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -54,20 +63,87 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-def quantize_lm_int8(lm: LM) -> LM:
-    """Replace the LM layers' projections by ``Int8Linear`` (in place; returns ``lm``).
-    An LM that is already quantized is returned as it is."""
-    if is_quantized(lm):
-        return lm
+class W8A8Linear(nn.Module):
+    """``y ≈ x @ w.T`` with int8 weights (per output row) and int8 activations (per input row).
+
+    Each row of ``x`` is divided by its largest magnitude ``m``, quantized on the fixed grid
+    ``[-1, 1]`` (``2 ** bits - 1`` levels, zero point in the middle), multiplied with the int8
+    weights in integer arithmetic, and the result multiplied back by ``m``. ``bits=7`` keeps the
+    pairwise products of CPUs without VNNI (``vpmaddubsw``) from saturating.
+    """
+
+    def __init__(self, weight: Tensor, bits: int = 8) -> None:
+        super().__init__()
+        if bits not in (7, 8):
+            raise ValueError(f"activation bits must be 7 or 8, got {bits}")
+        if weight.device.type != "cpu":
+            raise ValueError("w8a8 runs on CPU only (PyTorch's fbgemm int8 kernels)")
+        self.out_features, self.in_features = weight.shape
+        self.bits = bits
+        half = 2 ** (bits - 1)
+        self.x_scale = 1.0 / (half - 1)
+        self.x_zero_point = half
+        w = weight.detach().float()
+        scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
+        zero_points = torch.zeros(w.shape[0], dtype=torch.long)
+        with warnings.catch_warnings():
+            # quantized tensors are only the packing routine's input; they are not kept
+            warnings.simplefilter("ignore")
+            qw = torch.quantize_per_channel(w, scales.double(), zero_points, 0, torch.qint8)
+            self.packed = torch.ops.quantized.linear_prepack(qw, None)
+        # a small buffer so that ``.to(device)`` / ``.device`` queries keep working
+        self.register_buffer("scales", scales)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        m = flat.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
+        y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+            flat / m, self.x_scale, self.x_zero_point, self.packed
+        )
+        y = y.mul_(m).to(x.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+def w8a8_available() -> bool:
+    """Whether this PyTorch build has the CPU int8 kernels ``W8A8Linear`` needs."""
+    try:
+        W8A8Linear(torch.ones(2, 8))(torch.ones(1, 8))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+    return True
+
+
+def _swap_projections(lm: LM, make) -> LM:
     for layer in lm.transformer.layers:
         attn = layer.self_attn
-        attn.set_in_proj(Int8Linear.from_float(attn.in_proj_weight))
-        attn.out_proj = Int8Linear.from_float(attn.out_proj.weight)
+        attn.set_in_proj(make(attn.in_proj_weight))
+        attn.out_proj = make(attn.out_proj.weight)
         ffn = layer.gating
-        ffn.linear_in = Int8Linear.from_float(ffn.linear_in.weight)
-        ffn.linear_out = Int8Linear.from_float(ffn.linear_out.weight)
+        ffn.linear_in = make(ffn.linear_in.weight)
+        ffn.linear_out = make(ffn.linear_out.weight)
     return lm
 
 
+def quantize_lm_int8(lm: LM) -> LM:
+    """Replace the LM layers' projections by ``Int8Linear`` (in place; returns ``lm``).
+    An LM that is already int8-quantized is returned as it is."""
+    if any(isinstance(m, Int8Linear) for m in lm.modules()):
+        return lm
+    if is_quantized(lm):
+        raise ValueError("the LM is already quantized (w8a8)")
+    return _swap_projections(lm, Int8Linear.from_float)
+
+
+def quantize_lm_w8a8(lm: LM, bits: int = 8) -> LM:
+    """Replace the LM layers' projections by ``W8A8Linear`` with ``bits``-bit activations
+    (in place; returns ``lm``). The LM must be on the CPU; one that is already w8a8 is
+    returned as it is."""
+    if any(isinstance(m, W8A8Linear) for m in lm.modules()):
+        return lm
+    if is_quantized(lm):
+        raise ValueError("the LM is already quantized (int8)")
+    return _swap_projections(lm, lambda w: W8A8Linear(w, bits))
+
+
 def is_quantized(lm: LM) -> bool:
-    return any(isinstance(m, Int8Linear) for m in lm.modules())
+    return any(isinstance(m, (Int8Linear, W8A8Linear)) for m in lm.modules())

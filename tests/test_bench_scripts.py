@@ -1,0 +1,56 @@
+"""Tests of the measuring scripts under bench/ that have no module of their own: the batch ×
+precision sweep and the logit-agreement report, run end to end on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run_script(name: str, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_sweep_builds_each_precision_apart() -> None:
+    report = run_script(
+        "sweep.py",
+        *("--model", "tiny", "--random-weights", "--device", "cpu"),
+        *("--batch-sizes", "1,2", "--steps", "1", "--warmup", "1", "--json"),
+        *("--precisions", "bfloat16+w8a8,float32+int8,bfloat16"),
+    )
+    rows = [(r["precision"], r["batch_size"], r["dtype"], r["quantize"]) for r in report["results"]]
+    # run from the most to the least precise, and a precision run after a quantized one
+    # gets unquantized weights
+    assert rows == [
+        ("float32+int8", 1, "float32", "int8"),
+        ("float32+int8", 2, "float32", "int8"),
+        ("bfloat16", 1, "bfloat16", "none"),
+        ("bfloat16", 2, "bfloat16", "none"),
+        ("bfloat16+w8a8", 1, "bfloat16", "w8a8"),
+        ("bfloat16+w8a8", 2, "bfloat16", "w8a8"),
+    ]
+    assert all(r["step_ms"] > 0 and r["realtime_streams"] > 0 for r in report["results"])
+
+
+def test_agreement_compares_every_variant_with_float32() -> None:
+    report = run_script(
+        "agreement.py", "--model", "tiny", "--random-weights", "--steps", "6", "--json"
+    )
+    variants = report["variants"]
+    assert report["steps"] == 6
+    assert {"bfloat16", "bfloat16+int8", "float32+int8", "bfloat16+w8a8"} <= set(variants)
+    for result in variants.values():
+        assert 0 < result["max_abs_dlogit"] < 1.0
+        assert 0 <= result["mean_abs_dlogit"] <= result["max_abs_dlogit"]
+        assert 0 <= result["argmax_agreement"] <= 1
