@@ -204,16 +204,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .model.checkpoint import CheckpointError
     from .server.app import load_engine, serve
+    from .server.runner import engine_thread
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    torch_thread = engine_thread()  # loads the engine now and steps it once serving
     try:
         config = _server_config(args)
-        engine = load_engine(config)
+        engine = torch_thread.submit(load_engine, config).result()
     except (CheckpointError, ValueError) as exc:
+        torch_thread.shutdown()
         return _fail(str(exc))
-    return serve(config, engine)
+    return serve(config, engine, torch_thread)
 
 
 # --------------------------------------------------------------------------------- stream

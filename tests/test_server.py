@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import io
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -36,8 +37,10 @@ from server_support import (
     write_wav,
 )
 
+import dsm_stt.server.app as app_module
 from dsm_stt.config import EngineConfig
 from dsm_stt.engine.engine import Engine
+from dsm_stt.model.quantize import is_quantized
 from dsm_stt.server.app import load_engine
 from dsm_stt.server.config import ModelFiles, ServerConfig
 
@@ -382,6 +385,49 @@ def test_load_engine_from_model_files_keeps_the_first_codebooks(checkpoint: Path
     assert len(out.tokens) == 2
     with pytest.raises(Exception, match="file not found"):
         load_engine(ServerConfig(model_files=ModelFiles(cfg, "/nonexistent.st", "x", "y")))
+
+
+def test_load_engine_from_model_files_applies_the_quantization(checkpoint: Path) -> None:
+    cfg = make_engine(checkpoint, 1).model.config
+    files = ModelFiles(
+        cfg,
+        lm=str(checkpoint / cfg.moshi_name),
+        mimi=str(checkpoint / cfg.mimi_name),
+        tokenizer=str(checkpoint / cfg.tokenizer_name),
+    )
+    ec = EngineConfig(batch_size=1, device="cpu", quantize="int8")
+    engine = load_engine(ServerConfig(model_files=files, engine=ec))
+    assert engine.quantize == "int8" and is_quantized(engine.lm)
+
+
+def test_one_thread_loads_warms_up_and_steps_the_engine(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All torch work of a server on one thread: OpenMP keeps a worker team per thread that
+    ever ran a kernel, and a second team makes every parallel region of the first slower."""
+    seen: dict[str, set[int]] = {"load": set(), "step": set()}
+
+    def load_and_watch(config: ServerConfig) -> Engine:
+        seen["load"].add(threading.get_ident())
+        engine = load_engine(config)
+        step = engine.step
+
+        def watched(*args: object, **kwargs: object) -> object:
+            seen["step"].add(threading.get_ident())
+            return step(*args, **kwargs)
+
+        engine.step = watched  # type: ignore[method-assign]
+        return engine
+
+    monkeypatch.setattr(app_module, "load_engine", load_and_watch)
+    config = ServerConfig(
+        model=str(checkpoint), engine=EngineConfig(batch_size=2, device="cpu"), warmup_steps=2
+    )
+    with threaded_server(config, None) as server:
+        words = run(transcribe_session(server.url, SPEECH[1]))
+        assert words  # the session was stepped, not only the warm-up
+    assert len(seen["load"]) == 1 and seen["step"] == seen["load"]
+    assert threading.get_ident() not in seen["load"]
 
 
 def test_httpx_is_not_needed_by_the_server() -> None:

@@ -20,6 +20,7 @@ import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from ..engine.scheduler import Scheduler
 from . import http
 from .config import ModelFiles, ServerConfig
 from .metrics import ServerMetrics
-from .runner import Runner
+from .runner import Runner, engine_thread
 from .websocket import Session, asr_streaming
 
 if TYPE_CHECKING:
@@ -51,9 +52,13 @@ class ServerContext:
         config: ServerConfig,
         engine: Engine | None = None,
         metrics: ServerMetrics | None = None,
+        torch_thread: ThreadPoolExecutor | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
+        # the one thread that loads, warms up and steps the engine (``runner.engine_thread``);
+        # pass the one that built ``engine``
+        self.torch_thread = torch_thread or engine_thread()
         self.metrics = metrics or ServerMetrics()
         self.runner: Runner = None  # type: ignore[assignment]  # set by start()
         self.sessions: set[Session] = set()
@@ -107,16 +112,17 @@ class ServerContext:
         self.loop = asyncio.get_running_loop()
         self._no_sessions = asyncio.Event()
         self._no_sessions.set()
+        torch_thread = self.torch_thread
         if self.engine is None:
-            self.engine = await asyncio.to_thread(load_engine, self.config)
+            self.engine = await self.loop.run_in_executor(torch_thread, load_engine, self.config)
         engine = self.engine
-        await asyncio.to_thread(warm_up, engine, self.config.warmup_steps)
+        await self.loop.run_in_executor(torch_thread, warm_up, engine, self.config.warmup_steps)
         cfg = engine.model.config
         scheduler = Scheduler(
             engine, cfg.stt.asr_delay_in_tokens, engine.decode, frame_rate=cfg.mimi.frame_rate
         )
         self.runner = Runner(scheduler, self.metrics)
-        self.runner.start()
+        self.runner.start(torch_thread)
         self.accepting = self.ready = True
         log.info(
             "model %s ready: %d slots on %s (%s)",
@@ -145,6 +151,7 @@ class ServerContext:
         await self.drain()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
+        self.torch_thread.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +174,7 @@ def load_engine(config: ServerConfig) -> Engine:
         model = random_model_for(files.config, files.lm, dtype, device, ec.seed)
     else:
         model = load_model_files(files, dtype, device)
-    return Engine(model, ec.batch_size, device, dtype, ec.temperature, ec.seed)
+    return Engine(model, ec.batch_size, device, dtype, ec.temperature, ec.seed, ec.quantize)
 
 
 def load_model_files(files: ModelFiles, dtype: Any, device: Any) -> SttModel:
@@ -199,10 +206,14 @@ def warm_up(engine: Engine, steps: int) -> None:
 
 
 def create_app(
-    config: ServerConfig, engine: Engine | None = None, metrics: ServerMetrics | None = None
+    config: ServerConfig,
+    engine: Engine | None = None,
+    metrics: ServerMetrics | None = None,
+    torch_thread: ThreadPoolExecutor | None = None,
 ) -> Starlette:
-    """The ASGI app. Without ``engine`` the lifespan loads the one ``config`` describes."""
-    context = ServerContext(config, engine, metrics)
+    """The ASGI app. Without ``engine`` the lifespan loads the one ``config`` describes;
+    ``torch_thread``: the executor that built ``engine`` (it will also step it)."""
+    context = ServerContext(config, engine, metrics, torch_thread)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -251,9 +262,14 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
     )
 
 
-def serve(config: ServerConfig, engine: Engine | None = None) -> int:
-    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if startup failed."""
-    app = create_app(config, engine)
+def serve(
+    config: ServerConfig,
+    engine: Engine | None = None,
+    torch_thread: ThreadPoolExecutor | None = None,
+) -> int:
+    """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if startup failed.
+    ``torch_thread``: see ``create_app``."""
+    app = create_app(config, engine, torch_thread=torch_thread)
     server = GracefulServer(uvicorn_config(app, config), app.state.server)
     server.run()
     return 0 if server.started else 1
