@@ -22,6 +22,12 @@ QUANTIZE_HELP = (
 )
 
 
+CUDA_GRAPHS_HELP = (
+    "replay each step as captured CUDA graphs (one per power-of-two slot count): less launch "
+    "overhead; CUDA and greedy decoding only"
+)
+
+
 def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
     p.add_argument(
         "--model",
@@ -47,6 +53,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
     p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
 
 
 def _engine(args: argparse.Namespace):
@@ -59,6 +66,7 @@ def _engine(args: argparse.Namespace):
         dtype=args.dtype,
         temperature=args.temperature,
         quantize=args.quantize,
+        cuda_graphs=args.cuda_graphs,
     )
     return Engine.from_config(args.model, config, random_weights=args.random_weights)
 
@@ -166,6 +174,7 @@ def _server_config(args: argparse.Namespace):
         "dtype": args.dtype,
         "temperature": args.temperature,
         "quantize": args.quantize,
+        "cuda_graphs": args.cuda_graphs,
     }
     engine = dataclasses.replace(
         config.engine, **{k: v for k, v in engine_flags.items() if v is not None}
@@ -379,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples"
     )
     p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument(
+        "--cuda-graphs", action="store_const", const=True, default=None, help=CUDA_GRAPHS_HELP
+    )
     p.add_argument(
         "--api-key",
         action="append",

@@ -75,6 +75,7 @@ class EngineConfig:
     temperature: float = 0.0
     seed: int = 0
     quantize: str = "none"
+    cuda_graphs: bool = False  # replay captured steps (CUDA only, greedy only)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -87,6 +88,10 @@ class EngineConfig:
             raise ValueError(
                 f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
             )
+        if self.cuda_graphs and self.device not in ("auto", "cuda"):
+            raise ValueError(f"CUDA graphs need the cuda device, not {self.device!r}")
+        if self.cuda_graphs and self.temperature > 0:
+            raise ValueError("CUDA graphs replay greedy steps: temperature must be 0")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(
                 f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}"

@@ -18,6 +18,7 @@ values at its boundary (``StepOutput``); the scheduler decides what each slot do
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from ..allocator import reuse_freed_memory
 from ..config import QUANTIZE, EngineConfig, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
 from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_available
+from .graphs import Capture, StepGraphs, cuda_capture
 from .scheduler import StepOutput
 from .state import EngineState
 
@@ -67,6 +69,7 @@ class Engine:
         self.temperature = float(temperature)
         self.generator = torch.Generator(self.device).manual_seed(seed)
         self.state = EngineState.allocate(self.mimi, self.lm, batch_size, self.device, dtype)
+        self.graphs: StepGraphs | None = None  # see capture_steps
 
     @classmethod
     def from_config(cls, model: str, config: EngineConfig, random_weights: bool = False) -> Engine:
@@ -79,8 +82,17 @@ class Engine:
             stt = random_model(model, dtype=dtype, device=device, seed=config.seed)
         else:
             stt = load_model(model, dtype=dtype, device=device)
-        return cls(
-            stt,
+        return cls.configured(stt, config)
+
+    @classmethod
+    def configured(cls, model: SttModel, config: EngineConfig) -> Engine:
+        """An engine for an already loaded ``model``, placed and set up as ``config`` says
+        (CUDA graphs captured when asked for)."""
+        device, dtype = config.torch_device(), config.torch_dtype()
+        if config.cuda_graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; this one runs on {device.type}")
+        engine = cls(
+            model,
             config.batch_size,
             device,
             dtype,
@@ -88,6 +100,9 @@ class Engine:
             config.seed,
             config.quantize,
         )
+        if config.cuda_graphs:
+            engine.capture_steps()
+        return engine
 
     @property
     def name(self) -> str:
@@ -110,17 +125,47 @@ class Engine:
         Mimi and after the LM are appended: the benchmark's breakdown. ``state`` defaults to
         the engine's whole state; ``self.state.prefix(n)`` steps the first ``n`` slots only."""
         state = self.state if state is None else state
+        codes = self.encode(pcm, active, reset, state)
+        if marks is not None:
+            marks.append(self._clock())
+        tokens, vad = self.advance(codes, active, state)
+        if marks is not None:
+            marks.append(self._clock())
+        return tokens, vad
+
+    @torch.no_grad()
+    def encode(self, pcm: Tensor, active: Tensor, reset: Tensor, state: EngineState) -> Tensor:
+        """First half of a step: reset the ``reset`` slots, encode the frame → codes [B, K]."""
         state.reset(reset)
-        codes = self.mimi.step(pcm, state.mimi, active)  # [B, K]
-        if marks is not None:
-            marks.append(self._clock())
+        return self.mimi.step(pcm, state.mimi, active)
+
+    @torch.no_grad()
+    def advance(self, codes: Tensor, active: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
+        """Second half: one LM position on the previous codes and token, the next token, and
+        the new codes and token stored for the next step (active slots only)."""
         out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
-        if marks is not None:
-            marks.append(self._clock())
         tokens = self._sample(out.logits)
         state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
         state.prev_text.copy_(torch.where(active, tokens, state.prev_text))
         return tokens, out.vad
+
+    def capture_steps(self, capture: Capture | None = None) -> bool:
+        """Replay captured steps from now on (``graphs.StepGraphs``): CUDA graphs by default.
+        On CUDA, a capture that fails leaves the engine eager with a warning (False)."""
+        if capture is None:
+            if self.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need a CUDA device, not {self.device.type}")
+            capture = cuda_capture()
+            try:
+                self.graphs = StepGraphs(self, capture)
+            except Exception as exc:  # an op that cannot be captured: stay eager
+                warnings.warn(f"CUDA graph capture failed, steps stay eager: {exc}", stacklevel=2)
+                self.graphs = None
+                torch.cuda.synchronize(self.device)
+                return False
+            return True
+        self.graphs = StepGraphs(self, capture)
+        return True
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
@@ -158,8 +203,11 @@ class Engine:
         pcm_t = torch.from_numpy(np.ascontiguousarray(pcm[:n], dtype=np.float32)).to(self.device)
         active_t = torch.from_numpy(active[:n]).to(self.device)
         reset_t = torch.from_numpy(reset[:n]).to(self.device)
-        state = self.state if n == B else self.state.prefix(n)
-        tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks, state)
+        if self.graphs is not None:
+            tokens, vad = self.graphs.step(pcm_t[:, None, :], active_t, reset_t, marks)
+        else:
+            state = self.state if n == B else self.state.prefix(n)
+            tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks, state)
         prs = [tuple(map(float, r)) for r in vad.float().cpu().numpy()]
         idle = B - n
         return StepOutput(

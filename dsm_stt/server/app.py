@@ -174,7 +174,7 @@ def load_engine(config: ServerConfig) -> Engine:
         model = random_model_for(files.config, files.lm, dtype, device, ec.seed)
     else:
         model = load_model_files(files, dtype, device)
-    return Engine(model, ec.batch_size, device, dtype, ec.temperature, ec.seed, ec.quantize)
+    return Engine.configured(model, ec)
 
 
 def load_model_files(files: ModelFiles, dtype: Any, device: Any) -> SttModel:
