@@ -56,6 +56,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="replay captured steps (CUDA, see dsm-stt bench)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -67,6 +70,8 @@ def main() -> int:
     precisions.sort(key=ORDER.index)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     device = resolve_device(args.device)
+    if args.cuda_graphs and device.type != "cuda":
+        parser.error(f"--cuda-graphs needs a CUDA device, not {device.type}")
 
     def build(dtype: torch.dtype):
         if args.random_weights:
@@ -85,8 +90,13 @@ def main() -> int:
         model = build(DTYPES[dtype_name])
         for batch in batch_sizes:
             engine = Engine(model, batch, device, DTYPES[dtype_name], quantize=quant or "none")
+            if args.cuda_graphs:
+                engine.capture_steps()
             result = run_benchmark(engine, args.steps, args.warmup)
-            rows.append({"precision": precision, **result.as_dict()})
+            rows.append(
+                {"precision": precision, "cuda_graphs": engine.graphs is not None}
+                | result.as_dict()
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
             del engine
             if device.type == "cuda":
