@@ -121,3 +121,17 @@ def test_the_option_is_refused_where_it_cannot_work(capsys: pytest.CaptureFixtur
     args = "bench --random-weights --model tiny --device cpu --cuda-graphs --steps 1"
     assert main(args.split()) == 2
     assert "CUDA graphs need the cuda device" in capsys.readouterr().err
+
+
+def test_the_device_side_step_reads_no_value_on_the_host() -> None:
+    """What a capture needs: no ``.item()``, no data-dependent shape, no branch on a tensor's
+    value. Meta tensors have shapes and no values, so a step that runs on them reads none."""
+    engine = Engine(random_model("tiny", seed=0), 3, "meta")
+    pcm = torch.zeros(3, 1, FRAME, device="meta")
+    mask = torch.ones(3, dtype=torch.bool, device="meta")
+    for state in (engine.state, engine.state.prefix(2)):
+        n = state.batch_size
+        tokens, vad = engine.step_tensors(pcm[:n], mask[:n], mask[:n], state=state)
+        assert tokens.device.type == "meta" and tokens.shape == (n,) and vad.shape[0] == n
+    with pytest.raises(RuntimeError):  # the probe does catch a host read
+        bool(mask.any())

@@ -67,7 +67,8 @@ class Engine:
         self.has_vad = model.config.lm.extra_heads_num_heads > 0
         self.delay_tokens = model.config.stt.asr_delay_in_tokens
         self.temperature = float(temperature)
-        self.generator = torch.Generator(self.device).manual_seed(seed)
+        # sampling only (temperature > 0); greedy engines need none
+        self.generator = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
         self.state = EngineState.allocate(self.mimi, self.lm, batch_size, self.device, dtype)
         self.graphs: StepGraphs | None = None  # see capture_steps
 
