@@ -17,6 +17,7 @@ from dsm_stt.engine.engine import Engine
 from dsm_stt.model.quantize import (
     Int8Linear,
     W8A8Linear,
+    int8_supported,
     is_quantized,
     quantize_lm_int8,
     quantize_lm_w8a8,
@@ -173,6 +174,13 @@ def test_engine_runs_w8a8_and_bench_reports_it(capsys: pytest.CaptureFixture[str
     assert main([*args.split(), "--warmup", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == "w8a8" and result["step_ms"] > 0
+
+
+def test_int8_is_refused_where_the_build_has_no_kernel() -> None:
+    assert int8_supported("cpu")
+    assert not int8_supported("meta")
+    with pytest.raises(ValueError, match="no int8 kernel for meta"):
+        Engine(random_model("tiny", seed=0), batch_size=1, device="meta", quantize="int8")
 
 
 def test_w8a8_refuses_weights_off_the_cpu() -> None:

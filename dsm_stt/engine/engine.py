@@ -27,7 +27,12 @@ from torch import Tensor
 from ..allocator import reuse_freed_memory
 from ..config import QUANTIZE, EngineConfig, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
-from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_available
+from ..model.quantize import (
+    int8_supported,
+    quantize_lm_int8,
+    quantize_lm_w8a8,
+    w8a8_available,
+)
 from .graphs import Capture, StepGraphs, cuda_capture
 from .scheduler import StepOutput
 from .state import EngineState
@@ -53,6 +58,11 @@ class Engine:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         if quantize == "int8":
+            if not int8_supported(self.device.type):
+                raise ValueError(
+                    f"quantize int8: this PyTorch build has no int8 kernel for "
+                    f"{self.device.type} (use none on this device)"
+                )
             quantize_lm_int8(self.lm)
         elif quantize == "w8a8":
             if self.device.type != "cpu":

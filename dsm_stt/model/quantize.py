@@ -104,6 +104,14 @@ class W8A8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def int8_supported(device_type: str) -> bool:
+    """Whether this PyTorch build has the weight-only int8 kernel for ``device_type``
+    (CPU and MPS builds do; CUDA has none, and bf16 is the better choice there anyway)."""
+    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS"}.get(device_type)
+    has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key
+    return key is not None and has_kernel("aten::_weight_int8pack_mm", key)
+
+
 def w8a8_available() -> bool:
     """Whether this PyTorch build has the CPU int8 kernels ``W8A8Linear`` needs."""
     try:
