@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,6 +226,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError) as exc:
         torch_thread.shutdown()
         return _fail(str(exc))
+    except KeyboardInterrupt:
+        # the engine thread is still inside torch (or a download): leave without tearing
+        # the interpreter down around it
+        print("dsm-stt: interrupted while loading the model", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(130)
     return serve(config, engine, torch_thread)
 
 

@@ -17,7 +17,7 @@ from dsm_stt.engine.events import Closed, EndWord, Marker, Step, Word
 from dsm_stt.engine.scheduler import Scheduler, StepOutput
 from dsm_stt.server.metrics import ServerMetrics
 from dsm_stt.server.protocol import Error, Flushed, Ready
-from dsm_stt.server.runner import Channel, Dropped, Runner
+from dsm_stt.server.runner import Channel, Dropped, Runner, engine_thread
 
 F = 1920
 D = 2  # text delay of the fake model, in steps
@@ -101,9 +101,10 @@ def test_words_markers_and_steps_come_back_from_the_worker_thread() -> None:
             steps = [m for m in out if isinstance(m, Step)]
             assert [s.step_idx for s in steps] == list(range(10))  # marker: 8 frames + D
             assert out[-1] == Marker(42)
-            assert runner.metrics.steps._value.get() == engine.steps  # type: ignore[union-attr]
         finally:
             runner.stop()
+        # read once the worker has stopped: a step may still be under way before
+        assert runner.metrics.steps._value.get() == engine.steps  # type: ignore[union-attr]
 
     run(main())
 
@@ -364,3 +365,24 @@ def test_cancelled_admission_does_not_leak_a_slot() -> None:
             runner.stop()
 
     run(main())
+
+
+def test_the_engine_thread_runs_calls_in_order_on_one_daemon_thread() -> None:
+    worker = engine_thread()
+    try:
+        futures = [worker.submit(lambda i=i: (i, threading.get_ident())) for i in range(5)]
+        results = [f.result(timeout=5) for f in futures]
+        assert [i for i, _ in results] == list(range(5))
+        assert len({ident for _, ident in results}) == 1
+        assert results[0][1] != threading.get_ident()
+        name = worker.submit(lambda: threading.current_thread().name).result(timeout=5)
+        assert name == "dsm-stt-engine"
+        assert worker.submit(threading.current_thread).result(timeout=5).daemon
+        failing = worker.submit(int, "not a number")
+        with pytest.raises(ValueError, match="invalid literal"):
+            failing.result(timeout=5)
+        assert worker.submit(pow, 2, exp=5).result(timeout=5) == 32  # keywords pass through
+    finally:
+        worker.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        worker.submit(int, "1")

@@ -259,3 +259,35 @@ def test_serve_reports_missing_model_files(
     assert "file not found" in err and "nowhere" in err
     assert main(["serve", "--config", str(tmp_path / "missing.toml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_serve_interrupted_while_loading_exits_at_once(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the engine thread loads: a one-line message and exit status 130, without
+    waiting for the load (the thread may be deep in a download)."""
+    import concurrent.futures
+
+    import dsm_stt.server.runner as runner_module
+    from dsm_stt.cli import main
+
+    class Interrupted(concurrent.futures.Future):
+        def result(self, timeout: float | None = None) -> object:
+            raise KeyboardInterrupt
+
+    class Thread:
+        def submit(self, fn: object, *args: object) -> concurrent.futures.Future:
+            return Interrupted()
+
+        def shutdown(self, wait: bool = True) -> None:
+            pass
+
+    def fake_exit(code: int) -> None:
+        raise SystemExit(code)
+
+    monkeypatch.setattr(runner_module, "engine_thread", Thread)
+    monkeypatch.setattr("os._exit", fake_exit)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--random-weights", "--model", "tiny", "--device", "cpu"])
+    assert exit_info.value.code == 130
+    assert "interrupted while loading the model" in capsys.readouterr().err

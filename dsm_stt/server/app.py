@@ -20,7 +20,7 @@ import hmac
 import logging
 import signal
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,7 @@ class ServerContext:
         config: ServerConfig,
         engine: Engine | None = None,
         metrics: ServerMetrics | None = None,
-        torch_thread: ThreadPoolExecutor | None = None,
+        torch_thread: Executor | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -209,7 +209,7 @@ def create_app(
     config: ServerConfig,
     engine: Engine | None = None,
     metrics: ServerMetrics | None = None,
-    torch_thread: ThreadPoolExecutor | None = None,
+    torch_thread: Executor | None = None,
 ) -> Starlette:
     """The ASGI app. Without ``engine`` the lifespan loads the one ``config`` describes;
     ``torch_thread``: the executor that built ``engine`` (it will also step it)."""
@@ -265,7 +265,7 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
 def serve(
     config: ServerConfig,
     engine: Engine | None = None,
-    torch_thread: ThreadPoolExecutor | None = None,
+    torch_thread: Executor | None = None,
 ) -> int:
     """Run the server until SIGTERM/SIGINT; 0 after a clean shutdown, 1 if startup failed.
     ``torch_thread``: see ``create_app``."""

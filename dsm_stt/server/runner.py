@@ -33,13 +33,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -132,13 +135,48 @@ class Channel:
         self._progress.set()
 
 
-def engine_thread() -> concurrent.futures.ThreadPoolExecutor:
-    """A one-thread executor for all the torch work of one server (see the module docstring)."""
-    return concurrent.futures.ThreadPoolExecutor(max_workers=1, initializer=_name_engine_thread)
+class EngineThread(concurrent.futures.Executor):
+    """One daemon thread that runs the submitted calls in order: all the torch work of one
+    server (see the module docstring). A daemon, unlike ``ThreadPoolExecutor``'s workers, so
+    that Ctrl-C during a long model download exits at once instead of waiting for it."""
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[tuple[concurrent.futures.Future, Callable, tuple] | None]
+        self._calls = queue.SimpleQueue()
+        self._shutdown = False
+        self._thread = threading.Thread(target=self._run, name="dsm-stt-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future:
+        if self._shutdown:
+            raise RuntimeError("the engine thread is shut down")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((future, functools.partial(fn, **kwargs), args))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        if not self._shutdown:
+            self._shutdown = True
+            self._calls.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+    def _run(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, fn, args = call
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
 
 
-def _name_engine_thread() -> None:
-    threading.current_thread().name = "dsm-stt-engine"
+def engine_thread() -> EngineThread:
+    """A new ``EngineThread``."""
+    return EngineThread()
 
 
 class Runner:
@@ -155,7 +193,7 @@ class Runner:
         self._cond = threading.Condition()
         self._commands: deque[tuple[str, Channel, object]] = deque()
         self._stopping = False
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._executor: concurrent.futures.Executor | None = None
         self._owns_executor = False
         self._worker: concurrent.futures.Future[None] | None = None
         # Worker-owned.
@@ -165,7 +203,7 @@ class Runner:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self, executor: concurrent.futures.ThreadPoolExecutor | None = None) -> None:
+    def start(self, executor: concurrent.futures.Executor | None = None) -> None:
         """Run the worker on ``executor`` (the thread that loaded the engine; see
         ``engine_thread``), or on a new thread of its own."""
         if self._worker is not None:
