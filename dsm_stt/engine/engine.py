@@ -86,7 +86,7 @@ class Engine:
     def from_config(cls, model: str, config: EngineConfig, random_weights: bool = False) -> Engine:
         """Load ``model`` (repo id or directory; with ``random_weights`` any known
         architecture name) and place it as ``config`` says."""
-        device, dtype = config.torch_device(), config.torch_dtype()
+        device, dtype = _placement(config)  # refuses what cannot run before a long load
         if random_weights:
             from ..model.synthetic import random_model
 
@@ -99,9 +99,7 @@ class Engine:
     def configured(cls, model: SttModel, config: EngineConfig) -> Engine:
         """An engine for an already loaded ``model``, placed and set up as ``config`` says
         (CUDA graphs captured when asked for)."""
-        device, dtype = config.torch_device(), config.torch_dtype()
-        if config.cuda_graphs and device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a CUDA device; this one runs on {device.type}")
+        device, dtype = _placement(config)
         engine = cls(
             model,
             config.batch_size,
@@ -225,3 +223,10 @@ class Engine:
             tokens=tokens.cpu().tolist() + [-1] * idle,
             prs=prs + [(0.0,) * vad.shape[1]] * idle,
         )
+
+
+def _placement(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
+    device, dtype = config.torch_device(), config.torch_dtype()
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this one runs on {device.type}")
+    return device, dtype
