@@ -118,6 +118,8 @@ def test_the_option_is_refused_where_it_cannot_work(capsys: pytest.CaptureFixtur
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA device"):
             Engine.configured(random_model("tiny", seed=0), EngineConfig(cuda_graphs=True))
+        with pytest.raises(ValueError, match="CUDA device"):  # before looking for the model
+            Engine.from_config("no/such-model", EngineConfig(cuda_graphs=True))
     args = "bench --random-weights --model tiny --device cpu --cuda-graphs --steps 1"
     assert main(args.split()) == 2
     assert "CUDA graphs need the cuda device" in capsys.readouterr().err
