@@ -27,12 +27,7 @@ from torch import Tensor
 from ..allocator import reuse_freed_memory
 from ..config import QUANTIZE, EngineConfig, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
-from ..model.quantize import (
-    int8_supported,
-    quantize_lm_int8,
-    quantize_lm_w8a8,
-    w8a8_available,
-)
+from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8
 from .graphs import Capture, StepGraphs, cuda_capture
 from .scheduler import StepOutput
 from .state import EngineState
@@ -58,17 +53,8 @@ class Engine:
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
         if quantize == "int8":
-            if not int8_supported(self.device.type):
-                raise ValueError(
-                    f"quantize int8: this PyTorch build has no int8 kernel for "
-                    f"{self.device.type} (use none on this device)"
-                )
             quantize_lm_int8(self.lm)
         elif quantize == "w8a8":
-            if self.device.type != "cpu":
-                raise ValueError(f"quantize w8a8 runs on CPU only, not {self.device.type}")
-            if not w8a8_available():
-                raise ValueError("quantize w8a8: this PyTorch build has no fbgemm int8 kernels")
             quantize_lm_w8a8(self.lm, bits=8 if cpu_has_vnni() else 7)
         self.quantize = quantize
         self.mimi = model.mimi.to(device=self.device, dtype=torch.float32).eval()
@@ -161,19 +147,17 @@ class Engine:
     def capture_steps(self, capture: Capture | None = None) -> bool:
         """Replay captured steps from now on (``graphs.StepGraphs``): CUDA graphs by default.
         On CUDA, a capture that fails leaves the engine eager with a warning (False)."""
-        if capture is None:
-            if self.device.type != "cuda":
-                raise ValueError(f"CUDA graphs need a CUDA device, not {self.device.type}")
-            capture = cuda_capture()
-            try:
-                self.graphs = StepGraphs(self, capture)
-            except Exception as exc:  # an op that cannot be captured: stay eager
-                warnings.warn(f"CUDA graph capture failed, steps stay eager: {exc}", stacklevel=2)
-                self.graphs = None
-                torch.cuda.synchronize(self.device)
-                return False
+        if capture is not None:
+            self.graphs = StepGraphs(self, capture)
             return True
-        self.graphs = StepGraphs(self, capture)
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device, not {self.device.type}")
+        try:
+            self.graphs = StepGraphs(self, cuda_capture())
+        except Exception as exc:  # an op that cannot be captured: stay eager
+            warnings.warn(f"CUDA graph capture failed, steps stay eager: {exc}", stacklevel=2)
+            torch.cuda.synchronize(self.device)
+            return False
         return True
 
     def _clock(self) -> float:

@@ -48,7 +48,6 @@ class _CudaCapturer:
     def __init__(self, warmup: int = 2) -> None:
         self.warmup = warmup
         self.pool: Any = None
-        self.graphs: list[torch.cuda.CUDAGraph] = []
 
     def __call__(self, fn: Callable[[], Outputs]) -> tuple[Callable[[], None], Outputs]:
         side = torch.cuda.Stream()
@@ -62,8 +61,7 @@ class _CudaCapturer:
             outputs = fn()
         if self.pool is None:
             self.pool = graph.pool()
-        self.graphs.append(graph)
-        return graph.replay, outputs
+        return graph.replay, outputs  # the bound method keeps the graph alive
 
 
 def cuda_capture() -> Capture:

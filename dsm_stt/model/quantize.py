@@ -134,11 +134,18 @@ def _swap_projections(lm: LM, make) -> LM:
 
 def quantize_lm_int8(lm: LM) -> LM:
     """Replace the LM layers' projections by ``Int8Linear`` (in place; returns ``lm``).
-    An LM that is already int8-quantized is returned as it is."""
+    An LM that is already int8-quantized is returned as it is; a device whose PyTorch build
+    has no int8 kernel is refused."""
     if any(isinstance(m, Int8Linear) for m in lm.modules()):
         return lm
     if is_quantized(lm):
         raise ValueError("the LM is already quantized (w8a8)")
+    device = lm.device.type
+    if not int8_supported(device):
+        raise ValueError(
+            f"quantize int8: this PyTorch build has no int8 kernel for {device} "
+            "(use none on this device)"
+        )
     return _swap_projections(lm, Int8Linear.from_float)
 
 
@@ -150,6 +157,10 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8) -> LM:
         return lm
     if is_quantized(lm):
         raise ValueError("the LM is already quantized (int8)")
+    if lm.device.type != "cpu":
+        raise ValueError(f"quantize w8a8 runs on CPU only, not {lm.device.type}")
+    if not w8a8_available():
+        raise ValueError("quantize w8a8: this PyTorch build has no fbgemm int8 kernels")
     return _swap_projections(lm, lambda w: W8A8Linear(w, bits))
 
 
