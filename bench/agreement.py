@@ -28,15 +28,17 @@ from dsm_stt.audio import load_audio
 from dsm_stt.config import cpu_has_vnni
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.lm import LM
-from dsm_stt.model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_available
+from dsm_stt.model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
 from dsm_stt.model.synthetic import random_model
 
+# name: (dtype, quantization, w8a8 kernel)
 VARIANTS = {
-    "bfloat16": (torch.bfloat16, "none"),
-    "bfloat16+int8": (torch.bfloat16, "int8"),
-    "float32+int8": (torch.float32, "int8"),
-    "bfloat16+w8a8": (torch.bfloat16, "w8a8"),
-    "float32+w8a8": (torch.float32, "w8a8"),
+    "bfloat16": (torch.bfloat16, "none", None),
+    "bfloat16+int8": (torch.bfloat16, "int8", None),
+    "float32+int8": (torch.float32, "int8", None),
+    "bfloat16+w8a8": (torch.bfloat16, "w8a8", "fbgemm"),
+    "bfloat16+w8a8 (onednn)": (torch.bfloat16, "w8a8", "onednn"),
+    "float32+w8a8": (torch.float32, "w8a8", "fbgemm"),
 }
 
 
@@ -107,14 +109,14 @@ def main() -> int:
     lm32 = model.lm.eval()
     ref, ref_vad, tokens = run_lm(lm32, codes, None)
     results = {}
-    for name, (dtype, quant) in VARIANTS.items():
-        if quant == "w8a8" and not w8a8_available():
+    for name, (dtype, quant, kernel) in VARIANTS.items():
+        if kernel is not None and kernel not in w8a8_kernels():
             continue
         lm = copy.deepcopy(lm32).to(dtype)
         if quant == "int8":
             quantize_lm_int8(lm)
         elif quant == "w8a8":
-            quantize_lm_w8a8(lm, bits=8 if cpu_has_vnni() else 7)
+            quantize_lm_w8a8(lm, 8 if cpu_has_vnni() else 7, kernel)
         out, vad, _ = run_lm(lm, codes, tokens)
         results[name] = compare(ref, ref_vad, out.float(), vad.float())
         del lm

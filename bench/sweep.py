@@ -3,7 +3,8 @@
 Runs ``dsm_stt.benchmark.run_benchmark`` for every (precision, batch size) pair on one loaded
 (or random-weight) model and prints a markdown table with real-time streams, step time and its
 Mimi / LM split, KV memory per stream and peak memory. Each precision gets its own model build
-(the engine converts and quantizes the weights in place); its batch sizes share it.
+(the engine converts and quantizes the weights in place); its batch sizes share it, except
+where the engine picks another w8a8 kernel for a batch size (``engine.w8a8_kernel``).
 ``+int8``: int8 LM weights; ``+w8a8``: int8 LM weights and activations (CPU only).
 
     python bench/sweep.py --model kyutai/stt-1b-en_fr-candle --random-weights \\
@@ -21,7 +22,7 @@ import torch
 
 from dsm_stt.benchmark import run_benchmark
 from dsm_stt.config import DTYPES, resolve_device
-from dsm_stt.engine.engine import Engine
+from dsm_stt.engine.engine import Engine, w8a8_kernel
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.synthetic import random_model
 
@@ -86,9 +87,12 @@ def main() -> int:
     rows = []
     for precision in precisions:
         dtype_name, _, quant = precision.partition("+")
-        model = engine = None  # free the previous precision's weights before the next build
-        model = build(DTYPES[dtype_name])
+        built: object = object()  # the w8a8 kernel of the model in hand (none yet)
         for batch in batch_sizes:
+            kernel = w8a8_kernel(batch) if quant == "w8a8" else None
+            if kernel != built:
+                model = engine = None  # free the previous weights before the next build
+                model, built = build(DTYPES[dtype_name]), kernel
             engine = Engine(model, batch, device, DTYPES[dtype_name], quantize=quant or "none")
             if args.cuda_graphs:
                 engine.capture_steps()
@@ -108,8 +112,10 @@ def main() -> int:
     print("| precision | batch | step ms | Mimi ms | LM ms | real-time streams | KV MB/stream |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
+        kernel = f" ({r['w8a8_kernel']})" if r["w8a8_kernel"] else ""
         print(
-            f"| {r['precision']} | {r['batch_size']} | {r['step_ms']:.1f} | {r['mimi_ms']:.1f} "
+            f"| {r['precision']}{kernel} | {r['batch_size']} | {r['step_ms']:.1f} "
+            f"| {r['mimi_ms']:.1f} "
             f"| {r['lm_ms']:.1f} | {r['realtime_streams']:.2f} | {r['kv_mb_per_stream']:.1f} |"
         )
     return 0

@@ -36,6 +36,7 @@ class BenchResult:
     peak_rss_mb: float
     kv_mb_per_stream: float
     gpu_peak_mb: float | None = None
+    w8a8_kernel: str | None = None  # the int8 product's kernel with quantize w8a8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +46,8 @@ class BenchResult:
         quant = {"int8": ", int8 weights", "w8a8": ", int8 weights and activations"}.get(
             self.quantize, ""
         )
+        if self.w8a8_kernel:
+            quant += f" ({self.w8a8_kernel})"
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
@@ -97,4 +100,5 @@ def run_benchmark(engine: Engine, steps: int, warmup: int = 3, seed: int = 0) ->
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         kv_mb_per_stream=round(engine.state.kv_bytes_per_slot() / 2**20, 2),
         gpu_peak_mb=gpu,
+        w8a8_kernel=engine.w8a8_kernel,
     )

@@ -37,6 +37,11 @@ def cpu_has_vnni() -> bool:
     return any(f" {name}" in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
+def cpu_has_amx_int8() -> bool:
+    """True when the CPU has AMX int8 tile instructions (Intel Sapphire Rapids and later)."""
+    return " amx_int8" in _cpu_flags()
+
+
 def resolve_device(name: str) -> torch.device:
     if name not in DEVICES:
         raise ValueError(f"--device must be one of {', '.join(DEVICES)}, got {name!r}")

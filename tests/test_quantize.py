@@ -13,7 +13,8 @@ from test_lm import TINY, make_lm, random_inputs, stream
 
 from dsm_stt.cli import main
 from dsm_stt.config import EngineConfig
-from dsm_stt.engine.engine import Engine
+from dsm_stt.engine import engine as engine_module
+from dsm_stt.engine.engine import Engine, w8a8_kernel
 from dsm_stt.model.lm import LMOutput
 from dsm_stt.model.quantize import (
     Int8Linear,
@@ -23,6 +24,7 @@ from dsm_stt.model.quantize import (
     quantize_lm_int8,
     quantize_lm_w8a8,
     w8a8_available,
+    w8a8_kernels,
 )
 from dsm_stt.model.synthetic import random_model
 
@@ -95,16 +97,17 @@ def test_bench_reports_the_quantization(capsys: pytest.CaptureFixture[str]) -> N
     assert result["step_ms"] > 0
 
 
-needs_w8a8 = pytest.mark.skipif(not w8a8_available(), reason="no fbgemm int8 kernels")
+needs_w8a8 = pytest.mark.skipif(not w8a8_available(), reason="no int8 CPU kernels")
+each_kernel = pytest.mark.parametrize("kernel", w8a8_kernels())
 
 
-@needs_w8a8
+@each_kernel
 @pytest.mark.parametrize(("bits", "bound"), [(8, 0.02), (7, 0.04)])
-def test_w8a8_product_is_close_to_the_float_product(bits: int, bound: float) -> None:
+def test_w8a8_product_is_close_to_the_float_product(kernel: str, bits: int, bound: float) -> None:
     torch.manual_seed(2)
     w = torch.randn(64, 96) * 0.1
     x = torch.randn(5, 96) * torch.logspace(-3, 3, 5)[:, None]  # rows of very different scale
-    q = W8A8Linear(w, bits=bits)
+    q = W8A8Linear(w, bits=bits, kernel=kernel)
     y = q(x)
     ref = x @ w.T
     rel = (y - ref).norm(dim=1) / ref.norm(dim=1)
@@ -114,19 +117,43 @@ def test_w8a8_product_is_close_to_the_float_product(bits: int, bound: float) -> 
     assert float(rel.min()) > 1e-5
 
 
-@needs_w8a8
-def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch() -> None:
+@each_kernel
+def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch(kernel: str) -> None:
     torch.manual_seed(3)
-    q = W8A8Linear(torch.randn(32, 48))
-    x = torch.randn(4, 48)
-    alone = q(x[1:2])
+    q = W8A8Linear(torch.randn(32, 48), kernel=kernel)
+    x = torch.randn(40, 48)  # enough rows for the kernels' many-row (tile) paths
     loud = x.clone()
     loud[0] *= 1e4
     loud[2] = 0
     together = q(loud)
-    assert torch.equal(together[1:2], alone)
+    # the other rows' values never change a row: same number of rows, same bits
+    assert torch.equal(together[1], q(x)[1])
     assert torch.equal(together[2], torch.zeros(32))
     assert bool(torch.isfinite(together).all())
+    alone = q(x[1:2])
+    if kernel == "fbgemm":
+        assert torch.equal(together[1:2], alone)
+    else:  # oneDNN's blocking by row count may round the float epilogue differently
+        torch.testing.assert_close(together[1:2], alone, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(len(w8a8_kernels()) < 2, reason="needs both int8 CPU kernels")
+@pytest.mark.parametrize("bits", [8, 7])
+def test_w8a8_kernels_share_weights_and_grid(bits: int) -> None:
+    torch.manual_seed(6)
+    w = torch.randn(40, 64) * 0.1
+    x = torch.randn(9, 64)
+    fbgemm = W8A8Linear(w, bits, "fbgemm")
+    onednn = W8A8Linear(w, bits, "onednn")
+    assert torch.equal(fbgemm.scales, onednn.scales)
+    # the same int8 weights times the same grid: equal up to an activation rounded to the
+    # neighbouring level where a value falls half-way (one level = 1 / (2^(bits-1) - 1))
+    step = 1 / (2 ** (bits - 1) - 1)
+    bound = step * x.abs().amax(dim=1, keepdim=True) * w.abs().amax()
+    assert bool(((fbgemm(x) - onednn(x)).abs() <= bound + 1e-5).all())
+    ref = x @ w.T
+    for q in (fbgemm, onednn):
+        assert float((q(x) - ref).norm() / ref.norm()) < 0.04
 
 
 @needs_w8a8
@@ -141,6 +168,8 @@ def test_w8a8_keeps_the_activation_dtype_and_shape() -> None:
     assert float((y.float() - ref).norm() / ref.norm()) < 0.03
     with pytest.raises(ValueError, match="bits"):
         W8A8Linear(w, bits=4)
+    with pytest.raises(ValueError, match="kernel must be one of fbgemm, onednn"):
+        W8A8Linear(w, kernel="cublas")
 
 
 @needs_w8a8
@@ -161,6 +190,12 @@ def test_w8a8_lm_stays_close_to_the_float_lm() -> None:
     quantize_lm_int8(other)
     with pytest.raises(ValueError, match="already quantized"):
         quantize_lm_w8a8(other)
+    kernel = lm.transformer.layers[0].gating.linear_in.kernel
+    assert quantize_lm_w8a8(lm, 8, kernel) is lm
+    with pytest.raises(ValueError, match="already quantized .w8a8, 8-bit activations"):
+        quantize_lm_w8a8(lm, 7, kernel)
+    with pytest.raises(ValueError, match="cannot run the nope kernel"):
+        quantize_lm_w8a8(make_lm(), kernel="nope")
 
 
 @needs_w8a8
@@ -175,6 +210,33 @@ def test_engine_runs_w8a8_and_bench_reports_it(capsys: pytest.CaptureFixture[str
     assert main([*args.split(), "--warmup", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == "w8a8" and result["step_ms"] > 0
+    assert result["w8a8_kernel"] == w8a8_kernel(1) == w8a8_kernels()[0]
+
+
+def test_w8a8_kernel_is_onednn_for_three_slots_and_more_with_amx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn"))
+    monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: True)
+    assert [w8a8_kernel(b) for b in (1, 2, 3, 32)] == ["fbgemm", "fbgemm", "onednn", "onednn"]
+    monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: False)
+    assert {w8a8_kernel(b) for b in (1, 2, 3, 32)} == {"fbgemm"}
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("onednn",))
+    assert w8a8_kernel(1) == "onednn"  # the only one this build has
+
+
+@pytest.mark.skipif("onednn" not in w8a8_kernels(), reason="no oneDNN int8 kernel")
+def test_engine_quantizes_with_the_kernel_it_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: True)
+    engine = Engine(random_model("tiny", seed=0), batch_size=4, quantize="w8a8")
+    kernels = {m.kernel for m in engine.lm.modules() if isinstance(m, W8A8Linear)}
+    assert engine.w8a8_kernel == "onednn" and kernels == {"onednn"}
+    pcm = np.random.default_rng(1).standard_normal((4, 1920)).astype(np.float32) * 0.1
+    out = engine.step(pcm, np.ones(4, bool), np.ones(4, bool))
+    assert all(isinstance(t, int) and t >= 0 for t in out.tokens)
+    # the same model at one slot wants fbgemm, but its float weights are gone
+    with pytest.raises(ValueError, match=r"already quantized \(w8a8, .* onednn kernel"):
+        Engine(engine.model, batch_size=1, quantize="w8a8")
 
 
 def test_int8_is_refused_where_the_build_has_no_kernel() -> None:
