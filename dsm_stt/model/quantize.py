@@ -109,8 +109,9 @@ class W8A8Linear(nn.Module):
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(q, scales.double(), zero_points, 0)
                 self.packed = torch.ops.quantized.linear_prepack(qw, None)
-        # buffers, so that ``.to(device)`` / ``.device`` queries keep working
-        self.register_buffer("scales", scales)
+        # float32 whatever ``.to(dtype)`` the model gets later (the kernel requires it), so a
+        # plain attribute; the integer zero points are a buffer for ``.device`` queries
+        self.scales = scales
         self.register_buffer("zero_points", zero_points)
 
     def forward(self, x: Tensor) -> Tensor:
