@@ -28,7 +28,7 @@ def test_sweep_builds_each_precision_apart() -> None:
     report = run_script(
         "sweep.py",
         *("--model", "tiny", "--random-weights", "--device", "cpu"),
-        *("--batch-sizes", "1,4", "--steps", "1", "--warmup", "1", "--json"),
+        *("--batch-sizes", "1,8", "--steps", "1", "--warmup", "1", "--json"),
         *("--precisions", "bfloat16+w8a8,float32+int8,bfloat16"),
     )
     rows = [(r["precision"], r["batch_size"], r["dtype"], r["quantize"]) for r in report["results"]]
@@ -36,17 +36,17 @@ def test_sweep_builds_each_precision_apart() -> None:
     # gets unquantized weights
     assert rows == [
         ("float32+int8", 1, "float32", "int8"),
-        ("float32+int8", 4, "float32", "int8"),
+        ("float32+int8", 8, "float32", "int8"),
         ("bfloat16", 1, "bfloat16", "none"),
-        ("bfloat16", 4, "bfloat16", "none"),
+        ("bfloat16", 8, "bfloat16", "none"),
         ("bfloat16+w8a8", 1, "bfloat16", "w8a8"),
-        ("bfloat16+w8a8", 4, "bfloat16", "w8a8"),
+        ("bfloat16+w8a8", 8, "bfloat16", "w8a8"),
     ]
     assert all(r["step_ms"] > 0 and r["realtime_streams"] > 0 for r in report["results"])
     # each batch size runs the w8a8 kernel the engine picks for it (a new build if it differs)
     kernels = [(r["batch_size"], r["w8a8_kernel"]) for r in report["results"]]
-    assert kernels[:4] == [(1, None), (4, None)] * 2
-    assert kernels[4:] == [(1, w8a8_kernel(1)), (4, w8a8_kernel(4))]
+    assert kernels[:4] == [(1, None), (8, None)] * 2
+    assert kernels[4:] == [(1, w8a8_kernel(1)), (8, w8a8_kernel(8))]
 
 
 def test_agreement_compares_every_variant_with_float32() -> None:

@@ -213,14 +213,14 @@ def test_engine_runs_w8a8_and_bench_reports_it(capsys: pytest.CaptureFixture[str
     assert result["w8a8_kernel"] == w8a8_kernel(1) == w8a8_kernels()[0]
 
 
-def test_w8a8_kernel_is_onednn_for_three_slots_and_more_with_amx(
+def test_w8a8_kernel_is_onednn_for_eight_slots_and_more_with_amx(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn"))
     monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: True)
-    assert [w8a8_kernel(b) for b in (1, 2, 3, 32)] == ["fbgemm", "fbgemm", "onednn", "onednn"]
+    assert [w8a8_kernel(b) for b in (1, 7, 8, 32)] == ["fbgemm", "fbgemm", "onednn", "onednn"]
     monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: False)
-    assert {w8a8_kernel(b) for b in (1, 2, 3, 32)} == {"fbgemm"}
+    assert {w8a8_kernel(b) for b in (1, 7, 8, 32)} == {"fbgemm"}
     monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("onednn",))
     assert w8a8_kernel(1) == "onednn"  # the only one this build has
 
@@ -229,16 +229,16 @@ def test_w8a8_kernel_is_onednn_for_three_slots_and_more_with_amx(
 def test_engine_quantizes_with_the_kernel_it_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: True)
     model = random_model("tiny", seed=0)
-    engine = Engine(model, batch_size=4, dtype=torch.bfloat16, quantize="w8a8")
+    engine = Engine(model, batch_size=8, dtype=torch.bfloat16, quantize="w8a8")
     kernels = {m.kernel for m in engine.lm.modules() if isinstance(m, W8A8Linear)}
     assert engine.w8a8_kernel == "onednn" and kernels == {"onednn"}
-    pcm = np.random.default_rng(1).standard_normal((4, 1920)).astype(np.float32) * 0.1
-    out = engine.step(pcm, np.ones(4, bool), np.ones(4, bool))
+    pcm = np.random.default_rng(1).standard_normal((8, 1920)).astype(np.float32) * 0.1
+    out = engine.step(pcm, np.ones(8, bool), np.ones(8, bool))
     assert all(isinstance(t, int) and t >= 0 for t in out.tokens)
     # a second engine on the same model converts it to bf16 again: the kernel's float32
     # scales stay float32 and the steps give the same tokens
-    again = Engine(model, batch_size=4, dtype=torch.bfloat16, quantize="w8a8")
-    assert again.step(pcm, np.ones(4, bool), np.ones(4, bool)).tokens == out.tokens
+    again = Engine(model, batch_size=8, dtype=torch.bfloat16, quantize="w8a8")
+    assert again.step(pcm, np.ones(8, bool), np.ones(8, bool)).tokens == out.tokens
     # the same model at one slot wants fbgemm, but its float weights are gone
     with pytest.raises(ValueError, match=r"already quantized \(w8a8, .* onednn kernel"):
         Engine(engine.model, batch_size=1, quantize="w8a8")

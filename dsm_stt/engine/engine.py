@@ -212,11 +212,12 @@ class Engine:
 
 def w8a8_kernel(batch_size: int) -> str:
     """The ``W8A8Linear`` kernel for an engine of ``batch_size`` slots: oneDNN's on CPUs with
-    AMX-INT8 from 3 slots on (its tile GEMM: LM step at 8 slots 112 -> 100 ms, at 32 slots
-    289 -> 251 ms on a 2-core Xeon), fbgemm's otherwise (its matrix-vector path reads the
-    weights fastest: 55 against 58 ms at one slot there; oneDNN was measured only with AMX)."""
+    AMX-INT8 from 8 slots on, fbgemm's otherwise. Measured on a 2-core Xeon with AMX (stt-1b
+    LM step, full batch): 8 slots 115 -> 107 ms, 16: 170 -> 149, 32: 296 -> 265 with oneDNN's
+    tile GEMM; at 4 slots a tie, and fbgemm's matrix-vector path is faster for one slot
+    (55 against 58 ms), which a lightly used engine runs. oneDNN was measured only with AMX."""
     available = w8a8_kernels()
-    if "onednn" in available and batch_size >= 3 and cpu_has_amx_int8():
+    if "onednn" in available and batch_size >= 8 and cpu_has_amx_int8():
         return "onednn"
     return available[0] if available else "fbgemm"
 
