@@ -14,9 +14,11 @@ The embeddings, norms and output heads stay in the model's dtype: they are a sma
 bytes read per step and the heads decide the tokens.
 
 Why: one LM step at small batch reads every weight once, so it is bound by memory bandwidth;
-int8 halves the bytes of bf16. At large batch the step becomes compute-bound and bf16 matrix
-units win, so this is an option, not a default. Quantization is symmetric per output row:
-``w ≈ scale[n] * q[n, k]`` with ``scale = max|w[n]| / 127``.
+int8 halves the bytes of bf16. At larger batch the products become compute-bound: weight-only
+int8 then loses to bf16 matrix units, while w8a8 runs on the integer units (AMX tiles with
+oneDNN). Both move the logits a little (``bench/agreement.py``), so they are options, not
+defaults. Quantization is symmetric per output row: ``w ≈ scale[n] * q[n, k]`` with
+``scale = max|w[n]| / 127``.
 """
 
 from __future__ import annotations
