@@ -194,6 +194,8 @@ def test_w8a8_lm_stays_close_to_the_float_lm() -> None:
     assert quantize_lm_w8a8(lm, 8, kernel) is lm
     with pytest.raises(ValueError, match="already quantized .w8a8, 8-bit activations"):
         quantize_lm_w8a8(lm, 7, kernel)
+    with pytest.raises(ValueError, match="already quantized .w8a8, 8-bit activations"):
+        quantize_lm_w8a8(lm, 7)
     with pytest.raises(ValueError, match="cannot run the nope kernel"):
         quantize_lm_w8a8(make_lm(), kernel="nope")
 

@@ -206,7 +206,7 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
     done = [m for m in lm.modules() if isinstance(m, W8A8Linear)]
     if done:
         have = (done[0].bits, done[0].kernel)
-        if kernel is None or have == (bits, kernel):
+        if have == (bits, kernel or have[1]):  # no kernel asked for: any will do
             return lm
         raise ValueError(
             f"the LM is already quantized (w8a8, {have[0]}-bit activations, {have[1]} kernel)"
