@@ -47,7 +47,7 @@ class BenchResult:
             self.quantize, ""
         )
         if self.w8a8_kernel:
-            quant += f" ({self.w8a8_kernel})"
+            quant += f" via {self.w8a8_kernel}"
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
