@@ -116,6 +116,32 @@ def test_alignment_step_t_sees_frame_t_minus_1() -> None:
     assert tc[0] == ta[0]
 
 
+def test_begin_step_returns_before_the_mimi_half_and_copies_its_inputs() -> None:
+    """``begin_step`` gives the step's tokens with the frame not yet encoded; ``end_step``
+    (or the next ``begin_step``) encodes it, from copies: the caller may reuse its arrays."""
+    audio = _audio(6, 10)
+    ref, engine = _engine(2), _engine(2)
+    pcm = np.zeros((2, FRAME), np.float32)
+    for i in range(10):
+        pcm[0] = audio[i * FRAME : (i + 1) * FRAME]
+        active, reset = np.array([True, False]), np.array([i == 0, False])
+        before = ref.state.prev_codes.clone()  # the codes of the frame before
+        expected = ref.step(pcm, active, reset)  # both halves at once
+        out = engine.begin_step(pcm, active, reset)
+        assert out == expected
+        assert torch.equal(engine.state.prev_codes, before)  # this frame not encoded yet
+        pcm[:], active[:], reset[:] = 7.0, True, True  # reused by the caller at once
+        if i % 2:  # the other steps are finished by the next begin_step
+            engine.end_step()
+            assert torch.equal(engine.state.prev_codes, ref.state.prev_codes)
+            engine.end_step()  # nothing left: no effect
+        pcm[:] = 0.0
+    engine.end_step()
+    assert all(
+        torch.equal(a, b) for a, b in zip(_state_tensors(engine), _state_tensors(ref), strict=True)
+    )
+
+
 def test_long_stream_constant_memory_and_teacher_forcing() -> None:
     """2,000 steps with context 64: no state grows, and the streamed tokens equal a teacher-forced
     windowed forward over the same codes and tokens."""

@@ -87,7 +87,7 @@ def check_captured_steps_equal_eager_steps(device: str, capture: object) -> None
         marks: list[float] = []
         a = eager.step(pcm, active, reset)
         b = captured.step(pcm, active, reset, marks)
-        assert len(marks) == 2
+        assert len(marks) == 3  # after the LM, before and after Mimi
         assert a.tokens == b.tokens
         assert np.allclose(a.prs, b.prs, atol=1e-6)
     assert same_state(snapshot(eager), snapshot(captured))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -34,9 +35,18 @@ class FakeEngine:
         self.delay_s = delay_s
         self.fail = False
         self.steps = 0
+        self.ended = 0  # steps finished by end_step
+        self.end_hook: Callable[[], None] | None = None  # runs inside end_step
         self.thread: str | None = None
 
-    def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+    def end_step(self) -> None:
+        if self.ended < self.steps:
+            self.ended += 1
+            if self.end_hook is not None:
+                self.end_hook()
+
+    def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+        self.end_step()
         self.thread = threading.current_thread().name
         if self.fail:
             raise RuntimeError("device lost")
@@ -105,6 +115,41 @@ def test_words_markers_and_steps_come_back_from_the_worker_thread() -> None:
             runner.stop()
         # read once the worker has stopped: a step may still be under way before
         assert runner.metrics.steps._value.get() == engine.steps  # type: ignore[union-attr]
+
+    run(main())
+
+
+def test_messages_leave_before_the_step_is_finished() -> None:
+    """The worker hands out a step's messages, then finishes the step (its Mimi half)."""
+
+    async def main() -> None:
+        runner, engine = make_runner()
+        finishing, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            finishing.set()
+            release.wait(5)
+
+        engine.end_hook = hold
+        try:
+            ch = runner.channel()
+            assert await runner.admit(ch)
+            runner.feed(ch, frames(PAD))
+            out = await collect(ch, Step)
+            # the Step came while the step's second half was still held
+            assert out[-1].step_idx == 0 and not release.is_set()  # type: ignore[attr-defined]
+            assert await asyncio.to_thread(finishing.wait, 5)
+            assert runner.metrics.steps._value.get() == 0  # type: ignore[union-attr]
+            release.set()
+            for _ in range(100):  # the step is counted once finished
+                if runner.metrics.steps._value.get() == 1:  # type: ignore[union-attr]
+                    break
+                await asyncio.sleep(0.02)
+            assert runner.metrics.steps._value.get() == 1  # type: ignore[union-attr]
+            assert engine.ended == 1
+        finally:
+            release.set()
+            runner.stop()
 
     run(main())
 
@@ -274,6 +319,10 @@ def test_step_metrics_time_the_tick_and_the_engine_call_within_it() -> None:
             runner.flush(ch, 1)
             await collect(ch, Flushed)
             sample = runner.metrics.registry.get_sample_value  # type: ignore[union-attr]
+            for _ in range(100):  # a step is counted once finished, after its messages
+                if sample("asr_model_steps_total") == engine.steps:
+                    break
+                await asyncio.sleep(0.02)
             steps = sample("asr_model_steps_total")
             assert steps == engine.steps > 0
             assert sample("asr_engine_step_duration_count") == steps

@@ -47,8 +47,10 @@ class FakeEngine:
         self.silence = PAD  # what silent frames read as
         self.count = np.zeros(batch_size, dtype=np.int64)
         self.calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.ended = 0  # steps finished by end_step
 
-    def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+    def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+        self.end_step()
         assert pcm.shape == (self.batch_size, F) and pcm.dtype == np.float32
         assert active.shape == reset.shape == (self.batch_size,)
         assert active.dtype == reset.dtype == np.bool_
@@ -72,6 +74,13 @@ class FakeEngine:
             self.count[b] += 1
         prs = [(b / 10, float(self.count[b])) for b in range(self.batch_size)]
         return StepOutput(tokens, prs if self.has_vad else [() for _ in range(self.batch_size)])
+
+    def end_step(self) -> None:
+        self.ended += self.begun > self.ended
+
+    @property
+    def begun(self) -> int:
+        return len(self.calls)
 
     def frames(self, slot: int) -> list[np.ndarray]:
         return [pcm[slot] for pcm, active, _ in self.calls if active[slot]]
@@ -158,21 +167,34 @@ def test_no_work_means_no_engine_call() -> None:
     assert engine.calls == []
 
 
-def test_the_engine_call_is_timed() -> None:
+def test_the_engine_call_is_timed_with_both_halves() -> None:
     sched, engine = make()
-    inner = engine.step
+    begin, end = engine.begin_step, engine.end_step
 
-    def slow_step(*args: object) -> StepOutput:
+    def slow_begin(*args: object) -> StepOutput:
         time.sleep(0.01)
-        return inner(*args)  # type: ignore[arg-type]
+        return begin(*args)  # type: ignore[arg-type]
 
-    engine.step = slow_step  # type: ignore[method-assign]
+    def slow_end() -> None:
+        time.sleep(0.01)
+        end()
+
+    engine.begin_step = slow_begin  # type: ignore[method-assign]
+    engine.end_step = slow_end  # type: ignore[method-assign]
     assert sched.last_engine_seconds == 0.0
     sched.admit("a")
-    sched.feed("a", np.zeros(F, np.float32))
+    sched.feed("a", np.zeros(3 * F, np.float32))
     start = time.perf_counter()
     sched.tick()
+    assert (engine.begun, engine.ended) == (1, 0)  # the events come before the second half
     assert 0.01 <= sched.last_engine_seconds <= time.perf_counter() - start
+    assert sched.settle() >= 0.01
+    assert (engine.begun, engine.ended) == (1, 1)
+    assert 0.02 <= sched.last_engine_seconds <= time.perf_counter() - start
+    sched.tick()  # not settled: the next step finishes it first
+    assert (engine.begun, engine.ended) == (2, 1)
+    sched.tick()
+    assert (engine.begun, engine.ended) == (3, 2)
 
 
 # ------------------------------------------------------------------------------- words
@@ -552,7 +574,7 @@ def test_errors_name_the_stream_and_the_problem() -> None:
 
 def test_engine_returning_the_wrong_batch_is_reported() -> None:
     class Broken(FakeEngine):
-        def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+        def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
             return StepOutput([3], [()])
 
     sched = Scheduler(Broken(2), 2, decode)

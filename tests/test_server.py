@@ -10,6 +10,7 @@ import io
 import re
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import av
@@ -410,13 +411,17 @@ def test_one_thread_loads_warms_up_and_steps_the_engine(
     def load_and_watch(config: ServerConfig) -> Engine:
         seen["load"].add(threading.get_ident())
         engine = load_engine(config)
-        step = engine.step
 
-        def watched(*args: object, **kwargs: object) -> object:
-            seen["step"].add(threading.get_ident())
-            return step(*args, **kwargs)
+        def watch(method: Callable[..., object]) -> Callable[..., object]:
+            def watched(*args: object, **kwargs: object) -> object:
+                seen["step"].add(threading.get_ident())
+                return method(*args, **kwargs)
 
-        engine.step = watched  # type: ignore[method-assign]
+            return watched
+
+        # warm-up steps whole; sessions begin and end steps through the scheduler
+        for name in ("step", "begin_step", "end_step"):
+            setattr(engine, name, watch(getattr(engine, name)))
         return engine
 
     monkeypatch.setattr(app_module, "load_engine", load_and_watch)

@@ -4,21 +4,26 @@ Owns ``Engine``: the loaded model placed on a device, the preallocated ``EngineS
 ``step(pcm[B, 1920], active[B], reset[B])`` which
 
 1. resets the slots that start a new stream (``reset`` mask),
-2. encodes each slot's frame with Mimi (frame t → codes c_t),
-3. runs one LM position on the *previous* frame's codes and the previous text token (the
+2. runs one LM position on the *previous* frame's codes and the previous text token (the
    training / moshi-server alignment of spec §2.8; step 0 feeds the start tokens),
-4. picks the next text token (greedy, or Gumbel-max sampling at ``temperature``) and the VAD
-   probabilities,
-5. stores c_t and the token for the next step — in active slots only.
+3. picks the next text token (greedy, or Gumbel-max sampling at ``temperature``) and the VAD
+   probabilities, and stores the token for the next step,
+4. encodes each slot's frame with Mimi (frame t → codes c_t) and stores c_t for the next step
+   — in active slots only.
 
-Inactive slots are computed but their state never changes. The engine returns plain Python
-values at its boundary (``StepOutput``); the scheduler decides what each slot does.
+The step's output does not depend on this frame's codes, so ``begin_step`` (1-3) returns it
+and keeps the Mimi half (4) for ``end_step``: a server sends its messages in between, so they
+leave one Mimi encode earlier. ``step`` is both. Inactive slots are computed but their state
+never changes. The engine returns plain Python values at its boundary (``StepOutput``); the
+scheduler decides what each slot does.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -68,6 +73,7 @@ class Engine:
         self.generator = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
         self.state = EngineState.allocate(self.mimi, self.lm, batch_size, self.device, dtype)
         self.graphs: StepGraphs | None = None  # see capture_steps
+        self._pending: Callable[[], None] | None = None  # the Mimi half begin_step left
 
     @classmethod
     def from_config(cls, model: str, config: EngineConfig, random_weights: bool = False) -> Engine:
@@ -118,32 +124,35 @@ class Engine:
     ) -> tuple[Tensor, Tensor]:
         """The device-side step: ``pcm`` [B, 1, F] float32, masks [B] bool → tokens [B] long,
         VAD probabilities [B, H] float32. With ``marks``, the (device-synchronised) times after
-        Mimi and after the LM are appended: the benchmark's breakdown. ``state`` defaults to
-        the engine's whole state; ``self.state.prefix(n)`` steps the first ``n`` slots only."""
+        the LM, before Mimi and after Mimi are appended: the benchmark's breakdown. ``state``
+        defaults to the engine's whole state; ``self.state.prefix(n)`` steps the first ``n``
+        slots only."""
         state = self.state if state is None else state
-        codes = self.encode(pcm, active, reset, state)
+        tokens, vad = self.advance(active, reset, state)
         if marks is not None:
-            marks.append(self._clock())
-        tokens, vad = self.advance(codes, active, state)
+            marks += [self._clock()] * 2
+        self.encode(pcm, active, state)
         if marks is not None:
             marks.append(self._clock())
         return tokens, vad
 
     @torch.no_grad()
-    def encode(self, pcm: Tensor, active: Tensor, reset: Tensor, state: EngineState) -> Tensor:
-        """First half of a step: reset the ``reset`` slots, encode the frame → codes [B, K]."""
+    def advance(self, active: Tensor, reset: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
+        """First half of a step: reset the ``reset`` slots, one LM position on the previous
+        codes and token, the next token (stored for the next step in active slots)."""
         state.reset(reset)
-        return self.mimi.step(pcm, state.mimi, active)
-
-    @torch.no_grad()
-    def advance(self, codes: Tensor, active: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
-        """Second half: one LM position on the previous codes and token, the next token, and
-        the new codes and token stored for the next step (active slots only)."""
         out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
         tokens = self._sample(out.logits)
-        state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
         state.prev_text.copy_(torch.where(active, tokens, state.prev_text))
         return tokens, out.vad
+
+    @torch.no_grad()
+    def encode(self, pcm: Tensor, active: Tensor, state: EngineState) -> Tensor:
+        """Second half: encode the frame → codes [B, K], stored for the next step (active
+        slots only)."""
+        codes = self.mimi.step(pcm, state.mimi, active)
+        state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
+        return codes
 
     def capture_steps(self, capture: Capture | None = None) -> bool:
         """Replay captured steps from now on (``graphs.StepGraphs``): CUDA graphs by default.
@@ -180,13 +189,39 @@ class Engine:
         reset: np.ndarray,
         marks: list[float] | None = None,
     ) -> StepOutput:
-        """Host-side step for the scheduler: numpy in, plain Python out (``marks``: see
-        ``step_tensors``).
+        """Host-side step: numpy in, plain Python out (``marks``: see ``step_tensors``);
+        ``begin_step`` then ``end_step``."""
+        output = self.begin_step(pcm, active, reset, marks)
+        self.end_step(marks)
+        return output
+
+    def end_step(self, marks: list[float] | None = None) -> None:
+        """Run the Mimi half that ``begin_step`` left (nothing if none is left)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        if marks is not None:
+            marks.append(self._clock())
+        pending()
+        if marks is not None:
+            marks.append(self._clock())
+
+    def begin_step(
+        self,
+        pcm: np.ndarray,
+        active: np.ndarray,
+        reset: np.ndarray,
+        marks: list[float] | None = None,
+    ) -> StepOutput:
+        """The LM half of a step, for the scheduler: the tokens and VAD of this step, with the
+        Mimi half of ``pcm`` left for ``end_step`` (run first here if the caller did not).
+        ``pcm`` is copied: the caller may reuse it.
 
         Only the slots up to the last one that is active or reset are computed (the scheduler
         fills the lowest free slot first), so a lightly loaded engine pays for the slots in use,
         not for all ``batch_size``. The slots past them get token -1 and zero VAD.
         """
+        self.end_step()
         B, F = self.batch_size, self.frame_size
         if pcm.shape != (B, F):
             raise ValueError(f"engine step takes pcm of shape [{B}, {F}], got {list(pcm.shape)}")
@@ -194,14 +229,18 @@ class Engine:
         reset = np.asarray(reset, dtype=bool)
         used = np.flatnonzero(active | reset)
         n = int(used[-1]) + 1 if used.size else 1
-        pcm_t = torch.from_numpy(np.ascontiguousarray(pcm[:n], dtype=np.float32)).to(self.device)
-        active_t = torch.from_numpy(active[:n]).to(self.device)
-        reset_t = torch.from_numpy(reset[:n]).to(self.device)
+        # copies: the Mimi half runs after this call returns
+        pcm_t = torch.tensor(pcm[:n, None, :], dtype=torch.float32, device=self.device)
+        active_t = torch.tensor(active[:n], device=self.device)
+        reset_t = torch.tensor(reset[:n], device=self.device)
         if self.graphs is not None:
-            tokens, vad = self.graphs.step(pcm_t[:, None, :], active_t, reset_t, marks)
+            tokens, vad, self._pending = self.graphs.advance(pcm_t, active_t, reset_t)
         else:
             state = self.state if n == B else self.state.prefix(n)
-            tokens, vad = self.step_tensors(pcm_t[:, None, :], active_t, reset_t, marks, state)
+            tokens, vad = self.advance(active_t, reset_t, state)
+            self._pending = functools.partial(self.encode, pcm_t, active_t, state)
+        if marks is not None:
+            marks.append(self._clock())
         prs = [tuple(map(float, r)) for r in vad.float().cpu().numpy()]
         idle = B - n
         return StepOutput(

@@ -2,12 +2,12 @@
 
 Owns ``StepGraphs``: static input buffers (pcm, active and reset masks) for all slots, and for
 each bucket size ``m`` (powers of two below the batch size, and the batch size) two captured
-calls on the first ``m`` slots of the engine's state: *encode* (reset, Mimi → codes) and
-*advance* (LM, token choice, state update). A step on ``n`` slots copies its inputs into the
-static buffers, marks slots ``n..m`` of the smallest bucket ``m >= n`` inactive (the engine
-computes inactive slots but never changes their state), replays both captures and returns views
-of the first ``n`` rows of their static outputs. Two captures instead of one keep the Mimi / LM
-split of the benchmark.
+calls on the first ``m`` slots of the engine's state, the two halves of a step: *advance*
+(reset, LM, token choice) and *encode* (Mimi → codes stored for the next step). A step on ``n``
+slots copies its inputs into the static buffers, marks slots ``n..m`` of the smallest bucket
+``m >= n`` inactive (the engine computes inactive slots but never changes their state), replays
+the advance capture and returns views of the first ``n`` rows of its static outputs, with the
+encode replay as the engine's pending half (``Engine.end_step``).
 
 Every step reads and writes the preallocated state in place and keeps all its values in tensors
 (positions, masks, previous tokens), with no host sync on the hot path, so a replay is the step.
@@ -103,20 +103,18 @@ class StepGraphs:
         for m in reversed(self.buckets):  # largest first: it sizes the shared pool
             state = engine.state if m == B else engine.state.prefix(m)
             pcm, active, reset = self.pcm[:m], self.active[:m], self.reset[:m]
-            self._encode[m] = capture(
-                lambda s=state, p=pcm, a=active, r=reset: (engine.encode(p, a, r, s),)
-            )
-            codes = self._encode[m][1][0]
-            self._advance[m] = capture(lambda s=state, c=codes, a=active: engine.advance(c, a, s))
+            self._advance[m] = capture(lambda s=state, a=active, r=reset: engine.advance(a, r, s))
+            self._encode[m] = capture(lambda s=state, p=pcm, a=active: (engine.encode(p, a, s),))
 
     def bucket(self, n: int) -> int:
         return next(m for m in self.buckets if m >= n)
 
-    def step(
-        self, pcm: Tensor, active: Tensor, reset: Tensor, marks: list[float] | None = None
-    ) -> tuple[Tensor, Tensor]:
+    def advance(
+        self, pcm: Tensor, active: Tensor, reset: Tensor
+    ) -> tuple[Tensor, Tensor, Callable[[], None]]:
         """``pcm`` [n, 1, F], masks [n] on the engine's device → tokens [n], VAD [n, H]
-        (views of static outputs: read them before the next step)."""
+        (views of static outputs: read them before the next step) and the replay of the
+        step's encode half, to run before the next step."""
         n = pcm.shape[0]
         m = self.bucket(n)
         self.pcm[:n].copy_(pcm)
@@ -125,11 +123,6 @@ class StepGraphs:
         if m > n:
             self.active[n:m] = False
             self.reset[n:m] = False
-        self._encode[m][0]()
-        if marks is not None:
-            marks.append(self.engine._clock())
         replay, (tokens, vad) = self._advance[m]
         replay()
-        if marks is not None:
-            marks.append(self.engine._clock())
-        return tokens[:n], vad[:n]
+        return tokens[:n], vad[:n], self._encode[m][0]

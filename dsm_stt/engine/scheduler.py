@@ -2,8 +2,10 @@
 
 Owns the slot table, each stream's PCM FIFO, its lifecycle, its word assembler and its pending
 markers, and the loop body of the engine: every ``tick`` *schedules* (one 1920-sample frame from
-every stream that has one, spec §5.3 / §4.7), *executes* (one ``engine.step`` over all slots with
-an active and a reset mask) and *updates* (tokens → words, VAD steps, markers, closes). It is
+every stream that has one, spec §5.3 / §4.7), *executes* (one engine step over all slots with
+an active and a reset mask) and *updates* (tokens → words, VAD steps, markers, closes). The
+step's Mimi half does not change its output, so ``tick`` returns the events before it:
+``settle`` runs it once the caller has sent them (the next ``tick`` does, otherwise). It is
 pure Python + numpy: the engine behind ``StepEngine`` owns every tensor, and the server owns
 threads, sockets and the wire format.
 
@@ -72,16 +74,22 @@ class StepOutput:
 class StepEngine(Protocol):
     """The batched model step the scheduler drives (implemented by ``engine.Engine``).
 
-    ``step`` must not keep references to the arrays it is given: they belong to the scheduler.
+    ``begin_step`` must not keep references to the arrays it is given: they belong to the
+    scheduler.
     """
 
     batch_size: int
     frame_size: int
     has_vad: bool
 
-    def step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
+    def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
         """pcm float32 [B, frame_size]; active bool [B]; reset bool [B], applied before the step
-        to the slots that start a new stream (always a subset of ``active``)."""
+        to the slots that start a new stream (always a subset of ``active``). Returns the
+        step's output; the rest of the step waits for ``end_step`` (or the next call)."""
+        ...
+
+    def end_step(self) -> None:
+        """Finish the step ``begin_step`` started (nothing if there is none)."""
         ...
 
 
@@ -180,7 +188,7 @@ class Scheduler:
         self.sample_rate = self.frame_size * self.frame_rate
         self.time_offset = float(time_offset)
         self.step_count = 0  # engine steps run so far: Step.step_idx
-        self.last_engine_seconds = 0.0  # wall time of the last engine.step call alone
+        self.last_engine_seconds = 0.0  # wall time of the last engine step alone (both halves)
         self._decode = decode
         self._streams: dict[Hashable, _Stream] = {}
         self._free: list[int] = list(range(self.batch_size))  # heap: lowest free slot first
@@ -337,6 +345,16 @@ class Scheduler:
             self._release(stream)
         return events
 
+    def settle(self) -> float:
+        """Finish the last tick's engine step (its Mimi half, which changes none of the events
+        ``tick`` returned); returns the seconds it took, also added to
+        ``last_engine_seconds``."""
+        start = time.perf_counter()
+        self.engine.end_step()
+        seconds = time.perf_counter() - start
+        self.last_engine_seconds += seconds
+        return seconds
+
     def _run(self, ready: list[_Stream], events: dict[Hashable, list[Event]]) -> None:
         B, F = self.batch_size, self.frame_size
         pcm = np.zeros((B, F), dtype=np.float32)  # fresh each step: the engine may hold it
@@ -351,7 +369,7 @@ class Scheduler:
         reset[slots[resets]] = True
 
         start = time.perf_counter()
-        output = self.engine.step(pcm, active, reset)
+        output = self.engine.begin_step(pcm, active, reset)
         self.last_engine_seconds = time.perf_counter() - start
         if len(output.tokens) != B or (self.engine.has_vad and len(output.prs) != B):
             raise SchedulerError(

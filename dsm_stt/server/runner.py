@@ -9,7 +9,8 @@ step with ``loop.call_soon_threadsafe`` into the channel's ``asyncio.Queue``.
 
 The worker sleeps on a condition variable until a command arrives or a stream has a full frame
 (no polling), then runs: apply commands → one scheduler tick (one batched model step) → route
-events. It never waits on a client: a session that does not read its messages only grows its
+events → finish the step (``Scheduler.settle``: its Mimi half, which the messages do not need,
+so they leave that much earlier). It never waits on a client: a session that does not read its messages only grows its
 own queue, and past ``max_pending`` messages the channel calls its ``on_overflow`` hook so the
 session can be dropped (others never notice). Audio coming in faster than the model consumes it
 is bounded the other way: ``Channel.wait_for_room`` lets a session stop reading its socket
@@ -200,6 +201,7 @@ class Runner:
         self._channels: dict[int, Channel] = {}
         self._waiting: deque[tuple[Channel, concurrent.futures.Future[bool], float, float | None]]
         self._waiting = deque()
+        self._tick_seconds: float | None = None  # the last tick that stepped, until settled
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -303,6 +305,9 @@ class Runner:
                 if self.scheduler.has_work():
                     self._tick(out)
                 self._finish_round(out)
+                self._deliver(out)
+                out = {}
+                self._settle()
             except Exception as exc:  # a bug or a model failure: drop every stream, keep serving
                 log.exception("engine worker failed")
                 self._drop_all(f"the model step failed ({type(exc).__name__}: {exc})", out)
@@ -396,10 +401,8 @@ class Runner:
         before = sched.step_count
         start = time.perf_counter()
         events = sched.tick()
-        if self.metrics is not None and sched.step_count != before:
-            self.metrics.step_duration.observe(time.perf_counter() - start)
-            self.metrics.engine_step_duration.observe(sched.last_engine_seconds)
-            self.metrics.steps.inc()
+        if sched.step_count != before:
+            self._tick_seconds = time.perf_counter() - start
         for sid, evs in events.items():
             ch = self._channels.get(sid)
             if ch is None:  # pragma: no cover - every stream in the scheduler has a channel
@@ -413,6 +416,18 @@ class Runner:
                     self._release(ch, ev.steps)
                 else:
                     bucket.append(ev)
+
+    def _settle(self) -> None:
+        """Finish the step the tick began, then record its durations (the tick and the engine
+        call within it, both with the finishing half)."""
+        seconds = self.scheduler.settle()
+        if self._tick_seconds is None:
+            return
+        if self.metrics is not None:
+            self.metrics.step_duration.observe(self._tick_seconds + seconds)
+            self.metrics.engine_step_duration.observe(self.scheduler.last_engine_seconds)
+            self.metrics.steps.inc()
+        self._tick_seconds = None
 
     def _finish_round(self, out: dict[Channel, list[Outbound]]) -> None:
         """Answer reached flushes and resets; note each stream's backlog."""
