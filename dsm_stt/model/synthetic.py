@@ -232,8 +232,10 @@ def train_tokenizer(path: Path, vocab_size: int, seed: int = 0) -> None:
 
     rng = random.Random(seed)
     syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
-    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(400)]
-    sentences = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    # pieces never cross words: a vocabulary needs a few times as many words
+    n = max(400, 3 * vocab_size)
+    words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(n)]
+    sentences = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(max(2000, n))]
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(sentences),
