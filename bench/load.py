@@ -32,6 +32,11 @@ clock like a microphone, then sends ``Flush`` and reads until ``Flushed``. It re
   beside the engine and shows only as contention: compare the engine time across N for that.
   Steps/s and streams per step (how full the batch was) are reported too.
 
+``--pace P`` sends a frame every P × 80 ms instead (P > 1: slower than real time) and measures
+every latency against that clock (frame k exists at ``t0 + (k+1) × P × 80 ms``, a word's end at
+``t0 + P × stop_time``): the latency a machine that cannot keep up in real time would give
+with a faster CPU, never a real-time result (N passes only at P = 1 in that sense).
+
 The load generator shares the machine with the server when both run on one host: on a small
 CPU, its own work (and its lateness, reported) belongs to the figures.
 
@@ -128,6 +133,7 @@ class SessionResult:
     error: str | None = None
     flushed: bool = False
     t0: float = 0.0  # loop time where the session's audio starts
+    period: float = FRAME_SECONDS  # wall seconds between frames (--pace times 80 ms)
     flush_sent: float = math.inf  # loop time of the Flush after the last frame
     frames_sent: int = 0
     late: list[float] = field(default_factory=list)  # send time - due time, per frame
@@ -143,7 +149,7 @@ class SessionResult:
     def lags(self, warmup: float) -> list[float]:
         n = min(len(self.step_recv), self.frames_sent)
         return [
-            self.step_recv[k] - (self.t0 + (k + 1) * FRAME_SECONDS)
+            self.step_recv[k] - (self.t0 + (k + 1) * self.period)
             for k in range(n)
             if (k + 1) * FRAME_SECONDS > warmup
         ]
@@ -151,8 +157,9 @@ class SessionResult:
     def word_latencies(self) -> list[float]:
         """End of each word in the audio -> its Word message, for the words the model sent
         while streaming (with an EndWord): not those the final Flush forced out."""
+        pace = self.period / FRAME_SECONDS  # wall seconds per second of audio
         return [
-            recv - (self.t0 + stop)
+            recv - (self.t0 + stop * pace)
             for recv, _start, stop, text in self.words
             if stop is not None and text.strip() and recv < self.flush_sent
         ]
@@ -186,7 +193,7 @@ async def run_session(
 
     async def send() -> None:
         for k in range(n_frames):
-            due = res.t0 + (k + 1) * FRAME_SECONDS
+            due = res.t0 + (k + 1) * res.period
             delay = due - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -198,7 +205,7 @@ async def run_session(
         await client.send_flush(FLUSH_ID)
 
     sender = asyncio.create_task(send())
-    deadline = res.t0 + n_frames * FRAME_SECONDS + end_timeout
+    deadline = res.t0 + n_frames * res.period + end_timeout
     unended: list[Any] | None = None
     try:
         while True:
@@ -362,11 +369,13 @@ async def run_level(
     warmup: float,
     lag_limit_ms: float,
     end_timeout: float,
+    pace: float = 1.0,
 ) -> dict[str, Any]:
     """N sessions at once; the per-N result (see the module docstring)."""
     loop = asyncio.get_running_loop()
     base = http_base(url)
-    results = [SessionResult(i) for i in range(n)]
+    period = pace * FRAME_SECONDS
+    results = [SessionResult(i, period=period) for i in range(n)]
     clients = await asyncio.gather(*(_connect(url, api_key, r) for r in results))
     n_frames = max(1, int(seconds * SAMPLE_RATE) // FRAME_SIZE)
     metrics_before = await asyncio.to_thread(scrape, base)
@@ -377,13 +386,13 @@ async def run_level(
     for i, (res, client) in enumerate(zip(results, clients, strict=True)):
         if client is None:
             continue
-        res.t0 = start + i * FRAME_SECONDS / n  # staggered over one frame period
+        res.t0 = start + i * period / n  # staggered over one frame period
         first = (i * 37) % len(frames)  # sessions do not all say the same thing
         tasks.append(run_session(res, client, frames, first, n_frames, end_timeout, window_closed))
 
     async def scrape_at_audio_end() -> tuple[dict[str, float] | None, float]:
         # When the last session's last frame has been sent and (normally) stepped.
-        end = start + (n_frames + 2) * FRAME_SECONDS
+        end = start + (n_frames + 2) * period
         await asyncio.sleep(max(0.0, end - loop.time()))
         try:
             metrics = await asyncio.to_thread(scrape, base)
@@ -616,6 +625,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--lag-limit-ms", type=float, default=80.0, help="p99 step lag limit")
     parser.add_argument(
+        "--pace",
+        type=float,
+        default=1.0,
+        help="wall seconds per second of audio: 1 is real time (default); above 1 sends "
+        "slower, to measure latencies where the engine cannot keep up in real time",
+    )
+    parser.add_argument(
         "--end-timeout",
         type=float,
         default=30.0,
@@ -627,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
     counts, is_range = args.sessions
+    if not 0.1 <= args.pace <= 10:
+        parser.error(f"--pace must be between 0.1 and 10, got {args.pace:g}")
     if args.seconds <= args.warmup:
         parser.error(f"--seconds must be more than --warmup ({args.warmup:g})")
     log = sys.stderr if args.json else sys.stdout
@@ -647,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
     levels: list[dict[str, Any]] = []
     try:
         print(
-            f"{url}: {args.seconds:g} s of audio per session, 80 ms frames in real time; "
+            f"{url}: {args.seconds:g} s of audio per session, 80 ms frames "
+            f"{'in real time' if args.pace == 1 else f'every {80 * args.pace:g} ms'}; "
             f"lag limit p99 < {args.lag_limit_ms:g} ms",
             file=log,
             flush=True,
@@ -665,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.warmup,
                     args.lag_limit_ms,
                     args.end_timeout,
+                    args.pace,
                 )
             )
             levels.append(level)
@@ -686,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": args.seconds,
         "warmup_seconds": args.warmup,
         "frame_seconds": FRAME_SECONDS,
+        "pace": args.pace,
         "lag_limit_ms": args.lag_limit_ms,
         "audio": args.audio or "generated",
         "runs": levels,

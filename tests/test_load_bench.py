@@ -103,3 +103,17 @@ def test_session_counts(load: ModuleType) -> None:
     for bad in ("", "0,1", "8..4", "x"):
         with pytest.raises(Exception, match="--sessions"):
             load.session_counts(bad)
+
+
+def test_pace_stretches_the_clock_every_latency_is_measured_against(
+    load: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    res = load.SessionResult(0, t0=10.0, period=2 * load.FRAME_SECONDS)  # --pace 2
+    res.frames_sent = 2
+    res.step_recv = [10.2, 10.35]  # frames 0 and 1 exist at 10.16 and 10.32
+    res.words = [[10.5, 0.0, 0.16, "hi"]]  # ends 0.16 s into the audio: 10.32 on the wall
+    assert res.lags(0.0) == pytest.approx([0.04, 0.03])
+    assert res.word_latencies() == pytest.approx([0.18])
+    with pytest.raises(SystemExit):
+        load.main(["--url", "ws://127.0.0.1:1/x", "--pace", "0"])
+    assert "--pace must be between" in capsys.readouterr().err
