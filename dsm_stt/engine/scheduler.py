@@ -189,6 +189,7 @@ class Scheduler:
         self.time_offset = float(time_offset)
         self.step_count = 0  # engine steps run so far: Step.step_idx
         self.last_engine_seconds = 0.0  # wall time of the last engine step alone (both halves)
+        self._unsettled = False  # the last engine step's second half has not run yet
         self._decode = decode
         self._streams: dict[Hashable, _Stream] = {}
         self._free: list[int] = list(range(self.batch_size))  # heap: lowest free slot first
@@ -349,6 +350,9 @@ class Scheduler:
         """Finish the last tick's engine step (its Mimi half, which changes none of the events
         ``tick`` returned); returns the seconds it took, also added to
         ``last_engine_seconds``."""
+        if not self._unsettled:
+            return 0.0
+        self._unsettled = False
         start = time.perf_counter()
         self.engine.end_step()
         seconds = time.perf_counter() - start
@@ -371,6 +375,7 @@ class Scheduler:
         start = time.perf_counter()
         output = self.engine.begin_step(pcm, active, reset)
         self.last_engine_seconds = time.perf_counter() - start
+        self._unsettled = True
         if len(output.tokens) != B or (self.engine.has_vad and len(output.prs) != B):
             raise SchedulerError(
                 f"engine returned {len(output.tokens)} tokens and {len(output.prs)} prs "
