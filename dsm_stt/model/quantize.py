@@ -7,8 +7,9 @@ QKV, attention output, gated FFN in and out) for one of them, in place:
   activations kept in the model's dtype (weight-only; any device).
 - ``W8A8Linear`` / ``quantize_lm_w8a8``: the same int8 weights, and each activation row
   quantized to 8 (or 7) bits on the fly, so the product runs on the CPU's integer dot-product
-  units (PyTorch's fbgemm or oneDNN kernels; CPU only). Each row is scaled to ``max |x| = 1`` before a
-  fixed quantization grid, so a row's result never depends on the other rows of the batch.
+  units (PyTorch's fbgemm or oneDNN kernels; CPU only). Each row is scaled to ``max |x| = 1``
+  before a fixed quantization grid, so a row's result never depends on the values of the other
+  rows of the batch.
 
 The embeddings, norms and output heads stay in the model's dtype: they are a small share of the
 bytes read per step and the heads decide the tokens.
