@@ -1,18 +1,19 @@
 """The one place asyncio meets torch: a worker thread that owns the engine and the scheduler.
 
-Owns ``Runner``, ``Channel`` and ``engine_thread``. The ``Scheduler`` (and through it the engine) is not
-thread-safe, so exactly one thread touches it: the runner's worker. Sessions, which live on the
-asyncio event loop, talk to it through a command queue (admit / feed / marker / flush / reset /
-close / remove: cheap, non-blocking calls from any thread) and receive what their stream
-produced on their ``Channel``: the worker hands each channel one batch of messages per model
-step with ``loop.call_soon_threadsafe`` into the channel's ``asyncio.Queue``.
+Owns ``Runner``, ``Channel`` and ``engine_thread``. The ``Scheduler`` (and through it the
+engine) is not thread-safe, so exactly one thread touches it: the runner's worker. Sessions,
+which live on the asyncio event loop, talk to it through a command queue (admit / feed /
+marker / flush / reset / close / remove: cheap, non-blocking calls from any thread) and receive
+what their stream produced on their ``Channel``: the worker hands each channel one batch of
+messages per model step with ``loop.call_soon_threadsafe`` into the channel's
+``asyncio.Queue``.
 
 The worker sleeps on a condition variable until a command arrives or a stream has a full frame
 (no polling), then runs: apply commands → one scheduler tick (one batched model step) → route
 events → finish the step (``Scheduler.settle``: its Mimi half, which the messages do not need,
-so they leave that much earlier). It never waits on a client: a session that does not read its messages only grows its
-own queue, and past ``max_pending`` messages the channel calls its ``on_overflow`` hook so the
-session can be dropped (others never notice). Audio coming in faster than the model consumes it
+so they leave that much earlier). It never waits on a client: a session that does not read its
+messages only grows its own queue, and past ``max_pending`` messages the channel calls its
+``on_overflow`` hook so the session can be dropped (others never notice). Audio coming in faster than the model consumes it
 is bounded the other way: ``Channel.wait_for_room`` lets a session stop reading its socket
 while its stream has more than a given backlog, which pushes back on the client through TCP.
 
