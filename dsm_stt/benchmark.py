@@ -2,9 +2,11 @@
 
 Owns the measurement protocol: warm-up steps, then ``steps`` timed steps of the whole batch with
 every slot active, each split into Mimi, LM and host overhead (numpy in → tokens out, sampling,
-transfers); medians; ``realtime_streams = B * 80 / step_ms``; peak memory. It measures the same
-``Engine.step`` the scheduler and the server call. Comparisons against the reference package
-live in ``bench/`` scripts, which run both in one process.
+transfers); medians; ``realtime_streams = B * 80 / step_ms``; peak memory. It runs the two
+halves the scheduler and the server call (``Engine.begin_step``, then ``end_step``), so it
+also reports ``output_ms``: when a step's tokens are on the host, which is what a server's
+messages wait for. Comparisons against the reference package live in ``bench/`` scripts, which
+run both in one process.
 """
 
 from __future__ import annotations
@@ -37,12 +39,16 @@ class BenchResult:
     kv_mb_per_stream: float
     gpu_peak_mb: float | None = None
     w8a8_kernel: str | None = None  # the int8 product's kernel with quantize w8a8
+    # until the step's tokens are on the host: what a server's messages wait for (the Mimi
+    # half runs after them)
+    output_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         gpu = f", GPU peak {self.gpu_peak_mb:.0f} MB" if self.gpu_peak_mb is not None else ""
+        output = f"; tokens out after {self.output_ms:.1f}" if self.output_ms is not None else ""
         quant = {"int8": ", int8 weights", "w8a8": ", int8 weights and activations"}.get(
             self.quantize, ""
         )
@@ -51,7 +57,7 @@ class BenchResult:
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
-            f"host {self.host_ms:.1f}) → {self.realtime_streams:.2f} real-time streams; "
+            f"host {self.host_ms:.1f}{output}) → {self.realtime_streams:.2f} real-time streams; "
             f"peak RSS {self.peak_rss_mb:.0f} MB, KV {self.kv_mb_per_stream:.1f} MB/stream"
             f"{gpu}"
         )
@@ -70,14 +76,17 @@ def run_benchmark(engine: Engine, steps: int, warmup: int = 3, seed: int = 0) ->
         engine.step(pcm, active, no_reset)
     if engine.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(engine.device)
-    totals, mimi, lm = [], [], []
+    totals, outputs, mimi, lm = [], [], [], []
     for _ in range(steps):
         marks: list[float] = []
         start = time.perf_counter()
-        engine.step(pcm, active, no_reset, marks)
+        engine.begin_step(pcm, active, no_reset, marks)  # what Engine.step does, timed apart
+        output = time.perf_counter()
+        engine.end_step(marks)
         end = time.perf_counter()
         lm_end, mimi_start, mimi_end = marks
         totals.append((end - start) * 1e3)
+        outputs.append((output - start) * 1e3)
         lm.append((lm_end - start) * 1e3)
         mimi.append((mimi_end - mimi_start) * 1e3)
     step_ms = statistics.median(totals)
@@ -96,6 +105,7 @@ def run_benchmark(engine: Engine, steps: int, warmup: int = 3, seed: int = 0) ->
         mimi_ms=round(mimi_ms, 3),
         lm_ms=round(lm_ms, 3),
         host_ms=round(max(step_ms - mimi_ms - lm_ms, 0.0), 3),
+        output_ms=round(statistics.median(outputs), 3),
         realtime_streams=round(B * 80.0 / step_ms, 3),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         kv_mb_per_stream=round(engine.state.kv_bytes_per_slot() / 2**20, 2),

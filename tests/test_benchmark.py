@@ -1,0 +1,39 @@
+"""Tests of dsm_stt.benchmark: the fields of a run, how they relate, and the CLI's JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dsm_stt.benchmark import run_benchmark
+from dsm_stt.cli import main
+from dsm_stt.engine.engine import Engine
+from dsm_stt.model.synthetic import random_model
+
+
+def test_a_run_splits_the_step_and_times_the_output() -> None:
+    engine = Engine(random_model("tiny", seed=0), batch_size=2)
+    result = run_benchmark(engine, steps=3, warmup=1)
+    assert (result.model, result.batch_size, result.steps) == ("tiny (random weights)", 2, 3)
+    assert (result.device, result.dtype, result.quantize) == ("cpu", "float32", "none")
+    assert result.w8a8_kernel is None
+    assert 0 < result.lm_ms <= result.output_ms <= result.step_ms  # the LM comes first
+    assert 0 < result.mimi_ms <= result.step_ms - result.lm_ms + 1e-3
+    assert result.host_ms >= 0
+    assert result.realtime_streams == pytest.approx(2 * 80.0 / result.step_ms, rel=1e-3)
+    assert result.kv_mb_per_stream > 0 and result.peak_rss_mb > 0
+    assert "tokens out after" in result.summary()
+    assert engine._pending is None  # every timed step was finished
+    with pytest.raises(ValueError, match="--steps must be >= 1"):
+        run_benchmark(engine, steps=0)
+
+
+def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
+    args = "bench --random-weights --model tiny --device cpu --batch-size 3 --steps 2 --json"
+    assert main([*args.split(), "--warmup", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("step_ms", "mimi_ms", "lm_ms", "realtime_streams", "device", "dtype"):
+        assert key in result
+    assert result["batch_size"] == 3 and result["peak_rss_mb"] > 0
+    assert result["lm_ms"] <= result["output_ms"] <= result["step_ms"]
