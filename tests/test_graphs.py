@@ -133,7 +133,9 @@ def test_the_device_side_step_reads_no_value_on_the_host() -> None:
     mask = torch.ones(3, dtype=torch.bool, device="meta")
     for state in (engine.state, engine.state.prefix(2)):
         n = state.batch_size
-        tokens, vad = engine.step_tensors(pcm[:n], mask[:n], mask[:n], state=state)
+        tokens, vad = engine.advance(mask[:n], mask[:n], state)
+        codes = engine.encode(pcm[:n], mask[:n], state)
         assert tokens.device.type == "meta" and tokens.shape == (n,) and vad.shape[0] == n
+        assert codes.device.type == "meta" and codes.shape[0] == n
     with pytest.raises(RuntimeError):  # the probe does catch a host read
         bool(mask.any())

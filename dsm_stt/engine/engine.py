@@ -114,32 +114,11 @@ class Engine:
         return self.model.tokenizer.decode(ids)
 
     @torch.no_grad()
-    def step_tensors(
-        self,
-        pcm: Tensor,
-        active: Tensor,
-        reset: Tensor,
-        marks: list[float] | None = None,
-        state: EngineState | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """The device-side step: ``pcm`` [B, 1, F] float32, masks [B] bool → tokens [B] long,
-        VAD probabilities [B, H] float32. With ``marks``, the (device-synchronised) times after
-        the LM, before Mimi and after Mimi are appended: the benchmark's breakdown. ``state``
-        defaults to the engine's whole state; ``self.state.prefix(n)`` steps the first ``n``
-        slots only."""
-        state = self.state if state is None else state
-        tokens, vad = self.advance(active, reset, state)
-        if marks is not None:
-            marks += [self._clock()] * 2
-        self.encode(pcm, active, state)
-        if marks is not None:
-            marks.append(self._clock())
-        return tokens, vad
-
-    @torch.no_grad()
     def advance(self, active: Tensor, reset: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
-        """First half of a step: reset the ``reset`` slots, one LM position on the previous
-        codes and token, the next token (stored for the next step in active slots)."""
+        """First half of the device-side step, masks [B] bool → tokens [B] long, VAD [B, H]
+        float32: reset the ``reset`` slots, one LM position on the previous codes and token,
+        the next token (stored for the next step in active slots). ``state`` is the engine's
+        whole state or ``self.state.prefix(n)`` (the first ``n`` slots only)."""
         state.reset(reset)
         out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
         tokens = self._sample(out.logits)
@@ -148,8 +127,8 @@ class Engine:
 
     @torch.no_grad()
     def encode(self, pcm: Tensor, active: Tensor, state: EngineState) -> Tensor:
-        """Second half: encode the frame → codes [B, K], stored for the next step (active
-        slots only)."""
+        """Second half: encode the frame ``pcm`` [B, 1, F] float32 → codes [B, K], stored for
+        the next step (active slots only)."""
         codes = self.mimi.step(pcm, state.mimi, active)
         state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
         return codes
@@ -189,8 +168,9 @@ class Engine:
         reset: np.ndarray,
         marks: list[float] | None = None,
     ) -> StepOutput:
-        """Host-side step: numpy in, plain Python out (``marks``: see ``step_tensors``);
-        ``begin_step`` then ``end_step``."""
+        """Host-side step: numpy in, plain Python out; ``begin_step`` then ``end_step``. With
+        ``marks``, the (device-synchronised) times after the LM, before Mimi and after Mimi are
+        appended: the benchmark's breakdown."""
         output = self.begin_step(pcm, active, reset, marks)
         self.end_step(marks)
         return output
