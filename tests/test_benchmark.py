@@ -29,6 +29,20 @@ def test_a_run_splits_the_step_and_times_the_output() -> None:
         run_benchmark(engine, steps=0)
 
 
+def test_a_run_times_sessions_as_far_in_as_the_context_fill() -> None:
+    engine = Engine(random_model("tiny", seed=0), batch_size=2)
+    assert run_benchmark(engine, steps=2, warmup=1).context_fill == 1.0
+    lm, mimi = engine.state.lm, engine.state.mimi.kv
+    # a full ring, then the warm-up step and two timed steps
+    assert lm.positions.tolist() == [lm.context + 3] * 2
+    assert mimi.positions.tolist() == [mimi.context + 6] * 2  # two positions per frame
+    result = run_benchmark(engine, steps=2, warmup=1, context_fill=0.5)
+    assert result.context_fill == 0.5
+    assert lm.positions.tolist() == [round(lm.context / 2) + 3] * 2
+    with pytest.raises(ValueError, match="--context-fill must be within 0..1, got 1.5"):
+        run_benchmark(engine, steps=1, context_fill=1.5)
+
+
 def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
     args = "bench --random-weights --model tiny --device cpu --batch-size 3 --steps 2 --json"
     assert main([*args.split(), "--warmup", "1"]) == 0
@@ -37,3 +51,8 @@ def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) 
         assert key in result
     assert result["batch_size"] == 3 and result["peak_rss_mb"] > 0
     assert result["lm_ms"] <= result["output_ms"] <= result["step_ms"]
+    assert result["context_fill"] == 1.0
+    assert main([*args.split(), "--context-fill", "0.25"]) == 0
+    assert json.loads(capsys.readouterr().out)["context_fill"] == 0.25
+    assert main([*args.split(), "--context-fill", "2"]) != 0
+    assert "--context-fill must be within 0..1" in capsys.readouterr().err

@@ -72,6 +72,16 @@ class KVCache:
         self.positions.masked_fill_(mask, 0)
         self.key_positions.masked_fill_(mask[:, None], -1)
 
+    def assume_history(self, n: int) -> None:
+        """Let every slot be ``n`` positions into its stream (``0 <= n <= C``): the first ``n``
+        ring entries count as holding positions ``0 .. n-1`` (their keys are whatever the
+        ring holds). For timing a step as in a session that far in."""
+        if not 0 <= n <= self.context:
+            raise ValueError(f"history must be within 0..{self.context} positions, got {n}")
+        self.key_positions.fill_(-1)
+        self.key_positions[:, :n] = torch.arange(n, device=self.key_positions.device)
+        self.positions.fill_(n)
+
     def nbytes_per_slot(self) -> int:
         per = self.keys[:, :1].numel() * self.keys.element_size()
         return 2 * per + self.key_positions.shape[1] * 8 + 8
@@ -118,15 +128,18 @@ class Attention(nn.Module):
     ) -> Tensor:
         """One streaming call on T new positions. ``write_at`` holds two [B, T] index tensors,
         the slot and the ring entry each new key goes to (the trash entry for inactive slots);
-        ``rot`` the RoPE cos/sin and ``mask`` [B, 1, T, C+1] the attention mask, all computed
-        once for all layers."""
+        ``rot`` the RoPE cos/sin and ``mask`` [B, 1, T, S] the attention mask over the first
+        ``S`` ring entries, all computed once for all layers."""
         q, k, v = self._qkv(x, rot)
         keys, values = cache.keys[layer], cache.values[layer]
         # Advanced indexing writes B*T rows in place ([B, T] index pairs select [B, T, H, hd]);
         # ``scatter_`` would be equivalent but copies the whole cache on CPU.
         keys[write_at[0], :, write_at[1]] = k.transpose(1, 2)
         values[write_at[0], :, write_at[1]] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        span = mask.shape[-1]  # the ring entries that can hold a key (see Transformer.step)
+        y = F.scaled_dot_product_attention(
+            q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
+        )
         return self._out(y)
 
     def forward_sequence(self, x: Tensor) -> Tensor:
@@ -239,12 +252,13 @@ class Transformer(nn.Module):
         slots = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(write_index)
         cache.key_positions[slots, write_index] = new_positions
         cache.key_positions[:, C] = -1
-        kp = cache.key_positions[:, None, :]  # [B, 1, C+1]
-        delta = query_positions[:, :, None] - kp  # [B, T, C+1]
-        mask = ((kp >= 0) & (delta >= 0) & (delta < C))[:, None]  # [B, 1, T, C+1]
+        span = self._span(cache, T)
+        kp = cache.key_positions[:, None, :span]  # [B, 1, S]
+        delta = query_positions[:, :, None] - kp  # [B, T, S]
+        mask = ((kp >= 0) & (delta >= 0) & (delta < C))[:, None]  # [B, 1, T, S]
         # A slot with no valid key at all (inactive, fresh) would give NaN in SDPA: let it
-        # see the trash entry instead; its output is ignored anyway.
-        mask[:, :, :, C] |= ~active[:, None, None]
+        # see ring entry 0 instead (finite: zeros or an old key); its output is ignored.
+        mask[:, :, :, 0] |= ~active[:, None, None]
         rot = rope_rotation(query_positions, self.head_dim, self.max_period)
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn.step(
@@ -253,6 +267,18 @@ class Transformer(nn.Module):
             x = layer.finish(x + layer.scale_attn(attn))
         cache.positions.add_(active.long() * T)
         return x
+
+    @staticmethod
+    def _span(cache: KVCache, T: int) -> int:
+        """How many ring entries this step attends over. The ring fills from entry 0, so until
+        a slot has seen ``C`` positions only the entries below its position can hold a key:
+        where the positions are host memory (CPU) the step reads the first ``max position +
+        T`` entries, which makes a session's first ring's worth of steps cheaper. Elsewhere
+        the step keeps a fixed shape (what CUDA graphs capture) and reads the whole ring."""
+        C = cache.context
+        if cache.positions.device.type != "cpu" or cache.positions.numel() == 0:
+            return C
+        return min(C, int(cache.positions.max()) + T)
 
     def forward_sequence(self, x: Tensor) -> Tensor:
         """Teacher-forced forward of a whole sequence [B, T, D] from position 0."""
