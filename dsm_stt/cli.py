@@ -85,11 +85,17 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     from .engine.scheduler import Scheduler
     from .model.checkpoint import CheckpointError
-    from .transcriber import transcribe_files
+    from .transcriber import Split, transcribe_files
     from .writers import EXTENSIONS, render
 
     if args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
+    split = None
+    if args.split is not None:
+        try:
+            split = Split(args.split, overlap=args.split_overlap)
+        except ValueError as exc:
+            return _fail(f"--split / --split-overlap: {exc}")
     try:
         engine = _engine(args)
     except (CheckpointError, ValueError) as exc:
@@ -112,7 +118,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     )
     done = 0
     for result in transcribe_files(
-        scheduler, args.audio, engine.name, cfg.stt.audio_silence_prefix_seconds, bar.update
+        scheduler,
+        args.audio,
+        engine.name,
+        cfg.stt.audio_silence_prefix_seconds,
+        bar.update,
+        split,
     ):
         done += 1
         bar.set_postfix_str(f"{done}/{len(args.audio)} files")
@@ -348,6 +359,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", help="write one <name>.<ext> per input here (default: print to stdout)"
     )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--split",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="cut each file into pieces of about SECONDS (at quiet frames) that run side by "
+        "side in free slots: a long file finishes several times sooner when the batch "
+        "has room; words near a cut can differ from one stream's (default: no cut)",
+    )
+    p.add_argument(
+        "--split-overlap",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="with --split, audio before each cut that the next piece starts with (default 5)",
+    )
     p.add_argument("audio", nargs="+", help="audio or video files FFmpeg can read")
     p.set_defaults(func=cmd_transcribe)
 
