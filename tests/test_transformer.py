@@ -58,6 +58,11 @@ def test_a_step_reads_only_the_ring_entries_filled_so_far(spans: list[int]) -> N
         spans.clear()
         model.step(torch.randn(1, 1, DIM), cache.prefix(1), active[:1])  # only slot 0: 13 in
         assert spans == [CONTEXT, CONTEXT]
+        spans.clear()
+        # an idle slot far in does not widen the others' span (its output is ignored)
+        cache.reset(torch.tensor([False, True, True]))
+        model.step(torch.randn(3, 1, DIM), cache, torch.tensor([False, True, True]))
+        assert spans == [1, 1]
 
 
 def test_reading_the_filled_entries_gives_the_whole_ring_result(
@@ -85,7 +90,7 @@ def test_reading_the_filled_entries_gives_the_whole_ring_result(
         return outs, cache
 
     spanned, cache_a = run()
-    monkeypatch.setattr(Transformer, "_span", staticmethod(lambda cache, T: cache.context))
+    monkeypatch.setattr(Transformer, "_span", staticmethod(lambda cache, T, active: cache.context))
     whole, cache_b = run()
     for a, b in zip(spanned, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)

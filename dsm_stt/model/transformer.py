@@ -252,7 +252,7 @@ class Transformer(nn.Module):
         slots = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(write_index)
         cache.key_positions[slots, write_index] = new_positions
         cache.key_positions[:, C] = -1
-        span = self._span(cache, T)
+        span = self._span(cache, T, active)
         kp = cache.key_positions[:, None, :span]  # [B, 1, S]
         delta = query_positions[:, :, None] - kp  # [B, T, S]
         mask = ((kp >= 0) & (delta >= 0) & (delta < C))[:, None]  # [B, 1, T, S]
@@ -269,16 +269,17 @@ class Transformer(nn.Module):
         return x
 
     @staticmethod
-    def _span(cache: KVCache, T: int) -> int:
+    def _span(cache: KVCache, T: int, active: Tensor) -> int:
         """How many ring entries this step attends over. The ring fills from entry 0, so until
         a slot has seen ``C`` positions only the entries below its position can hold a key:
-        where the positions are host memory (CPU) the step reads the first ``max position +
-        T`` entries, which makes a session's first ring's worth of steps cheaper. Elsewhere
-        the step keeps a fixed shape (what CUDA graphs capture) and reads the whole ring."""
+        where the positions are host memory (CPU) the step reads the first ``T`` + the largest
+        position of an active slot entries (an inactive slot's output is ignored), which makes
+        a session's first ring's worth of steps cheaper. Elsewhere the step keeps a fixed
+        shape (what CUDA graphs capture) and reads the whole ring."""
         C = cache.context
         if cache.positions.device.type != "cpu" or cache.positions.numel() == 0:
             return C
-        return min(C, int(cache.positions.max()) + T)
+        return min(C, int(torch.where(active, cache.positions, 0).max()) + T)
 
     def forward_sequence(self, x: Tensor) -> Tensor:
         """Teacher-forced forward of a whole sequence [B, T, D] from position 0."""
