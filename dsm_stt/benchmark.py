@@ -7,8 +7,8 @@ halves the scheduler and the server call (``Engine.begin_step``, then ``end_step
 also reports ``output_ms``: when a step's tokens are on the host, which is what a server's
 messages wait for. The attention caches start ``context_fill`` full (1.0 by default: sessions
 past their first ring of positions, the steady state; on CPU a step in a session's first
-minute reads only the part of the LM's ring filled so far, and costs less). Comparisons against the reference package live in ``bench/`` scripts, which
-run both in one process.
+minute reads only the part of the LM's ring filled so far, and costs less). Comparisons
+against the reference package live in ``bench/`` scripts, which run both in one process.
 """
 
 from __future__ import annotations

@@ -13,9 +13,10 @@ The worker sleeps on a condition variable until a command arrives or a stream ha
 events → finish the step (``Scheduler.settle``: its Mimi half, which the messages do not need,
 so they leave that much earlier). It never waits on a client: a session that does not read its
 messages only grows its own queue, and past ``max_pending`` messages the channel calls its
-``on_overflow`` hook so the session can be dropped (others never notice). Audio coming in faster than the model consumes it
-is bounded the other way: ``Channel.wait_for_room`` lets a session stop reading its socket
-while its stream has more than a given backlog, which pushes back on the client through TCP.
+``on_overflow`` hook so the session can be dropped (others never notice). Audio coming in
+faster than the model consumes it is bounded the other way: ``Channel.wait_for_room`` lets a
+session stop reading its socket while its stream has more than a given backlog, which pushes
+back on the client through TCP.
 
 All of a server's torch work (loading, warm-up, every step) runs on one thread, the executor
 ``engine_thread()`` makes: PyTorch's CPU kernels run on OpenMP, which keeps a team of worker
