@@ -19,7 +19,8 @@ def test_a_run_splits_the_step_and_times_the_output() -> None:
     assert (result.device, result.dtype, result.quantize) == ("cpu", "float32", "none")
     assert result.w8a8_kernel is None
     assert 0 < result.lm_ms <= result.output_ms <= result.step_ms  # the LM comes first
-    assert 0 < result.mimi_ms <= result.step_ms - result.lm_ms + 1e-3
+    # each step: lm <= output <= total and mimi <= total - lm; medians keep the first three
+    assert 0 < result.mimi_ms <= result.step_ms
     assert result.host_ms >= 0
     assert result.realtime_streams == pytest.approx(2 * 80.0 / result.step_ms, rel=1e-3)
     assert result.kv_mb_per_stream > 0 and result.peak_rss_mb > 0

@@ -103,6 +103,37 @@ def test_only_the_slots_up_to_the_last_used_one_are_computed() -> None:
     assert tokens == alone
 
 
+def test_a_stream_moved_to_another_slot_goes_on_unchanged() -> None:
+    """A stream runs in slot 3 (slot 0 busy with another), moves to slot 1 half way, between
+    the two halves of one of its steps, and goes on there: its tokens equal a run alone."""
+    frames = 24
+    target = _audio(2, frames)
+    alone_engine = _engine(1)
+    alone = _run_alone(alone_engine, target)
+    engine = _engine(4)
+    rng = np.random.default_rng(9)
+    tokens, slot = [], 3
+    for i in range(frames):
+        pcm = (0.3 * rng.standard_normal((4, FRAME))).astype(np.float32)
+        pcm[slot] = target[i * FRAME : (i + 1) * FRAME]
+        active = np.array([True, slot == 1, False, slot == 3])
+        reset = np.array([i == 0, False, False, i == 0])
+        if i == 12:  # the move comes between the two halves of the stream's step
+            tokens.append(engine.begin_step(pcm, active, reset).tokens[slot])
+            engine.move_slot(3, 1)
+            slot = 1
+        else:
+            tokens.append(engine.step(pcm, active, reset).tokens[slot])
+    assert tokens == alone and len(set(alone)) > 1
+    for moved, ref in zip(_slot_state(engine, 1), _slot_state(alone_engine, 0), strict=True):
+        if moved.is_floating_point():
+            torch.testing.assert_close(moved, ref, atol=1e-5, rtol=0)
+        else:
+            assert torch.equal(moved, ref)
+    with pytest.raises(ValueError, match="slot 4 out of range for 4 slots"):
+        engine.move_slot(0, 4)
+
+
 def test_alignment_step_t_sees_frame_t_minus_1() -> None:
     """The text predicted at step t depends on frames 0..t-1 only (spec §2.8)."""
     a = _audio(1, 12)
@@ -163,6 +194,19 @@ def test_long_stream_constant_memory_and_teacher_forcing() -> None:
     with torch.no_grad():
         full = lm.forward_sequence(text_in, audio_in)
     assert full.logits.argmax(-1)[0].tolist() == tokens
+
+
+def _slot_state(engine: Engine, slot: int) -> list[torch.Tensor]:
+    """Every per-slot buffer of one slot."""
+    s = engine.state
+    caches = (s.lm, s.mimi.kv)
+    return [
+        *(t[:, slot] for kv in caches for t in (kv.keys, kv.values)),
+        *(t[slot] for kv in caches for t in (kv.key_positions, kv.positions)),
+        *(t[slot] for t in (*s.mimi.conv_buffers, s.mimi.downsample_buffer, s.mimi.first)),
+        s.prev_codes[slot],
+        s.prev_text[slot],
+    ]
 
 
 def _state_tensors(engine: Engine) -> list[torch.Tensor]:

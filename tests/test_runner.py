@@ -39,6 +39,9 @@ class FakeEngine:
         self.end_hook: Callable[[], None] | None = None  # runs inside end_step
         self.thread: str | None = None
 
+    def move_slot(self, src: int, dst: int) -> None:  # tokens depend on the frame alone
+        self.end_step()
+
     def end_step(self) -> None:
         if self.ended < self.steps:
             self.ended += 1

@@ -48,6 +48,7 @@ class FakeEngine:
         self.count = np.zeros(batch_size, dtype=np.int64)
         self.calls: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.ended = 0  # steps finished by end_step
+        self.moves: list[tuple[int, int]] = []  # move_slot calls
 
     def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> StepOutput:
         self.end_step()
@@ -77,6 +78,11 @@ class FakeEngine:
 
     def end_step(self) -> None:
         self.ended += self.begun > self.ended
+
+    def move_slot(self, src: int, dst: int) -> None:
+        self.end_step()
+        self.moves.append((src, dst))
+        self.count[dst] = self.count[src]
 
     @property
     def begun(self) -> int:
@@ -520,6 +526,28 @@ def test_slot_independence_of_vad_steps() -> None:
     alone, crowded = run(False), run(True)
     assert len(alone) == 5 and [e.prs[1] for e in alone] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert crowded == alone
+
+
+def test_used_slots_stay_packed_and_a_moved_stream_goes_on_unchanged() -> None:
+    sched, engine = make(batch_size=4)
+    for sid, tokens in (("a", [COUNT]), ("b", [COUNT] * 3), ("c", SCRIPTS["s3"])):
+        sched.admit(sid)
+        sched.feed(sid, audio(tokens))
+        sched.close(sid)
+    got = drain(sched)
+    # a's slot 0 frees first: c leaves slot 2 for it, its state with it (the fake engine's
+    # COUNT tokens would restart otherwise); b's slot 1 frees later, above c: no move
+    assert engine.moves == [(2, 0)]
+    assert got["c"] == solo(SCRIPTS["s3"]) and got["b"] == solo([COUNT] * 3)
+    assert engine.calls[-1][1].tolist() == [True, False, False, False]
+    # a stream that has not stepped yet moves without its (not yet reset) state
+    sched.admit("x")
+    sched.admit("y")
+    sched.remove("x")
+    sched.feed("y", audio([COUNT, WORD, 10]))
+    sched.close("y")
+    assert drain(sched)["y"] == solo([COUNT, WORD, 10])
+    assert engine.moves == [(2, 0)] and engine.calls[-1][1].tolist() == [True] + [False] * 3
 
 
 def test_lowest_free_slot_is_taken_and_full_batch_refuses() -> None:

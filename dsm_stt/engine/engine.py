@@ -186,6 +186,16 @@ class Engine:
         if marks is not None:
             marks.append(self._clock())
 
+    def move_slot(self, src: int, dst: int) -> None:
+        """Carry the stream in slot ``src`` on in slot ``dst`` (after finishing a pending
+        step): the scheduler keeps the used slots packed, as a step computes the slots up to
+        the last active one."""
+        for slot in (src, dst):
+            if not 0 <= slot < self.batch_size:
+                raise ValueError(f"slot {slot} out of range for {self.batch_size} slots")
+        self.end_step()
+        self.state.move(src, dst)
+
     def begin_step(
         self,
         pcm: np.ndarray,

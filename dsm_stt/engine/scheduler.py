@@ -92,6 +92,11 @@ class StepEngine(Protocol):
         """Finish the step ``begin_step`` started (nothing if there is none)."""
         ...
 
+    def move_slot(self, src: int, dst: int) -> None:
+        """Carry the stream in slot ``src`` on in slot ``dst``, its model state included
+        (finishing a pending step first); ``src`` is reset before it is used again."""
+        ...
+
 
 class _PcmQueue:
     """FIFO of float32 samples kept as a deque of chunks: O(1) append, frames copied out once."""
@@ -359,7 +364,26 @@ class Scheduler:
         self.last_engine_seconds += seconds
         return seconds
 
+    def _compact(self) -> float:
+        """Keep the used slots packed: the stream in the highest used slot moves to the lowest
+        free slot if that is below it, at most one per step. An engine step computes the
+        slots up to the last active one, so a few sessions left high after a busy spell
+        would otherwise cost the work of every slot below them. Returns the seconds taken."""
+        if not self._free or not self._streams:
+            return 0.0
+        top = max(self._streams.values(), key=lambda s: s.slot)
+        if self._free[0] > top.slot:
+            return 0.0
+        start = time.perf_counter()
+        self.settle()
+        dst = heapq.heapreplace(self._free, top.slot)
+        if not top.needs_reset:  # a stream that has not stepped yet has no state to carry
+            self.engine.move_slot(top.slot, dst)
+        top.slot = dst
+        return time.perf_counter() - start
+
     def _run(self, ready: list[_Stream], events: dict[Hashable, list[Event]]) -> None:
+        moving = self._compact()
         B, F = self.batch_size, self.frame_size
         pcm = np.zeros((B, F), dtype=np.float32)  # fresh each step: the engine may hold it
         slots = np.fromiter((s.slot for s in ready), dtype=np.intp, count=len(ready))
@@ -374,7 +398,7 @@ class Scheduler:
 
         start = time.perf_counter()
         output = self.engine.begin_step(pcm, active, reset)
-        self.last_engine_seconds = time.perf_counter() - start
+        self.last_engine_seconds = moving + time.perf_counter() - start
         self._unsettled = True
         if len(output.tokens) != B or (self.engine.has_vad and len(output.prs) != B):
             raise SchedulerError(

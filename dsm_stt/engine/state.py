@@ -3,7 +3,8 @@
 Owns ``EngineState``: the Mimi encoder state, the LM's KV cache, and the two values that
 implement the step alignment of spec §2.8 — the previous frame's codes and the previous text
 token, which are the LM's inputs at the next step. ``reset(mask)`` starts fresh streams in the
-masked slots without touching the others. No Python loops over slots.
+masked slots without touching the others, ``move(src, dst)`` carries a stream to another slot.
+No Python loops over slots.
 """
 
 from __future__ import annotations
@@ -70,6 +71,14 @@ class EngineState:
         self.lm.reset(mask)
         self.prev_codes.masked_fill_(mask[:, None], self.audio_pad_id)
         self.prev_text.masked_fill_(mask, self.text_start_id)
+
+    def move(self, src: int, dst: int) -> None:
+        """Carry slot ``src``'s stream on in slot ``dst``: every per-slot buffer is copied
+        (``src`` keeps a stale copy, for the scheduler to reset when it reuses the slot)."""
+        self.mimi.move(src, dst)
+        self.lm.move(src, dst)
+        self.prev_codes[dst].copy_(self.prev_codes[src])
+        self.prev_text[dst].copy_(self.prev_text[src])
 
     def kv_bytes_per_slot(self) -> int:
         return self.lm.nbytes_per_slot()

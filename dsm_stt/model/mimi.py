@@ -58,6 +58,12 @@ class MimiState:
             self.first[:n],
         )
 
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s stream into slot ``dst`` (``src`` keeps a copy)."""
+        for buf in (*self.conv_buffers, self.downsample_buffer, self.first):
+            buf[dst].copy_(buf[src])
+        self.kv.move(src, dst)
+
     def reset(self, mask: Tensor) -> None:
         """Start a fresh stream in every slot where ``mask`` [B] (bool) is true."""
         for buf in (*self.conv_buffers, self.downsample_buffer):

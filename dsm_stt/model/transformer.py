@@ -72,6 +72,13 @@ class KVCache:
         self.positions.masked_fill_(mask, 0)
         self.key_positions.masked_fill_(mask[:, None], -1)
 
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src``'s stream into slot ``dst`` (``src`` keeps a copy)."""
+        self.keys[:, dst].copy_(self.keys[:, src])
+        self.values[:, dst].copy_(self.values[:, src])
+        self.key_positions[dst].copy_(self.key_positions[src])
+        self.positions[dst].copy_(self.positions[src])
+
     def assume_history(self, n: int) -> None:
         """Let every slot be ``n`` positions into its stream (``0 <= n <= C``): the first ``n``
         ring entries count as holding positions ``0 .. n-1`` (their keys are whatever the
