@@ -91,9 +91,12 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
     split = None
+    if args.split is None and args.split_overlap is not None:
+        return _fail("--split-overlap needs --split")
     if args.split is not None:
+        overlap = {} if args.split_overlap is None else {"overlap": args.split_overlap}
         try:
-            split = Split(args.split, overlap=args.split_overlap)
+            split = Split(args.split, **overlap)
         except ValueError as exc:
             return _fail(f"--split / --split-overlap: {exc}")
     try:
@@ -371,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--split-overlap",
         type=float,
-        default=5.0,
+        default=None,
         metavar="SECONDS",
         help="with --split, audio before each cut that the next piece starts with (default 5)",
     )

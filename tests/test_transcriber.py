@@ -245,3 +245,5 @@ def test_cli_split(tiny_checkpoint: Path, files: list[Path], capsys: pytest.Capt
     assert "--split / --split-overlap: split pieces must be longer than" in capsys.readouterr().err
     assert main([*args, "--split", "5", "--split-overlap", "-1", str(files[1])]) == 2
     assert "must be >= 0" in capsys.readouterr().err
+    assert main([*args, "--split-overlap", "2", str(files[1])]) == 2
+    assert "--split-overlap needs --split" in capsys.readouterr().err
