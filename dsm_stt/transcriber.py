@@ -174,7 +174,8 @@ def transcribe_files(
     frame = scheduler.frame_size
     prefix = np.zeros(round(prefix_seconds * SAMPLE_RATE), dtype=np.float32)
     waiting = deque(enumerate(map(str, sources)))
-    ready: deque[tuple[_Job, float]] = deque()  # pieces of a split file, with their start (s)
+    # streams waiting for a slot (a file, or a piece of one) and where they start in it (s)
+    ready: deque[tuple[_Job, float]] = deque()
     jobs: dict[Hashable, _Job] = {}
     split_files: dict[int, _SplitFile] = {}
 
