@@ -369,8 +369,8 @@ class Scheduler:
         free slot if that is below it, at most one per step. An engine step computes the
         slots up to the last active one, so a few sessions left high after a busy spell
         would otherwise cost the work of every slot below them. Returns the seconds taken."""
-        if not self._free or not self._streams:
-            return 0.0
+        if not self._free or self._free[0] >= len(self._streams):
+            return 0.0  # every slot below the lowest free one is used: already packed
         top = max(self._streams.values(), key=lambda s: s.slot)
         if self._free[0] > top.slot:
             return 0.0

@@ -258,7 +258,6 @@ class Transformer(nn.Module):
         )
         slots = torch.arange(x.shape[0], device=x.device)[:, None].expand_as(write_index)
         cache.key_positions[slots, write_index] = new_positions
-        cache.key_positions[:, C] = -1
         span = self._span(cache, T, active)
         kp = cache.key_positions[:, None, :span]  # [B, 1, S]
         delta = query_positions[:, :, None] - kp  # [B, T, S]
