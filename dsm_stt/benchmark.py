@@ -46,6 +46,7 @@ class BenchResult:
     # half runs after them)
     output_ms: float | None = None
     context_fill: float = 1.0  # how full the attention caches were (1.0: steady state)
+    kv_cache: str = "float"  # the LM's KV ring: the model's dtype, or int8 rows
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +59,8 @@ class BenchResult:
         )
         if self.w8a8_kernel:
             quant += f" via {self.w8a8_kernel}"
+        if self.kv_cache == "int8":
+            quant += ", int8 KV cache"
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
@@ -128,4 +131,5 @@ def run_benchmark(
         gpu_peak_mb=gpu,
         w8a8_kernel=engine.w8a8_kernel,
         context_fill=context_fill,
+        kv_cache=engine.kv_cache,
     )

@@ -15,6 +15,7 @@ import torch
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QUANTIZE = ("none", "int8", "w8a8")
+KV_CACHES = ("float", "int8")  # the LM's KV ring: the model's dtype, or int8 rows (CPU)
 
 
 def _cpu_flags() -> str:
@@ -81,6 +82,7 @@ class EngineConfig:
     seed: int = 0
     quantize: str = "none"
     cuda_graphs: bool = False  # replay captured steps (CUDA only, greedy only)
+    kv_cache: str = "float"  # "int8": the LM's KV ring as int8 rows with scales (CPU only)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -93,6 +95,14 @@ class EngineConfig:
             raise ValueError(
                 f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
             )
+        if self.kv_cache not in KV_CACHES:
+            raise ValueError(
+                f"kv cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}"
+            )
+        if self.kv_cache == "int8" and self.device not in ("auto", "cpu"):
+            raise ValueError(f"kv cache int8 runs on CPU only, not {self.device!r}")
+        if self.kv_cache == "int8" and self.cuda_graphs:
+            raise ValueError("kv cache int8 runs on CPU only: no CUDA graphs")
         if self.cuda_graphs and self.device not in ("auto", "cuda"):
             raise ValueError(f"CUDA graphs need the cuda device, not {self.device!r}")
         if self.cuda_graphs and self.temperature > 0:

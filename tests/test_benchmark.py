@@ -9,6 +9,7 @@ import pytest
 from dsm_stt.benchmark import run_benchmark
 from dsm_stt.cli import main
 from dsm_stt.engine.engine import Engine
+from dsm_stt.model.kernels import int8_kv_problem
 from dsm_stt.model.synthetic import random_model
 
 
@@ -57,3 +58,15 @@ def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) 
     assert json.loads(capsys.readouterr().out)["context_fill"] == 0.25
     assert main([*args.split(), "--context-fill", "2"]) != 0
     assert "--context-fill must be within 0..1" in capsys.readouterr().err
+    assert result["kv_cache"] == "float"
+
+
+@pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+def test_cli_runs_with_an_int8_kv_cache(capsys: pytest.CaptureFixture[str]) -> None:
+    args = "bench --random-weights --model tiny --device cpu --steps 2 --warmup 1 --json"
+    assert main([*args.split()]) == 0
+    floats = json.loads(capsys.readouterr().out)
+    assert main([*args.split(), "--kv-cache", "int8"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["kv_cache"] == "int8" and result["step_ms"] > 0
+    assert result["kv_mb_per_stream"] < floats["kv_mb_per_stream"]  # int8 rows, float32 ring

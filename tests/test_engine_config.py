@@ -32,10 +32,17 @@ def test_auto_dtype_on_cuda_is_bf16() -> None:
         ("device", "tpu"),
         ("dtype", "int8"),
         ("quantize", "int4"),
+        ("kv_cache", "int4"),
     ],
 )
 def test_invalid_settings_name_the_field(field: str, value: object) -> None:
-    with pytest.raises(
-        ValueError, match=field.replace("_", " ") if field == "batch_size" else field
-    ):
+    with pytest.raises(ValueError, match=field.replace("_", " ") if "_" in field else field):
         EngineConfig(**{field: value})
+
+
+def test_an_int8_kv_cache_is_for_the_cpu_only() -> None:
+    assert EngineConfig(kv_cache="int8", device="cpu").kv_cache == "int8"
+    with pytest.raises(ValueError, match="kv cache int8 runs on CPU only, not 'cuda'"):
+        EngineConfig(kv_cache="int8", device="cuda")
+    with pytest.raises(ValueError, match="kv cache int8 runs on CPU only: no CUDA graphs"):
+        EngineConfig(kv_cache="int8", cuda_graphs=True)

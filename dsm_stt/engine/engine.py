@@ -30,8 +30,9 @@ import torch
 from torch import Tensor
 
 from ..allocator import reuse_freed_memory
-from ..config import QUANTIZE, EngineConfig, cpu_has_amx_int8, cpu_has_vnni
+from ..config import KV_CACHES, QUANTIZE, EngineConfig, cpu_has_amx_int8, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
+from ..model.kernels import int8_kv_problem
 from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
 from .graphs import Capture, StepGraphs, cuda_capture
 from .scheduler import StepOutput
@@ -48,8 +49,18 @@ class Engine:
         temperature: float = 0.0,
         seed: int = 0,
         quantize: str = "none",
+        kv_cache: str = "float",
     ) -> None:
         self.device = torch.device(device)
+        if kv_cache not in KV_CACHES:
+            raise ValueError(f"kv cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+        if kv_cache == "int8":
+            if self.device.type != "cpu":
+                raise ValueError(f"kv cache int8 runs on CPU only, not {self.device.type}")
+            problem = int8_kv_problem()  # builds the kernel on first use (seconds)
+            if problem is not None:
+                raise ValueError(f"kv cache int8: {problem}")
+        self.kv_cache = kv_cache
         if self.device.type == "cpu":
             reuse_freed_memory()
         self.dtype = dtype
@@ -71,7 +82,10 @@ class Engine:
         self.temperature = float(temperature)
         # sampling only (temperature > 0); greedy engines need none
         self.generator = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
-        self.state = EngineState.allocate(self.mimi, self.lm, batch_size, self.device, dtype)
+        kv_dtype = torch.int8 if kv_cache == "int8" else dtype
+        self.state = EngineState.allocate(
+            self.mimi, self.lm, batch_size, self.device, dtype, kv_dtype
+        )
         self.graphs: StepGraphs | None = None  # see capture_steps
         self._pending: Callable[[], None] | None = None  # the Mimi half begin_step left
 
@@ -101,6 +115,7 @@ class Engine:
             config.temperature,
             config.seed,
             config.quantize,
+            config.kv_cache,
         )
         if config.cuda_graphs:
             engine.capture_steps()

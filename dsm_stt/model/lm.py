@@ -135,7 +135,8 @@ class LM(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> KVCache:
         """A fresh KV cache for ``batch_size`` slots, by default on the weights' device and
-        in their dtype (``step`` requires the cache dtype to match the weights')."""
+        in their dtype (``step`` requires the cache dtype to match the weights', or int8 on
+        CPU: see ``KVCache.allocate``)."""
         if batch_size <= 0:
             raise LMInputError(f"batch_size must be positive, got {batch_size}")
         return self.transformer.allocate_cache(
@@ -191,10 +192,12 @@ class LM(nn.Module):
             )
         if cache.keys.shape[1] != B:
             raise LMInputError(f"cache holds {cache.keys.shape[1]} slots, inputs have {B}")
-        if cache.keys.dtype != self.dtype:
+        if cache.keys.dtype != self.dtype and not cache.quantized:
             raise LMInputError(
                 f"cache dtype {cache.keys.dtype} differs from the weights' {self.dtype}"
             )
+        if cache.quantized and cache.keys.device.type != "cpu":
+            raise LMInputError("an int8 KV cache runs on CPU only")
         if check_ids:
             self._check_ids(text, audio)
         x = self._embed(text[:, None], audio[:, :, None])  # [B, 1, D]

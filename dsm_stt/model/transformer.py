@@ -12,6 +12,9 @@ The ring has one extra "trash" entry (index ``context``) whose position is alway
 are inactive this step write there, so a masked step is a fixed-shape computation with no
 Python branch and no effect on the slot's state.
 
+A ring may also hold int8 rows with one float32 scale each (``KVCache.allocate(dtype=int8)``):
+half the bytes a step reads at bf16, attended by the compiled CPU kernel of ``kernels``.
+
 It also offers ``forward_sequence``: a whole-sequence forward with the same window mask, used to
 check that streaming equals teacher forcing.
 """
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .kernels import int8_attention, quantize_rows
 from .layers import GatedFFN, LayerScale, RMSNorm, apply_rope, rope_rotation
 
 
@@ -35,6 +39,10 @@ class KVCache:
     values: Tensor  # [L, B, H, C + 1, hd]
     key_positions: Tensor  # [B, C + 1] absolute position of each entry, -1 = empty
     positions: Tensor  # [B] next position of each slot
+    # an int8 ring (``allocate(dtype=torch.int8)``): float32 [L, B, H, C + 1], one scale per
+    # stored key / value row (``key ≈ keys * key_scales[..., None]``); None for float rings
+    key_scales: Tensor | None = None
+    value_scales: Tensor | None = None
 
     @classmethod
     def allocate(
@@ -47,7 +55,14 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
+        """``dtype`` torch.int8 stores keys and values as int8 rows with a float32 scale each
+        (CPU only: see ``kernels.int8_attention``); float dtypes store them as they are."""
         shape = (num_layers, batch_size, num_heads, context + 1, head_dim)
+        scales = None
+        if dtype == torch.int8:
+            scales = shape[:-1]
+        elif not dtype.is_floating_point:
+            raise ValueError(f"a KV cache holds float or int8 entries, not {dtype}")
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
@@ -55,7 +70,13 @@ class KVCache:
                 (batch_size, context + 1), -1, device=device, dtype=torch.long
             ),
             positions=torch.zeros(batch_size, device=device, dtype=torch.long),
+            key_scales=None if scales is None else torch.ones(scales, device=device),
+            value_scales=None if scales is None else torch.ones(scales, device=device),
         )
+
+    @property
+    def quantized(self) -> bool:
+        return self.key_scales is not None
 
     @property
     def context(self) -> int:
@@ -64,7 +85,12 @@ class KVCache:
     def prefix(self, n: int) -> KVCache:
         """The first ``n`` slots, as views sharing this cache's memory."""
         return KVCache(
-            self.keys[:, :n], self.values[:, :n], self.key_positions[:n], self.positions[:n]
+            self.keys[:, :n],
+            self.values[:, :n],
+            self.key_positions[:n],
+            self.positions[:n],
+            None if self.key_scales is None else self.key_scales[:, :n],
+            None if self.value_scales is None else self.value_scales[:, :n],
         )
 
     def reset(self, mask: Tensor) -> None:
@@ -78,6 +104,9 @@ class KVCache:
         self.values[:, dst].copy_(self.values[:, src])
         self.key_positions[dst].copy_(self.key_positions[src])
         self.positions[dst].copy_(self.positions[src])
+        if self.key_scales is not None:
+            self.key_scales[:, dst].copy_(self.key_scales[:, src])
+            self.value_scales[:, dst].copy_(self.value_scales[:, src])
 
     def assume_history(self, n: int) -> None:
         """Let every slot be ``n`` positions into its stream (``0 <= n <= C``): the first ``n``
@@ -91,6 +120,8 @@ class KVCache:
 
     def nbytes_per_slot(self) -> int:
         per = self.keys[:, :1].numel() * self.keys.element_size()
+        if self.key_scales is not None:
+            per += self.key_scales[:, :1].numel() * self.key_scales.element_size()
         return 2 * per + self.key_positions.shape[1] * 8 + 8
 
 
@@ -139,11 +170,28 @@ class Attention(nn.Module):
         ``S`` ring entries, all computed once for all layers."""
         q, k, v = self._qkv(x, rot)
         keys, values = cache.keys[layer], cache.values[layer]
+        span = mask.shape[-1]  # the ring entries that can hold a key (see Transformer.step)
         # Advanced indexing writes B*T rows in place ([B, T] index pairs select [B, T, H, hd]);
         # ``scatter_`` would be equivalent but copies the whole cache on CPU.
+        if cache.quantized:
+            key_scales, value_scales = cache.key_scales[layer], cache.value_scales[layer]
+            k8, ks = quantize_rows(k.transpose(1, 2))
+            v8, vs = quantize_rows(v.transpose(1, 2))
+            keys[write_at[0], :, write_at[1]] = k8
+            values[write_at[0], :, write_at[1]] = v8
+            key_scales[write_at[0], :, write_at[1]] = ks
+            value_scales[write_at[0], :, write_at[1]] = vs
+            y = int8_attention(
+                q,
+                keys[:, :, :span],
+                key_scales[:, :, :span],
+                values[:, :, :span],
+                value_scales[:, :, :span],
+                mask[:, 0],
+            ).to(q.dtype)
+            return self._out(y)
         keys[write_at[0], :, write_at[1]] = k.transpose(1, 2)
         values[write_at[0], :, write_at[1]] = v.transpose(1, 2)
-        span = mask.shape[-1]  # the ring entries that can hold a key (see Transformer.step)
         y = F.scaled_dot_product_attention(
             q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
         )

@@ -1,0 +1,96 @@
+"""Tests of dsm_stt.model.kernels: the int8 KV attention kernel (both of its code paths) against
+PyTorch's attention over the dequantized entries, the row quantization, and the error a
+machine that cannot build the kernel gets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from dsm_stt.model import kernels
+from dsm_stt.model.kernels import int8_attention, int8_kv_problem, quantize_rows
+
+pytestmark = pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+
+
+def _ring(B: int, H: int, C: int, D: int, seed: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    k8, ks = quantize_rows(torch.randn(B, H, C + 1, D, generator=g) * 3)
+    v8, vs = quantize_rows(torch.randn(B, H, C + 1, D, generator=g))
+    return k8, ks, v8, vs
+
+
+@pytest.mark.parametrize("generic", [False, True], ids=["fast", "generic"])
+@pytest.mark.parametrize(("T", "D"), [(1, 128), (2, 128), (1, 64), (2, 24), (1, 256)])
+def test_int8_attention_equals_attention_over_the_dequantized_ring(
+    T: int, D: int, generic: bool
+) -> None:
+    B, H, C, S = 3, 4, 40, 37  # the first S entries of a ring of C + 1: strided views
+    k8, ks, v8, vs = _ring(B, H, C, D, seed=T * D)
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(B, H, T, D, generator=g)
+    mask = torch.rand(B, T, S, generator=g) > 0.4
+    mask[:, :, 5] = True  # every query sees at least one entry
+    keys = (k8.float() * ks[..., None])[:, :, :S]
+    values = (v8.float() * vs[..., None])[:, :, :S]
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+    out = int8_attention(
+        q, k8[:, :, :S], ks[:, :, :S], v8[:, :, :S], vs[:, :, :S], mask, generic=generic
+    )
+    assert out.dtype == torch.float32 and out.shape == (B, H, T, D)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+
+
+def test_int8_attention_takes_bf16_queries_and_a_single_visible_entry() -> None:
+    B, H, C, D = 2, 2, 9, 128
+    k8, ks, v8, vs = _ring(B, H, C, D, seed=3)
+    q = torch.randn(B, H, 1, D).bfloat16()
+    mask = torch.zeros(B, 1, C, dtype=torch.bool)
+    mask[0, 0, 4] = mask[1, 0, 0] = True  # softmax over one entry: that entry's value
+    out = int8_attention(q, k8[:, :, :C], ks[:, :, :C], v8[:, :, :C], vs[:, :, :C], mask)
+    values = v8.float() * vs[..., None]
+    torch.testing.assert_close(out[0, :, 0], values[0, :, 4], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out[1, :, 0], values[1, :, 0], atol=1e-6, rtol=1e-6)
+
+
+def test_int8_attention_rejects_mismatched_inputs() -> None:
+    k8, ks, v8, vs = _ring(1, 2, 5, 64, seed=0)
+    q = torch.randn(1, 2, 1, 64)
+    mask = torch.ones(1, 1, 6, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="keys and values must be int8"):
+        int8_attention(q, k8.float(), ks, v8, vs, mask)
+    with pytest.raises(RuntimeError, match="mask must be"):
+        int8_attention(q, k8, ks, v8, vs, mask[:, :, :5])
+
+
+def test_quantize_rows_rounds_each_row_to_its_own_scale() -> None:
+    x = torch.randn(5, 7, 32) * torch.logspace(-3, 2, 7)[None, :, None]
+    x[0, 0] = 0.0
+    q, scale = quantize_rows(x)
+    assert q.dtype == torch.int8 and scale.shape == (5, 7)
+    assert (q[1:].abs().amax(-1) == 127).all()  # every nonzero row uses the whole grid
+    assert (q[0, 0] == 0).all()
+    err = (q.float() * scale[..., None] - x).abs()
+    assert (err <= scale[..., None] / 2 + 1e-6 * x.abs()).all()
+
+
+def test_a_machine_that_cannot_build_the_kernel_gets_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dsm_stt.engine.engine import Engine
+    from dsm_stt.model.synthetic import random_model
+
+    monkeypatch.setattr(kernels, "_missing_tools", lambda: "no C++ compiler (c++) on the PATH")
+    kernels._build.cache_clear()
+    try:
+        problem = int8_kv_problem()
+        assert problem == (
+            "the int8 KV attention kernel cannot be built: no C++ compiler (c++) on the PATH"
+        )
+        with pytest.raises(ValueError, match="kv cache int8: .*no C\\+\\+ compiler"):
+            Engine(random_model("tiny"), 1, kv_cache="int8")
+    finally:
+        monkeypatch.undo()
+        kernels._build.cache_clear()
+    assert int8_kv_problem() is None
