@@ -51,6 +51,12 @@ def main() -> int:
         help="dsm-stt's LM projections",
     )
     parser.add_argument(
+        "--kv-cache",
+        default="float",
+        choices=["float", "int8"],
+        help="dsm-stt's LM attention cache (int8: CPU, builds a small C++ kernel)",
+    )
+    parser.add_argument(
         "--context-fill",
         type=float,
         default=1.0,
@@ -80,7 +86,7 @@ def main() -> int:
         PlaceholderTokenizer(cfg.lm.text_card),
     )
     del lm_tensors
-    engine = Engine(model, B, dtype=dtype, quantize=args.quantize)
+    engine = Engine(model, B, dtype=dtype, quantize=args.quantize, kv_cache=args.kv_cache)
 
     rng = np.random.default_rng(0)
     pcm = (0.1 * rng.standard_normal((B, 1920))).astype(np.float32)
@@ -115,7 +121,8 @@ def main() -> int:
     o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
     print(
         f"{args.model}, batch {B}, {args.dtype}"
-        f"{f' (dsm-stt with {args.quantize} LM)' if args.quantize != 'none' else ''}, "
+        f"{f' (dsm-stt with {args.quantize} LM)' if args.quantize != 'none' else ''}"
+        f"{' (dsm-stt with an int8 KV cache)' if args.kv_cache == 'int8' else ''}, "
         f"{torch.get_num_threads()} threads, context fill {args.context_fill}, "
         f"{args.rounds}x{args.steps} interleaved steps each"
     )

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from dsm_stt.engine.engine import w8a8_kernel
+from dsm_stt.model.kernels import int8_kv_problem
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -56,6 +57,8 @@ def test_agreement_compares_every_variant_with_float32() -> None:
     variants = report["variants"]
     assert report["steps"] == 6
     assert {"bfloat16", "bfloat16+int8", "float32+int8", "bfloat16+w8a8"} <= set(variants)
+    if int8_kv_problem() is None:
+        assert {"bfloat16, int8 KV", "bfloat16+w8a8, int8 KV"} <= set(variants)
     for result in variants.values():
         assert 0 < result["max_abs_dlogit"] < 1.0
         assert 0 <= result["mean_abs_dlogit"] <= result["max_abs_dlogit"]
