@@ -22,6 +22,22 @@ def make_transformer(seed: int = 0, dim: int = DIM, heads: int = HEADS) -> Trans
     ).eval()
 
 
+def stream(
+    model: Transformer,
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    dtype: torch.dtype = torch.float32,
+) -> tuple[list[torch.Tensor], KVCache]:
+    """Run ``steps`` (input, active mask, reset mask) on a fresh 3-slot cache of ``dtype``:
+    the active slots' outputs of every step, and the cache."""
+    cache = model.allocate_cache(3, dtype=dtype)
+    outs = []
+    with torch.no_grad():
+        for x, active, reset in steps:
+            cache.reset(reset)
+            outs.append(model.step(x, cache, active)[active])
+    return outs, cache
+
+
 @pytest.fixture
 def spans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The number of key entries every attention call of a streaming step reads."""
@@ -81,18 +97,9 @@ def test_reading_the_filled_entries_gives_the_whole_ring_result(
         + [([True, False, True], [False, False, False])] * 14
     ]
 
-    def run() -> tuple[list[torch.Tensor], KVCache]:
-        cache = model.allocate_cache(3)
-        outs = []
-        with torch.no_grad():
-            for x, active, reset in steps:
-                cache.reset(reset)
-                outs.append(model.step(x, cache, active)[active])
-        return outs, cache
-
-    spanned, cache_a = run()
+    spanned, cache_a = stream(model, steps)
     monkeypatch.setattr(Transformer, "_span", staticmethod(lambda cache, T, active: cache.context))
-    whole, cache_b = run()
+    whole, cache_b = stream(model, steps)
     for a, b in zip(spanned, whole, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert torch.equal(cache_a.key_positions, cache_b.key_positions)
@@ -144,16 +151,7 @@ def test_an_int8_ring_equals_a_float_ring_holding_the_rounded_rows(
         + [(1, [True, False, True], [False, False, False])] * 12
     ]
 
-    def run(dtype: torch.dtype) -> tuple[list[torch.Tensor], KVCache]:
-        cache = model.allocate_cache(3, dtype=dtype)
-        outs = []
-        with torch.no_grad():
-            for x, active, reset in steps:
-                cache.reset(reset)
-                outs.append(model.step(x, cache, active)[active])
-        return outs, cache
-
-    int8_outs, int8_cache = run(torch.int8)
+    int8_outs, int8_cache = stream(model, steps, torch.int8)
     assert int8_cache.quantized and int8_cache.keys.dtype == torch.int8
     qkv = Attention._qkv
 
@@ -162,7 +160,7 @@ def test_an_int8_ring_equals_a_float_ring_holding_the_rounded_rows(
         return q, *(r.float() * s[..., None] for r, s in map(quantize_rows, (k, v)))
 
     monkeypatch.setattr(Attention, "_qkv", rounded)
-    float_outs, float_cache = run(torch.float32)
+    float_outs, float_cache = stream(model, steps)
     for a, b in zip(int8_outs, float_outs, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.equal(int8_cache.key_positions, float_cache.key_positions)

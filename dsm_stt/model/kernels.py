@@ -59,12 +59,18 @@ float softmax_in_place(float* p, const bool* mrow, int64_t m2, int64_t S) {
   return 1.f / sum;
 }
 
+// The rows and scales of one (slot, head) pair.
+struct Pair {
+  const int8_t* k; const int8_t* v; const float* ks; const float* vs;
+  Pair(const Views& a, int64_t b, int64_t h)
+      : k(a.k + b * a.k0 + h * a.k1), v(a.v + b * a.v0 + h * a.v1),
+        ks(a.ks + b * a.ks0 + h * a.ks1), vs(a.vs + b * a.vs0 + h * a.vs1) {}
+};
+
 // One (slot, head) pair, any head size: plain loops.
 void pair_generic(const Views& a, int64_t b, int64_t h, float* p) {
-  const int8_t* kb = a.k + b * a.k0 + h * a.k1;
-  const int8_t* vb = a.v + b * a.v0 + h * a.v1;
-  const float* ksb = a.ks + b * a.ks0 + h * a.ks1;
-  const float* vsb = a.vs + b * a.vs0 + h * a.vs1;
+  const Pair r(a, b, h);
+  const int8_t* kb = r.k; const int8_t* vb = r.v; const float* ksb = r.ks; const float* vsb = r.vs;
   for (int64_t t = 0; t < a.T; ++t) {
     const float* q = a.q + ((b * a.H + h) * a.T + t) * a.D;
     for (int64_t s = 0; s < a.S; ++s) {
@@ -94,10 +100,8 @@ inline __m512 load16(const int8_t* p) {
 // four key rows in flight at a time.
 template <int N>
 void pair_avx512(const Views& a, int64_t b, int64_t h, float* p) {
-  const int8_t* kb = a.k + b * a.k0 + h * a.k1;
-  const int8_t* vb = a.v + b * a.v0 + h * a.v1;
-  const float* ksb = a.ks + b * a.ks0 + h * a.ks1;
-  const float* vsb = a.vs + b * a.vs0 + h * a.vs1;
+  const Pair r(a, b, h);
+  const int8_t* kb = r.k; const int8_t* vb = r.v; const float* ksb = r.ks; const float* vsb = r.vs;
   for (int64_t t = 0; t < a.T; ++t) {
     const float* q = a.q + ((b * a.H + h) * a.T + t) * a.D;
     __m512 qv[N];
