@@ -18,29 +18,32 @@ QUANTIZE = ("none", "int8", "w8a8")
 KV_CACHES = ("float", "int8")  # the LM's KV ring: the model's dtype, or int8 rows (CPU)
 
 
-def _cpu_flags() -> str:
+def cpu_flags() -> str:
+    """The CPU's feature flags as Linux lists them (the ``flags`` line of /proc/cpuinfo; empty
+    where there is none): constant for a machine, unlike the rest of that file."""
     try:
-        return Path("/proc/cpuinfo").read_text()
+        info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return ""
+    return next((line for line in info.splitlines() if line.startswith("flags")), "")
 
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def cpu_has_vnni() -> bool:
     """True when the CPU has int8 dot products that accumulate without saturating
     (AVX512-VNNI, AVX-VNNI or AMX-INT8): w8a8 then quantizes activations to 8 bits, else 7."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return any(f" {name}" in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def cpu_has_amx_int8() -> bool:
     """True when the CPU has AMX int8 tile instructions (Intel Sapphire Rapids and later)."""
-    return " amx_int8" in _cpu_flags()
+    return " amx_int8" in cpu_flags()
 
 
 def resolve_device(name: str) -> torch.device:

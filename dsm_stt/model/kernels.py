@@ -19,10 +19,11 @@ import functools
 import hashlib
 import platform
 import shutil
-from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from ..config import cpu_flags
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -208,19 +209,11 @@ class KernelUnavailable(RuntimeError):
     """The compiled kernel cannot be built or loaded on this machine."""
 
 
-def _cpu_id() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    except OSError:
-        flags = ""
-    return platform.machine() + flags
-
-
 def _build_name() -> str:
     # one build per source, flags, PyTorch and CPU: ``-march=native`` code may not run on
     # another CPU sharing the same cache directory
-    key = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, _cpu_id()])
+    cpu = platform.machine() + cpu_flags()
+    key = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, cpu])
     return "dsm_stt_kv_int8_" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

@@ -175,12 +175,9 @@ class Attention(nn.Module):
         # ``scatter_`` would be equivalent but copies the whole cache on CPU.
         if cache.quantized:
             key_scales, value_scales = cache.key_scales[layer], cache.value_scales[layer]
-            k8, ks = quantize_rows(k.transpose(1, 2))
-            v8, vs = quantize_rows(v.transpose(1, 2))
-            keys[write_at[0], :, write_at[1]] = k8
-            values[write_at[0], :, write_at[1]] = v8
-            key_scales[write_at[0], :, write_at[1]] = ks
-            value_scales[write_at[0], :, write_at[1]] = vs
+            (k8, ks), (v8, vs) = quantize_rows(k.transpose(1, 2)), quantize_rows(v.transpose(1, 2))
+            for ring, rows in ((keys, k8), (values, v8), (key_scales, ks), (value_scales, vs)):
+                ring[write_at[0], :, write_at[1]] = rows
             y = int8_attention(
                 q,
                 keys[:, :, :span],
