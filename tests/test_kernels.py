@@ -1,6 +1,6 @@
-"""Tests of dsm_stt.model.kernels: the int8 KV attention kernel (both of its code paths) against
-PyTorch's attention over the dequantized entries, the row quantization, and the error a
-machine that cannot build the kernel gets."""
+"""Tests of dsm_stt.model.kernels: the int8 KV attention kernel (each code path this machine's
+build has) against PyTorch's attention over the dequantized entries, the row quantization, and
+the error a machine that cannot build the kernel gets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,19 @@ import torch
 from torch.nn import functional as F
 
 from dsm_stt.model import kernels
-from dsm_stt.model.kernels import int8_attention, int8_kv_problem, quantize_rows
+from dsm_stt.model.kernels import int8_attention, int8_kv_problem, kernel_paths, quantize_rows
 
 pytestmark = pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+
+PATHS = kernel_paths() if int8_kv_problem() is None else []
+# the vnni path rounds the query and the softmax weights to 16 bits: outputs within ~1e-4 of
+# their scale (bf16 rounding alone is 4e-3); the float paths are exact up to summation order
+TOLERANCE = {"vnni": 2e-4, "avx512": 1e-5, "generic": 1e-5}
+
+
+def _close(out: torch.Tensor, expected: torch.Tensor, path: str) -> None:
+    err = (out.double() - expected.double()).abs().max().item()
+    assert err <= TOLERANCE[path] * expected.abs().max().item(), (path, err)
 
 
 def _ring(B: int, H: int, C: int, D: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -21,10 +31,19 @@ def _ring(B: int, H: int, C: int, D: int, seed: int) -> tuple[torch.Tensor, ...]
     return k8, ks, v8, vs
 
 
-@pytest.mark.parametrize("generic", [False, True], ids=["fast", "generic"])
+def test_the_build_has_the_generic_path_and_names_the_default_first() -> None:
+    assert PATHS[-1] == "generic" and set(PATHS) <= set(TOLERANCE)
+    with pytest.raises(ValueError, match="unknown kernel path 'fast'"):
+        k8, ks, v8, vs = _ring(1, 1, 2, 64, seed=0)
+        int8_attention(
+            torch.randn(1, 1, 1, 64), k8, ks, v8, vs, torch.ones(1, 1, 3, dtype=bool), path="fast"
+        )
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("T", "D"), [(1, 128), (2, 128), (1, 64), (2, 24), (1, 256)])
 def test_int8_attention_equals_attention_over_the_dequantized_ring(
-    T: int, D: int, generic: bool
+    T: int, D: int, path: str
 ) -> None:
     B, H, C, S = 3, 4, 40, 37  # the first S entries of a ring of C + 1: strided views
     k8, ks, v8, vs = _ring(B, H, C, D, seed=T * D)
@@ -35,11 +54,30 @@ def test_int8_attention_equals_attention_over_the_dequantized_ring(
     keys = (k8.float() * ks[..., None])[:, :, :S]
     values = (v8.float() * vs[..., None])[:, :, :S]
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
-    out = int8_attention(
-        q, k8[:, :, :S], ks[:, :, :S], v8[:, :, :S], vs[:, :, :S], mask, generic=generic
-    )
+    out = int8_attention(q, k8[:, :, :S], ks[:, :, :S], v8[:, :, :S], vs[:, :, :S], mask, path=path)
     assert out.dtype == torch.float32 and out.shape == (B, H, T, D)
-    torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-5)
+    _close(out, expected, path)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    ("S", "q_scale", "shape"),
+    [(751, 1.0, "ring"), (751, 12.0, "peaked"), (3000, 1.0, "long"), (6, 0.0, "zero query")],
+)
+def test_int8_attention_over_long_peaked_and_flat_rows(
+    S: int, q_scale: float, shape: str, path: str
+) -> None:
+    """A full stt-1b ring, a query whose softmax puts nearly all weight on a few entries, a
+    long ring (integer sums far from overflowing), and an all-zero query (uniform weights)."""
+    B, H, D = 2, 2, 128
+    k8, ks, v8, vs = _ring(B, H, S - 1, D, seed=S)
+    q = torch.randn(B, H, 1, D, generator=torch.Generator().manual_seed(2)) * q_scale
+    mask = torch.ones(B, 1, S, dtype=torch.bool)
+    mask[0, 0, : S // 3] = False
+    keys, values = k8.double() * ks[..., None], v8.double() * vs[..., None]
+    expected = F.scaled_dot_product_attention(q.double(), keys, values, attn_mask=mask[:, None])
+    out = int8_attention(q, k8, ks, v8, vs, mask, path=path)
+    _close(out, expected, path)
 
 
 def test_int8_attention_takes_bf16_queries_and_a_single_visible_entry() -> None:
