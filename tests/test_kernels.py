@@ -132,3 +132,51 @@ def test_a_machine_that_cannot_build_the_kernel_gets_the_reason(
         monkeypatch.undo()
         kernels._build.cache_clear()
     assert int8_kv_problem() is None
+
+
+needs_amx = pytest.mark.skipif(
+    kernels.amx_int8_problem() is not None, reason=f"{kernels.amx_int8_problem()}"
+)
+
+
+def test_amx_pack_puts_each_weight_where_the_tiles_read_it() -> None:
+    w = torch.randint(-127, 128, (40, 70), dtype=torch.int8)
+    packed = kernels.amx_pack(w)
+    assert packed.shape == (4, 2, 1024)  # 40 columns -> two pairs of 16; 70 inputs -> 2 x 64
+    for n, k in [(0, 0), (17, 5), (39, 69), (33, 64), (5, 63)]:
+        nb, kb, k4, j = n // 16, k // 64, (k % 64) // 4, k % 4
+        assert packed[nb, kb, 64 * k4 + 4 * (n % 16) + j] == w[n, k]
+    assert int(packed.abs().sum()) == int(w.abs().sum())  # the rest is zero padding
+    with pytest.raises(ValueError, match="int8 \\[N, K\\]"):
+        kernels.amx_pack(w.float())
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [1, 5, 16, 17, 33, 70])
+@pytest.mark.parametrize(("N", "K"), [(70, 130), (64, 2048), (32, 64)])
+@pytest.mark.parametrize("levels", [127, 63])
+def test_amx_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels: int) -> None:
+    """Integer sums are exact, so the result is the float64 product of the same integers, up
+    to the float32 epilogue (two products)."""
+    g = torch.Generator().manual_seed(M * N + K)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    scales = torch.rand(N, generator=g) * 0.01
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M)[:, None]
+    x[0, 0] = 0.0
+    m = x.abs().amax(1, keepdim=True)
+    q = torch.round(x / m * levels)  # the grid, float ops in the same order as the kernel
+    expected = (q.double() @ w.double().T) * (m.double() / levels) * scales.double()
+    y = kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
+
+
+@needs_amx
+def test_amx_linear_rejects_mismatched_inputs() -> None:
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    packed, scales = kernels.amx_pack(w), torch.ones(32)
+    with pytest.raises(RuntimeError, match="disagree on the sizes"):
+        kernels.amx_linear(torch.randn(2, 200), packed, scales, 32, 127)
+    with pytest.raises(RuntimeError, match="scales must be float32 \\[N\\]"):
+        kernels.amx_linear(torch.randn(2, 64), packed, torch.ones(31), 32, 127)
+    assert kernels.amx_linear(torch.randn(0, 64), packed, scales, 32, 127).shape == (0, 32)

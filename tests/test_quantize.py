@@ -137,22 +137,22 @@ def test_w8a8_rows_do_not_depend_on_the_rest_of_the_batch(kernel: str) -> None:
         torch.testing.assert_close(together[1:2], alone, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(len(w8a8_kernels()) < 2, reason="needs both int8 CPU kernels")
+@pytest.mark.skipif(len(w8a8_kernels()) < 2, reason="needs two int8 CPU kernels")
 @pytest.mark.parametrize("bits", [8, 7])
 def test_w8a8_kernels_share_weights_and_grid(bits: int) -> None:
     torch.manual_seed(6)
     w = torch.randn(40, 64) * 0.1
     x = torch.randn(9, 64)
-    fbgemm = W8A8Linear(w, bits, "fbgemm")
-    onednn = W8A8Linear(w, bits, "onednn")
-    assert torch.equal(fbgemm.scales, onednn.scales)
+    first, *others = [W8A8Linear(w, bits, kernel) for kernel in w8a8_kernels()]
     # the same int8 weights times the same grid: equal up to an activation rounded to the
     # neighbouring level where a value falls half-way (one level = 1 / (2^(bits-1) - 1))
     step = 1 / (2 ** (bits - 1) - 1)
     bound = step * x.abs().amax(dim=1, keepdim=True) * w.abs().amax()
-    assert bool(((fbgemm(x) - onednn(x)).abs() <= bound + 1e-5).all())
     ref = x @ w.T
-    for q in (fbgemm, onednn):
+    for q in others:
+        assert torch.equal(first.scales, q.scales)
+        assert bool(((first(x) - q(x)).abs() <= bound + 1e-5).all()), q.kernel
+    for q in (first, *others):
         assert float((q(x) - ref).norm() / ref.norm()) < 0.04
 
 
@@ -212,7 +212,7 @@ def test_engine_runs_w8a8_and_bench_reports_it(capsys: pytest.CaptureFixture[str
     assert main([*args.split(), "--warmup", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantize"] == "w8a8" and result["step_ms"] > 0
-    assert result["w8a8_kernel"] == w8a8_kernel(1) == w8a8_kernels()[0]
+    assert result["w8a8_kernel"] == w8a8_kernel(1) and w8a8_kernel(1) in w8a8_kernels()
 
 
 def test_w8a8_kernel_is_onednn_for_eight_slots_and_more_with_amx(
@@ -225,11 +225,14 @@ def test_w8a8_kernel_is_onednn_for_eight_slots_and_more_with_amx(
     assert {w8a8_kernel(b) for b in (1, 7, 8, 32)} == {"fbgemm"}
     monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("onednn",))
     assert w8a8_kernel(1) == "onednn"  # the only one this build has
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn", "amx"))
+    assert {w8a8_kernel(b) for b in (1, 7, 8, 32, 64)} == {"amx"}  # wherever it runs
 
 
 @pytest.mark.skipif("onednn" not in w8a8_kernels(), reason="no oneDNN int8 kernel")
 def test_engine_quantizes_with_the_kernel_it_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine_module, "cpu_has_amx_int8", lambda: True)
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn"))
     model = random_model("tiny", seed=0)
     engine = Engine(model, batch_size=8, dtype=torch.bfloat16, quantize="w8a8")
     kernels = {m.kernel for m in engine.lm.modules() if isinstance(m, W8A8Linear)}

@@ -7,6 +7,12 @@ minute (the keys and values of 750 positions, 16 layers, per slot and step); int
 bytes, and PyTorch's attention takes float tensors only, so the int8 entries are converted on
 the fly inside this kernel, a cache line at a time, never materialized.
 
+Owns ``amx_linear``: ``W8A8Linear``'s int8 product on the AMX tiles of CPUs that have them
+(Sapphire Rapids and later): int8 weights packed once into the tiles' layout (``amx_pack``),
+each activation row quantized on ``W8A8Linear``'s grid inside the call, 32 output columns per
+pass so the weights stream from memory once per call. At the LM's shapes it reads the weights
+at close to the memory bandwidth, where oneDNN's GEMM reaches about half of it at 32 rows.
+
 The source is compiled once per machine for its own CPU (``-march=native``: AVX-512 where the
 CPU has it, plain loops the compiler vectorizes otherwise) and cached by PyTorch under
 ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR`` moves it). It needs a C++ compiler and
@@ -28,6 +34,10 @@ from ..config import cpu_flags
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -399,11 +409,156 @@ torch::Tensor run(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Ten
   return out;
 }
 
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
+#define DSM_AMX 1
+
+struct TileConfig {
+  uint8_t palette_id; uint8_t start_row; uint8_t reserved[14];
+  uint16_t colsb[16]; uint8_t rows[16];
+};
+
+// every tile 16 rows of 64 bytes: A (activations), B (packed weights), C (int32 sums)
+void configure_tiles() {
+  TileConfig c;
+  std::memset(&c, 0, sizeof(c));
+  c.palette_id = 1;
+  for (int t = 0; t < 8; ++t) { c.rows[t] = 16; c.colsb[t] = 64; }
+  _tile_loadconfig(&c);
+}
+
+// C [16 * MT, 32] (row stride 32) = A [16 * MT, 64 * KB] (row stride lda) times two blocks of
+// 16 weight columns (KB tiles of 1 KB each, one block after the other). Tiles 0-3 hold the
+// sums, 4-5 the activation rows, 6-7 the weights.
+template <int MT>
+void amx_block(const int8_t* A, int64_t lda, const int8_t* B0, int64_t KB, int32_t* C) {
+  const int8_t* B1 = B0 + KB * 1024;
+  _tile_zero(0);
+  _tile_zero(1);
+  if (MT > 1) { _tile_zero(2); _tile_zero(3); }
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int8_t* b0 = B0 + kb * 1024;
+    const int8_t* b1 = B1 + kb * 1024;
+    for (int i = 0; i < 16; ++i) {  // four tiles ahead in each stream
+      _mm_prefetch(reinterpret_cast<const char*>(b0 + 4096 + 64 * i), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b1 + 4096 + 64 * i), _MM_HINT_T0);
+    }
+    const int8_t* a = A + kb * 64;
+    _tile_loadd(6, b0, 64);
+    _tile_loadd(7, b1, 64);
+    _tile_loadd(4, a, lda);
+    _tile_dpbssd(0, 4, 6);
+    _tile_dpbssd(1, 4, 7);
+    if (MT > 1) {
+      _tile_loadd(5, a + 16 * lda, lda);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  _tile_stored(0, C, 128);
+  _tile_stored(1, C + 16, 128);
+  if (MT > 1) { _tile_stored(2, C + 512, 128); _tile_stored(3, C + 528, 128); }
+}
+
+// Row m of x on the symmetric grid of ``levels`` steps per side: round(x / max|x| * levels),
+// the same float operations in the same order as W8A8Linear's other kernels.
+float quantize_row(const float* x, int64_t K, float levels, int8_t* out) {
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (; k < K; ++k) mx = std::fmax(mx, std::fabs(x[k]));
+  mx = std::fmax(mx, 1e-30f);
+  const __m512 vm = _mm512_set1_ps(mx), vl = _mm512_set1_ps(levels);
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_roundscale_ps(
+        _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vm), vl),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; k < K; ++k) out[k] = static_cast<int8_t>(std::nearbyint(x[k] / mx * levels));
+  return mx / levels;
+}
+#endif
+
 }  // namespace
 
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Tensor v,
                      torch::Tensor vs, torch::Tensor mask, double scale, int64_t path) {
   return run(q, k, ks, v, vs, mask, scale, path);
+}
+
+// Whether the AMX product can run here: built with AMX, and the OS lets this process use the
+// tiles (Linux asks each process to request them: arch_prctl ARCH_REQ_XCOMP_PERM).
+std::string amx_problem() {
+#if defined(DSM_AMX)
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) != 0)
+    return "the operating system does not let this process use the AMX tiles";
+  return "";
+#else
+  return "this CPU (or compiler) has no AMX-INT8";
+#endif
+}
+
+// y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
+// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even).
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
+                         double levels) {
+#if defined(DSM_AMX)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar && packed.is_contiguous() &&
+              packed.size(2) == 1024 && packed.size(0) % 2 == 0, "packed weights expected");
+  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), KB = packed.size(1);
+  const int64_t Kp = 64 * KB;
+  TORCH_CHECK(K <= Kp && Kp < K + 64 && N <= 16 * NB && 16 * NB < N + 32,
+              "x and the packed weights disagree on the sizes");
+  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
+              scales.is_contiguous(), "scales must be float32 [N]");
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* ws = scales.data_ptr<float>();
+  const int8_t* wp = packed.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t Mp = (M + 31) / 32 * 32;  // whole tiles of rows; the padding rows stay zero
+  std::vector<int8_t> A(Mp * Kp, 0);
+  std::vector<float> xs(Mp, 0.f);
+  const float lv = static_cast<float>(levels);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) xs[m] = quantize_row(xp + m * K, K, lv, A.data() + m * Kp);
+  });
+  at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
+    configure_tiles();
+    alignas(64) int32_t C[32 * 32];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int8_t* B = wp + 2 * pair * KB * 1024;
+      const int64_t n0 = 32 * pair;
+      for (int64_t m0 = 0; m0 < M; m0 += 32) {  // later row blocks find the weights in cache
+        const int64_t rows = std::min<int64_t>(32, M - m0);
+        if (rows > 16) amx_block<2>(A.data() + m0 * Kp, Kp, B, KB, C);
+        else amx_block<1>(A.data() + m0 * Kp, Kp, B, KB, C);
+        for (int half = 0; half < 2; ++half) {
+          const int64_t nn = std::min<int64_t>(16, N - n0 - 16 * half);
+          if (nn <= 0) break;
+          const __mmask16 nm = static_cast<__mmask16>((1u << nn) - 1u);
+          const __m512 wsv = _mm512_maskz_loadu_ps(nm, ws + n0 + 16 * half);
+          for (int64_t m = 0; m < rows; ++m) {
+            const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(C + 32 * m + 16 * half));
+            _mm512_mask_storeu_ps(yp + (m0 + m) * N + n0 + 16 * half, nm,
+                                  _mm512_mul_ps(_mm512_mul_ps(c, _mm512_set1_ps(xs[m0 + m])), wsv));
+          }
+        }
+      }
+    }
+    _tile_release();
+  });
+  return y;
+#else
+  TORCH_CHECK(false, amx_problem());
+  return x;
+#endif
 }
 
 // The code paths this build has, best first (the first is the one taken by default).
@@ -461,7 +616,7 @@ def _build():
         return load_inline(
             _build_name(),
             cpp_sources=_SOURCE,
-            functions=["attend", "paths"],
+            functions=["attend", "paths", "amx_problem", "amx_linear"],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
         )
@@ -522,6 +677,38 @@ def int8_attention(
     return _module().attend(
         q.float().contiguous(), keys, key_scales, values, value_scales, mask, scale, _PATHS[path]
     )
+
+
+def amx_int8_problem() -> str | None:
+    """None when ``amx_linear`` can run here (the kernel built now if need be), else why not."""
+    try:
+        problem = _module().amx_problem()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return problem or None
+
+
+def amx_pack(weight: Tensor) -> Tensor:
+    """int8 weights [N, K] → the AMX tiles' layout [NB, KB, 1024], zero-padded to whole tiles
+    (``NB`` blocks of 16 output columns, even; ``KB`` steps of 64 inputs): byte
+    ``(k4, n, j)`` of tile ``(nb, kb)`` is ``weight[16 nb + n, 64 kb + 4 k4 + j]``."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(
+            f"amx_pack takes int8 [N, K] weights, got {weight.dtype} {list(weight.shape)}"
+        )
+    N, K = weight.shape
+    NB, KB = 2 * -(-N // 32), -(-K // 64)
+    padded = weight.new_zeros(16 * NB, 64 * KB)
+    padded[:N, :K] = weight
+    tiles = padded.view(NB, 16, KB, 16, 4).permute(0, 2, 3, 1, 4)
+    return tiles.contiguous().view(NB, KB, 1024)
+
+
+def amx_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, levels: int) -> Tensor:
+    """``W8A8Linear``'s product on the AMX tiles: ``x`` [M, K] float, ``packed`` from
+    ``amx_pack``, per-output ``scales`` float32 [N]; each row of ``x`` is quantized to
+    ``round(x / max|x| * levels)``. Returns float32 [M, N]."""
+    return _module().amx_linear(x.float().contiguous(), packed, scales, out_features, float(levels))
 
 
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
