@@ -42,6 +42,8 @@ VARIANTS = {
     "float32+w8a8": (torch.float32, "w8a8", "fbgemm", None),
     "bfloat16, int8 KV": (torch.bfloat16, "none", None, torch.int8),
     "bfloat16+w8a8, int8 KV": (torch.bfloat16, "w8a8", "fbgemm", torch.int8),
+    "bfloat16+w8a8 (amx)": (torch.bfloat16, "w8a8", "amx", None),
+    "bfloat16+w8a8 (amx), int8 KV": (torch.bfloat16, "w8a8", "amx", torch.int8),
 }
 
 
