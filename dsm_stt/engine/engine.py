@@ -258,8 +258,8 @@ def w8a8_kernel(batch_size: int) -> str:
     """The ``W8A8Linear`` kernel for an engine of ``batch_size`` slots: this package's AMX
     kernel where it runs (CPUs with AMX-INT8 and a C++ compiler), else oneDNN's on CPUs with
     AMX-INT8 from 8 slots on, else fbgemm's. Measured on a 2-core Xeon with AMX, the stt-1b
-    projections of one layer (all four, int8 weights streamed from memory): 1 row amx 1.81 ms,
-    oneDNN 2.63, fbgemm ~2.4; 32 rows 2.35 / 3.94 / ~5.7; 64 rows 3.12 / 6.0. Without the AMX
+    projections of one layer (all four, int8 weights streamed from memory), amx against
+    oneDNN: 1 row 1.81 / 2.59 ms, 32 rows 2.35 / 3.94, 64 rows 3.32 / 5.02. Without the AMX
     kernel: oneDNN against fbgemm, full LM step, 8 slots 115 -> 107 ms, 16: 170 -> 149, 32:
     296 -> 265; fbgemm's matrix-vector path is faster for one slot (55 against 58 ms)."""
     available = w8a8_kernels()

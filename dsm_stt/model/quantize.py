@@ -83,7 +83,7 @@ class W8A8Linear(nn.Module):
     which also quantizes the input), ``onednn`` (oneDNN's int8 GEMM, which uses AMX tiles from
     a few rows on: about 2.5x fbgemm's speed at 32 rows, a little slower at one) and ``amx``
     (``kernels.amx_linear``, this package's own AMX kernel, compiled on first use: the weights
-    stream once per call at close to the memory bandwidth, 1.5-2x oneDNN's speed at 1 to 64
+    stream once per call at close to the memory bandwidth, 1.4-1.7x oneDNN's speed at 1 to 64
     rows). All get the same int8 weights and the same activation grid.
     """
 
