@@ -59,13 +59,19 @@ struct Views {
   float scale;
 };
 
-// Softmax over p[0..S) in place, masked entries first set to -inf; returns 1 / sum.
-float softmax_in_place(float* p, const bool* mrow, int64_t m2, int64_t S) {
+// Sets the masked scores of p[0..S) to -inf; returns the largest score.
+float mask_and_max(float* p, const bool* mrow, int64_t m2, int64_t S) {
   float mx = -INFINITY;
   for (int64_t s = 0; s < S; ++s) {
     if (!mrow[s * m2]) p[s] = -INFINITY;
     mx = p[s] > mx ? p[s] : mx;
   }
+  return mx;
+}
+
+// Softmax over p[0..S) in place, masked entries first set to -inf; returns 1 / sum.
+float softmax_in_place(float* p, const bool* mrow, int64_t m2, int64_t S) {
+  const float mx = mask_and_max(p, mrow, m2, S);
   float sum = 0.f;
   for (int64_t s = 0; s < S; ++s) {
     const float e = std::exp(p[s] - mx);
@@ -254,12 +260,7 @@ void pair_vnni(const Views& a, int64_t b, int64_t h, Scratch& w) {
       for (int j = 0; j < 4 && s + j < S; ++j) p[s + j] = f[j] * r.ks[(s + j) * a.ks2] * kscale;
     }
     // softmax numerators times the value scales, and their maximum
-    const bool* mrow = a.mask + b * a.m0 + t * a.m1;
-    float mx = -INFINITY;
-    for (int64_t s = 0; s < S; ++s) {
-      if (!mrow[s * a.m2]) p[s] = -INFINITY;
-      mx = std::fmax(mx, p[s]);
-    }
+    const float mx = mask_and_max(p, a.mask + b * a.m0 + t * a.m1, a.m2, S);
     __m512 total = _mm512_setzero_ps(), wmax = _mm512_setzero_ps();
     const __m512 vmx = _mm512_set1_ps(mx);
     for (int64_t s = 0; s < S; s += 16) {

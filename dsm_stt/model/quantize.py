@@ -129,7 +129,12 @@ class W8A8Linear(nn.Module):
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.kernel == "amx":  # quantizes each row and scales it back inside the kernel
             y = amx_linear(flat, self.packed, self.scales, self.out_features, self.levels)
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        else:
+            y = self._torch_product(flat)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def _torch_product(self, flat: Tensor) -> Tensor:
+        """float32 [M, K] → float32 [M, N] through PyTorch's fbgemm or oneDNN kernel."""
         m = flat.abs().amax(dim=1, keepdim=True).clamp_min_(1e-30)
         if self.kernel == "onednn":
             qx = flat.div(m).mul_(self.levels).round_().add_(self.x_zero_point).to(torch.uint8)
@@ -152,8 +157,7 @@ class W8A8Linear(nn.Module):
             y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
                 flat / m, self.x_scale, self.x_zero_point, self.packed
             )
-        y = y.mul_(m).to(x.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return y.mul_(m)
 
 
 def int8_supported(device_type: str) -> bool:
