@@ -502,31 +502,17 @@ std::string amx_problem() {
 #endif
 }
 
-// y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
-// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even).
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
-                         double levels) {
 #if defined(DSM_AMX)
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar && packed.is_contiguous() &&
-              packed.size(2) == 1024 && packed.size(0) % 2 == 0, "packed weights expected");
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0), KB = packed.size(1);
+namespace {
+
+// y [M, N] = (round(x / max|x| * levels) . w^T) * max|x| / levels * ws for float32 rows x
+// [M, K] (row stride K) and int8 weights w [N, K] packed into NB x KB tiles (NB even).
+void amx_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64_t NB, int64_t KB,
+                 const float* ws, int64_t N, float lv, float* yp) {
   const int64_t Kp = 64 * KB;
-  TORCH_CHECK(K <= Kp && Kp < K + 64 && N <= 16 * NB && 16 * NB < N + 32,
-              "x and the packed weights disagree on the sizes");
-  TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
-              scales.is_contiguous(), "scales must be float32 [N]");
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* ws = scales.data_ptr<float>();
-  const int8_t* wp = packed.data_ptr<int8_t>();
-  float* yp = y.data_ptr<float>();
   const int64_t Mp = (M + 31) / 32 * 32;  // whole tiles of rows; the padding rows stay zero
   std::vector<int8_t> A(Mp * Kp, 0);
   std::vector<float> xs(Mp, 0.f);
-  const float lv = static_cast<float>(levels);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) xs[m] = quantize_row(xp + m * K, K, lv, A.data() + m * Kp);
   });
@@ -555,11 +541,286 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
     }
     _tile_release();
   });
+}
+
+// One W8A8 projection: packed weights [NB, KB, 1024], float32 scales [N], its output size.
+struct Projection {
+  const int8_t* w; int64_t NB, KB; const float* ws; int64_t N;
+  Projection(const torch::Tensor& packed, const torch::Tensor& scales, int64_t n, int64_t K)
+      : w(packed.data_ptr<int8_t>()), NB(packed.size(0)), KB(packed.size(1)),
+        ws(scales.data_ptr<float>()), N(n) {
+    TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar &&
+                packed.is_contiguous() && packed.size(2) == 1024 && NB % 2 == 0,
+                "packed weights expected");
+    TORCH_CHECK(K <= 64 * KB && 64 * KB < K + 64 && N <= 16 * NB && 16 * NB < N + 32,
+                "x and the packed weights disagree on the sizes");
+    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
+                scales.is_contiguous(), "scales must be float32 [N]");
+  }
+  void apply(const float* x, int64_t M, int64_t K, float levels, float* y) const {
+    amx_product(x, M, K, w, NB, KB, ws, N, levels, y);
+  }
+};
+
+}  // namespace
+#endif
+
+// y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
+// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even).
+torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
+                         double levels) {
+#if defined(DSM_AMX)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  const Projection proj(packed, scales, N, K);
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  proj.apply(x.data_ptr<float>(), M, K, static_cast<float>(levels), y.data_ptr<float>());
   return y;
 #else
   TORCH_CHECK(false, amx_problem());
   return x;
 #endif
+}
+
+#if defined(DSM_AMX)
+namespace {
+
+// float32 -> nearest bfloat16 (ties to even), kept in a float: what ``.to(torch.bfloat16)``
+// stores. Identity when the layer runs in float32.
+inline float to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7f800000u) == 0x7f800000u) return f;  // inf, nan
+  u += 0x7fffu + ((u >> 16) & 1u);
+  u &= 0xffff0000u;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+struct Rounding {
+  bool bf16;
+  inline float operator()(float f) const { return bf16 ? to_bf16(f) : f; }
+};
+
+// RMSNorm of row x [D] into y: x * (alpha * rsqrt(mean(x^2) + eps)), rounded.
+__attribute__((optimize("fp-contract=off")))
+void rms_norm_row(const float* x, const float* alpha, int64_t D, float eps, Rounding r, float* y) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; d < D; ++d) sum += x[d] * x[d];
+  const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
+  for (d = 0; d < D; ++d) y[d] = r(x[d] * (alpha[d] * inv));
+}
+
+// RoPE on the interleaved pairs of one head row, in place, rounded.
+__attribute__((optimize("fp-contract=off")))
+void rope_row(float* x, const float* c, const float* s, int64_t half, Rounding r) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float xr = x[2 * i], xi = x[2 * i + 1];
+    const float a = xr * c[i], b = xi * s[i], e = xr * s[i], f = xi * c[i];
+    x[2 * i] = r(a - b);
+    x[2 * i + 1] = r(e + f);
+  }
+}
+
+// The int8 row and scale of one key or value row: round(x / (max|x| / 127)).
+void quantize_kv_row(const float* x, int64_t D, int8_t* q, float* scale) {
+  float mx = 0.f;
+  for (int64_t d = 0; d < D; ++d) mx = std::fmax(mx, std::fabs(x[d]));
+  const float sc = std::fmax(mx, 1e-30f) / 127.f;
+  for (int64_t d = 0; d < D; ++d) {
+    const float v = std::nearbyint(x[d] / sc);
+    q[d] = static_cast<int8_t>(std::fmin(std::fmax(v, -127.f), 127.f));
+  }
+  *scale = sc;
+}
+
+torch::Tensor float_rows(const torch::Tensor& t, int64_t B, int64_t D, const char* what) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == B && t.size(1) == D, what, " must be [", B, ", ", D,
+              "]");
+  return t.to(torch::kFloat).contiguous();
+}
+
+}  // namespace
+#endif
+
+// One decode position of a DSM LM layer for B slots, the whole layer in one call (the CPU
+// path of an LM quantized w8a8 on the AMX kernel with an int8 KV ring):
+//   h = x + out(attention(rope(q), ring + rope(k), ring + v)),  [q k v] = in(norm1(x))
+//   y = h + ffn_out(silu(a) * b),                                [a b] = ffn_in(norm2(h))
+// with the same roundings as the module path: every intermediate the modules store in the
+// model's dtype is rounded to bfloat16 when x is bfloat16. The new keys and values are
+// quantized and written to ring entry write_index[b] of slot b (layer ``layer`` of the rings
+// [L, B, H, C + 1, hd]); the attention reads the first mask.size(-1) entries, where mask
+// [B, S] is true. cos / sin [B, hd / 2] are the RoPE angles of each slot's position.
+torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor alpha2,
+                            double eps, std::vector<torch::Tensor> packed,
+                            std::vector<torch::Tensor> scales, std::vector<int64_t> sizes,
+                            double levels, torch::Tensor keys, torch::Tensor key_scales,
+                            torch::Tensor values, torch::Tensor value_scales, int64_t layer,
+                            torch::Tensor write_index, torch::Tensor cos, torch::Tensor sin,
+                            torch::Tensor mask, int64_t num_heads) {
+#if defined(DSM_AMX)
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat ||
+                               x.scalar_type() == torch::kBFloat16),
+              "x must be float32 or bfloat16 [B, D]");
+  TORCH_CHECK(packed.size() == 4 && scales.size() == 4 && sizes.size() == 4,
+              "four projections expected (in, out, ffn in, ffn out)");
+  const int64_t B = x.size(0), D = x.size(1), H = num_heads;
+  TORCH_CHECK(H > 0 && D % H == 0 && (D / H) % 2 == 0, "bad head count");
+  const int64_t hd = D / H, half = hd / 2;
+  const int64_t F2 = sizes[2], F = F2 / 2;
+  TORCH_CHECK(sizes[0] == 3 * D && sizes[1] == D && F2 % 2 == 0 && sizes[3] == D,
+              "projection sizes do not fit a layer of width ", D);
+  const Projection p_in(packed[0], scales[0], sizes[0], D), p_out(packed[1], scales[1], D, D),
+      p_ffn_in(packed[2], scales[2], F2, D), p_ffn_out(packed[3], scales[3], D, F);
+  for (const auto& ring : {keys, values}) {
+    TORCH_CHECK(ring.dim() == 5 && ring.scalar_type() == torch::kChar && ring.size(1) == B &&
+                ring.size(2) == H && ring.size(4) == hd && ring.stride(4) == 1,
+                "rings must be int8 [L, B, H, C + 1, hd]");
+  }
+  for (const auto& ring : {key_scales, value_scales}) {
+    TORCH_CHECK(ring.dim() == 4 && ring.scalar_type() == torch::kFloat && ring.size(1) == B &&
+                ring.size(2) == H && ring.size(3) == keys.size(3),
+                "ring scales must be float32 [L, B, H, C + 1]");
+  }
+  TORCH_CHECK(layer >= 0 && layer < keys.size(0), "layer out of range");
+  const int64_t entries = keys.size(3);
+  TORCH_CHECK(write_index.dim() == 1 && write_index.size(0) == B &&
+              write_index.scalar_type() == torch::kLong, "write_index must be long [B]");
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.scalar_type() == torch::kBool,
+              "mask must be bool [B, S]");
+  const int64_t S = mask.size(1);
+  TORCH_CHECK(S > 0 && S <= entries, "the attended span must be within the ring");
+  const Rounding rd{x.scalar_type() == torch::kBFloat16};
+  const float lv = static_cast<float>(levels);
+  const auto xf = x.to(torch::kFloat).contiguous();
+  const auto a1 = alpha1.to(torch::kFloat).contiguous(), a2 = alpha2.to(torch::kFloat).contiguous();
+  TORCH_CHECK(a1.numel() == D && a2.numel() == D, "norm weights must have ", D, " entries");
+  const auto cs = float_rows(cos, B, half, "cos"), sn = float_rows(sin, B, half, "sin");
+  const auto wi = write_index.contiguous();
+  const int64_t* wip = wi.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(wip[b] >= 0 && wip[b] < entries, "write_index out of the ring");
+  const auto fopt = torch::TensorOptions().dtype(torch::kFloat);
+  auto n = torch::empty({B, D}, fopt);  // the norms' outputs
+  auto gate = torch::empty({B, F}, fopt);
+  auto qkv = torch::empty({B, 3 * D}, fopt);
+  auto q = torch::empty({B, H, 1, hd}, fopt);
+  auto h = torch::empty({B, D}, fopt);
+  auto ab = torch::empty({B, F2}, fopt);
+  const float* xp = xf.data_ptr<float>();
+  float* np_ = n.data_ptr<float>();
+  float* qkvp = qkv.data_ptr<float>();
+  float* qp = q.data_ptr<float>();
+  float* hp = h.data_ptr<float>();
+  float* abp = ab.data_ptr<float>();
+  const float fe = static_cast<float>(eps);
+
+  // f(i) for every element i of B rows of n elements, rows split between the threads
+  auto rows = [&](int64_t n, auto&& f) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t i = b0 * n; i < b1 * n; ++i) f(i);
+    });
+  };
+  auto norm = [&](const float* in, const float* alpha) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        rms_norm_row(in + b * D, alpha, D, fe, rd, np_ + b * D);
+    });
+  };
+  auto project = [&](const Projection& p, const float* in, int64_t K, float* out) {
+    p.apply(in, B, K, lv, out);
+    if (rd.bf16) rows(p.N, [&](int64_t i) { out[i] = rd(out[i]); });
+  };
+
+  // attention
+  norm(xp, a1.data_ptr<float>());
+  project(p_in, np_, D, qkvp);
+  int8_t* kp = keys.data_ptr<int8_t>();
+  int8_t* vp = values.data_ptr<int8_t>();
+  float* ksp = key_scales.data_ptr<float>();
+  float* vsp = value_scales.data_ptr<float>();
+  at::parallel_for(0, B * H, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t i = n0; i < n1; ++i) {
+      const int64_t b = i / H, hh = i % H, e = wip[b];
+      float* row = qkvp + b * 3 * D;
+      const float* c = cs.data_ptr<float>() + b * half;
+      const float* s = sn.data_ptr<float>() + b * half;
+      rope_row(row + hh * hd, c, s, half, rd);
+      rope_row(row + D + hh * hd, c, s, half, rd);
+      std::memcpy(qp + i * hd, row + hh * hd, 4 * hd);
+      quantize_kv_row(row + D + hh * hd, hd,
+                      kp + layer * keys.stride(0) + b * keys.stride(1) + hh * keys.stride(2) +
+                          e * keys.stride(3),
+                      ksp + layer * key_scales.stride(0) + b * key_scales.stride(1) +
+                          hh * key_scales.stride(2) + e * key_scales.stride(3));
+      quantize_kv_row(row + 2 * D + hh * hd, hd,
+                      vp + layer * values.stride(0) + b * values.stride(1) +
+                          hh * values.stride(2) + e * values.stride(3),
+                      vsp + layer * value_scales.stride(0) + b * value_scales.stride(1) +
+                          hh * value_scales.stride(2) + e * value_scales.stride(3));
+    }
+  });
+  const auto attended =
+      run(q, keys.select(0, layer).narrow(2, 0, S), key_scales.select(0, layer).narrow(2, 0, S),
+          values.select(0, layer).narrow(2, 0, S), value_scales.select(0, layer).narrow(2, 0, S),
+          mask.unsqueeze(1), 1.0 / std::sqrt(static_cast<double>(hd)), PATH_BEST);
+  float* yp = attended.data_ptr<float>();  // [B, H, 1, hd]: the heads of a slot side by side
+  if (rd.bf16) rows(D, [&](int64_t i) { yp[i] = rd(yp[i]); });
+  project(p_out, yp, D, hp);
+  rows(D, [&](int64_t i) { hp[i] = rd(xp[i] + hp[i]); });
+
+  // feed-forward
+  norm(hp, a2.data_ptr<float>());
+  project(p_ffn_in, np_, D, abp);
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* a = abp + b * F2;
+      float* g = gate.data_ptr<float>() + b * F;
+      for (int64_t j = 0; j < F; ++j) {
+        const float sa = rd(a[j] / (1.f + std::exp(-a[j])));
+        g[j] = rd(sa * a[F + j]);
+      }
+    }
+  });
+  auto out = torch::empty({B, D}, fopt);
+  float* op = out.data_ptr<float>();
+  project(p_ffn_out, gate.data_ptr<float>(), F, op);
+  rows(D, [&](int64_t i) { op[i] = rd(hp[i] + op[i]); });
+  return out.to(x.scalar_type());
+#else
+  TORCH_CHECK(false, amx_problem());
+  return x;
+#endif
+}
+
+// The residual codebook search of Mimi's quantizer, stage after stage: the same ATen
+// operations as ``mimi.ResidualVQ.encode`` (so the same codes, bit for bit), without a
+// Python round trip between them. residual [B, dim]; per stage the augmented codebook
+// [bins, dim + 2] and the codebook [bins, dim]. Returns the codes [B, stages] (long).
+torch::Tensor vq_encode(torch::Tensor residual, std::vector<torch::Tensor> augmented,
+                        std::vector<torch::Tensor> books) {
+  TORCH_CHECK(augmented.size() == books.size() && !books.empty(), "one codebook per stage");
+  TORCH_CHECK(residual.dim() == 2, "residual must be [B, dim]");
+  const auto ones = residual.new_ones({residual.size(0), 1});
+  std::vector<torch::Tensor> codes;
+  codes.reserve(books.size());
+  for (size_t i = 0; i < books.size(); ++i) {
+    const auto lhs = at::cat({residual.mul(-2), residual.pow(2).sum(-1, true), ones}, -1);
+    const auto dist = lhs.unsqueeze(0).matmul(augmented[i].unsqueeze(0).mT()).select(0, 0);
+    const auto code = dist.clamp_min_(1e-30).sqrt_().argmin(-1);
+    residual = residual - at::embedding(books[i], code);
+    codes.push_back(code);
+  }
+  return at::stack(codes, 1);
 }
 
 // The code paths this build has, best first (the first is the one taken by default).
@@ -617,7 +878,14 @@ def _build():
         return load_inline(
             _build_name(),
             cpp_sources=_SOURCE,
-            functions=["attend", "paths", "amx_problem", "amx_linear"],
+            functions=[
+                "attend",
+                "paths",
+                "amx_problem",
+                "amx_linear",
+                "lm_layer_step",
+                "vq_encode",
+            ],
             extra_cflags=_FLAGS,
             extra_ldflags=["-fopenmp"],
         )
@@ -633,6 +901,12 @@ def _module():
     if isinstance(built, KernelUnavailable):
         raise built
     return built
+
+
+def loaded() -> bool:
+    """Whether this process has the compiled module already (built or loaded earlier, e.g.
+    by an int8 KV ring or the AMX kernel); never starts a build."""
+    return _build.cache_info().currsize > 0 and not isinstance(_build(), KernelUnavailable)
 
 
 def int8_kv_problem() -> str | None:
@@ -719,3 +993,54 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     scale = xf.abs().amax(dim=-1).clamp_min_(1e-30) / 127.0
     q = torch.round(xf / scale[..., None]).clamp_(-127, 127).to(torch.int8)
     return q, scale
+
+
+def lm_layer_step(
+    x: Tensor,
+    norms: tuple[Tensor, Tensor],
+    eps: float,
+    projections: list[tuple[Tensor, Tensor, int]],
+    levels: int,
+    cache_rings: tuple[Tensor, Tensor, Tensor, Tensor],
+    layer: int,
+    write_index: Tensor,
+    rot: tuple[Tensor, Tensor],
+    mask: Tensor,
+    num_heads: int,
+) -> Tensor:
+    """One decode position of an LM layer (``LMLayer``) for every slot in one compiled call:
+    norms, the four ``W8A8Linear`` products on the AMX tiles, RoPE, the new key and value
+    quantized into the int8 ring, the attention, the gated FFN and both residuals, with the
+    roundings of the module path (to bfloat16 wherever the modules store bfloat16).
+
+    ``x`` [B, D] float32 or bfloat16; ``norms`` the two RMSNorm weights; ``projections`` the
+    (packed, scales, out_features) of the fused QKV, attention output, FFN in and FFN out;
+    ``cache_rings`` the int8 keys, their scales, the values and theirs ([L, B, H, C + 1, hd]
+    and [L, B, H, C + 1]); ``write_index`` [B] the ring entry of each slot's new row;
+    ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each slot attends.
+    Returns the layer's output [B, D] in ``x``'s dtype."""
+    packed, scales, sizes = zip(*projections, strict=True)
+    return _module().lm_layer_step(
+        x,
+        norms[0],
+        norms[1],
+        float(eps),
+        list(packed),
+        list(scales),
+        list(sizes),
+        float(levels),
+        *cache_rings,
+        layer,
+        write_index,
+        rot[0],
+        rot[1],
+        mask,
+        num_heads,
+    )
+
+
+def vq_encode(residual: Tensor, augmented: list[Tensor], books: list[Tensor]) -> Tensor:
+    """Mimi's residual codebook search (``mimi.ResidualVQ.encode`` after its input
+    projection) in one compiled call: the same PyTorch operations in the same order, so the
+    same codes bit for bit, without returning to Python between the stages."""
+    return _module().vq_encode(residual, augmented, books)

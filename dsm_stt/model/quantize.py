@@ -30,6 +30,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from .fused import FusedLayers
 from .kernels import amx_int8_problem, amx_linear, amx_pack
 from .lm import LM
 
@@ -237,7 +238,10 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
     kernel = available[0] if kernel is None else kernel
     if kernel not in available:
         raise ValueError(f"quantize w8a8: this PyTorch build cannot run the {kernel} kernel")
-    return _swap_projections(lm, lambda w: W8A8Linear(w, bits, kernel))
+    _swap_projections(lm, lambda w: W8A8Linear(w, bits, kernel))
+    if kernel == "amx":  # one compiled call per layer for the int8-ring decode step
+        lm.transformer.fused = FusedLayers(lm.transformer.layers)
+    return lm
 
 
 def is_quantized(lm: LM) -> bool:

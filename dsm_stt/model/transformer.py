@@ -274,6 +274,9 @@ class Transformer(nn.Module):
         self.head_dim = head_dim
         self.context = context
         self.max_period = max_period
+        # an alternative decode step of the whole stack (``fused.FusedLayers``), taken by
+        # ``step`` wherever its ``applies`` says so; set by ``quantize.quantize_lm_w8a8``
+        self.fused = None
 
     def allocate_cache(
         self,
@@ -311,11 +314,14 @@ class Transformer(nn.Module):
         # see ring entry 0 instead (finite: zeros or an old key); its output is ignored.
         mask[:, :, :, 0] |= ~active[:, None, None]
         rot = rope_rotation(query_positions, self.head_dim, self.max_period)
-        for i, layer in enumerate(self.layers):
-            attn = layer.self_attn.step(
-                layer.attn_input(x), i, cache, (slots, write_index), rot, mask
-            )
-            x = layer.finish(x + layer.scale_attn(attn))
+        if self.fused is not None and self.fused.applies(x, cache):
+            x = self.fused(x, cache, write_index, rot, mask)
+        else:
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn.step(
+                    layer.attn_input(x), i, cache, (slots, write_index), rot, mask
+                )
+                x = layer.finish(x + layer.scale_attn(attn))
         cache.positions.add_(active.long() * T)
         return x
 
