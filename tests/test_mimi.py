@@ -13,6 +13,7 @@ import torch
 from reference import official_tensors, randomize_reference_mimi, reference_mimi
 from torch import Tensor
 
+from dsm_stt.model import kernels
 from dsm_stt.model.checkpoint import load_mimi
 from dsm_stt.model.config import MimiConfig
 from dsm_stt.model.mimi import MimiEncoder, MimiInputError, MimiState
@@ -86,10 +87,26 @@ def stream(model: MimiEncoder, pcm: Tensor, chunk_frames: list[int]) -> Tensor:
 # parity with the reference package
 
 
+def codebook_search(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> list[int]:
+    """Make ``ResidualVQ.encode`` take the compiled codebook search (``kernels.vq_encode``)
+    or the PyTorch loop; returns a list that counts the compiled calls."""
+    if compiled and kernels.int8_kv_problem() is not None:
+        pytest.skip(f"no compiled kernels: {kernels.int8_kv_problem()}")
+    calls: list[int] = []
+    real = kernels.vq_encode
+    monkeypatch.setattr(kernels, "loaded", lambda: compiled)
+    monkeypatch.setattr(kernels, "vq_encode", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.reference
+@pytest.mark.parametrize("compiled", [False, True], ids=["torch-search", "compiled-search"])
 @pytest.mark.parametrize("num_codebooks", [8, 5])
-def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> None:
+def test_codes_equal_reference_streaming(
+    tmp_path: Path, num_codebooks: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("moshi")
+    calls = codebook_search(monkeypatch, compiled)
     from safetensors.torch import save_file
 
     cfg = dataclasses.replace(TINY, num_codebooks=num_codebooks)
@@ -111,6 +128,23 @@ def test_codes_equal_reference_streaming(tmp_path: Path, num_codebooks: int) -> 
     for chunks in ([1], [2], [1, 3, 2, 5, 1]):
         assert torch.equal(stream(ours, pcm, chunks), expected), chunks
     assert torch.equal(ours.encode(pcm), expected)
+    assert bool(calls) == compiled
+
+
+@pytest.mark.parametrize("batch", [1, 5, 33])
+def test_compiled_codebook_search_gives_the_torch_loops_codes(
+    batch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quantizer = tiny_encoder(seed=4).quantizer
+    g = torch.Generator().manual_seed(batch)
+    latent = torch.randn(batch, TINY.dimension, 1, generator=g) * 3
+    calls = codebook_search(monkeypatch, compiled=False)
+    expected = quantizer.encode(latent)
+    assert not calls and expected.shape == (batch, TINY.num_codebooks)
+    assert expected[:, 1:].unique().numel() > min(batch, 10)  # the search picks varied entries
+    calls = codebook_search(monkeypatch, compiled=True)
+    assert torch.equal(quantizer.encode(latent), expected)
+    assert len(calls) == 2  # the semantic stage and the acoustic stages
 
 
 # --------------------------------------------------------------------------------------------

@@ -604,19 +604,11 @@ struct Rounding {
   inline float operator()(float f) const { return bf16 ? to_bf16(f) : f; }
 };
 
-// RMSNorm of row x [D] into y: x * (alpha * rsqrt(mean(x^2) + eps)), rounded.
+// RMSNorm of row x [D] into y: x * (alpha * rsqrt(var)) with var = mean(x^2) + eps, rounded.
 __attribute__((optimize("fp-contract=off")))
-void rms_norm_row(const float* x, const float* alpha, int64_t D, float eps, Rounding r, float* y) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 16 <= D; d += 16) {
-    const __m512 v = _mm512_loadu_ps(x + d);
-    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
-  }
-  float sum = _mm512_reduce_add_ps(acc);
-  for (; d < D; ++d) sum += x[d] * x[d];
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + eps);
-  for (d = 0; d < D; ++d) y[d] = r(x[d] * (alpha[d] * inv));
+void rms_norm_row(const float* x, const float* alpha, int64_t D, float var, Rounding r, float* y) {
+  const float inv = 1.f / std::sqrt(var);
+  for (int64_t d = 0; d < D; ++d) y[d] = r(x[d] * (alpha[d] * inv));
 }
 
 // RoPE on the interleaved pairs of one head row, in place, rounded.
@@ -701,7 +693,7 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   TORCH_CHECK(S > 0 && S <= entries, "the attended span must be within the ring");
   const Rounding rd{x.scalar_type() == torch::kBFloat16};
   const float lv = static_cast<float>(levels);
-  const auto xf = x.to(torch::kFloat).contiguous();
+  auto xf = x.to(torch::kFloat).contiguous();
   const auto a1 = alpha1.to(torch::kFloat).contiguous(), a2 = alpha2.to(torch::kFloat).contiguous();
   TORCH_CHECK(a1.numel() == D && a2.numel() == D, "norm weights must have ", D, " entries");
   const auto cs = float_rows(cos, B, half, "cos"), sn = float_rows(sin, B, half, "sin");
@@ -716,7 +708,7 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   auto q = torch::empty({B, H, 1, hd}, fopt);
   auto h = torch::empty({B, D}, fopt);
   auto ab = torch::empty({B, F2}, fopt);
-  const float* xp = xf.data_ptr<float>();
+  float* xp = xf.data_ptr<float>();
   float* np_ = n.data_ptr<float>();
   float* qkvp = qkv.data_ptr<float>();
   float* qp = q.data_ptr<float>();
@@ -730,10 +722,13 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
       for (int64_t i = b0 * n; i < b1 * n; ++i) f(i);
     });
   };
-  auto norm = [&](const float* in, const float* alpha) {
+  // the mean of the squares through ATen's reduction, as RMSNorm computes it (its order of
+  // summation is part of the result)
+  auto norm = [&](float* in, const float* alpha) {
+    const auto var = at::mean(torch::from_blob(in, {B, D}, fopt).pow(2), -1).add_(fe);
+    const float* vp = var.data_ptr<float>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        rms_norm_row(in + b * D, alpha, D, fe, rd, np_ + b * D);
+      for (int64_t b = b0; b < b1; ++b) rms_norm_row(in + b * D, alpha, D, vp[b], rd, np_ + b * D);
     });
   };
   auto project = [&](const Projection& p, const float* in, int64_t K, float* out) {
@@ -781,14 +776,15 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   // feed-forward
   norm(hp, a2.data_ptr<float>());
   project(p_ffn_in, np_, D, abp);
+  // SiLU through ATen's kernel (its exp is part of the result), then the gate
+  const auto silu = at::silu(ab.narrow(1, 0, F));
+  const float* sp = silu.data_ptr<float>();
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const float* a = abp + b * F2;
+      const float* a = abp + b * F2 + F;
+      const float* sa = sp + b * F;
       float* g = gate.data_ptr<float>() + b * F;
-      for (int64_t j = 0; j < F; ++j) {
-        const float sa = rd(a[j] / (1.f + std::exp(-a[j])));
-        g[j] = rd(sa * a[F + j]);
-      }
+      for (int64_t j = 0; j < F; ++j) g[j] = rd(rd(sa[j]) * a[j]);
     }
   });
   auto out = torch::empty({B, D}, fopt);
