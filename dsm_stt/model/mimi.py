@@ -177,6 +177,9 @@ class SEANetEncoder(nn.Module):
         return [m for m in self.model.modules() if isinstance(m, CausalConv1d)]
 
     def step(self, x: Tensor, buffers: list[Tensor], active: Tensor) -> Tensor:
+        # Every tensor here but the block inputs (kept for the skip) is a fresh result of this
+        # step, so the activations and sums overwrite their inputs: the same operations, with
+        # no new buffers of up to B x 64 x 1920 floats each.
         it = iter(buffers)
         for layer in self.model:
             if isinstance(layer, CausalConv1d):
@@ -184,10 +187,13 @@ class SEANetEncoder(nn.Module):
             elif isinstance(layer, ResidualBlock):
                 y = x
                 for sub in layer.block:
-                    y = sub.step(y, next(it), active) if isinstance(sub, CausalConv1d) else sub(y)
-                x = x + y
+                    if isinstance(sub, CausalConv1d):
+                        y = sub.step(y, next(it), active)
+                    else:
+                        y = F.elu(y, sub.alpha, inplace=y is not x)
+                x = y.add_(x)
             else:
-                x = layer(x)
+                x = F.elu(x, layer.alpha, inplace=True)
         return x
 
 
