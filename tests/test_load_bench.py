@@ -12,6 +12,8 @@ from types import ModuleType
 import pytest
 from server_support import bench_load, running_server, write_talkative_checkpoint
 
+from dsm_stt.model.synthetic import random_lm, random_mimi, tiny_config, write_checkpoint
+
 pytestmark = pytest.mark.timeout(120)
 
 
@@ -94,6 +96,36 @@ def test_serve_starts_and_stops_its_own_server_and_a_range_doubles(
     assert [run["sessions"] for run in out["runs"]] == [1, 2]
     assert all(run["errors"] == [] for run in out["runs"])
     assert load._healthy(load.http_base(out["url"])) is False  # stopped at the end
+
+
+def test_a_model_without_vad_heads_gets_one_clear_reason(
+    load: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cfg = tiny_config(vad=False)
+    checkpoint = write_checkpoint(
+        tmp_path / "novad", cfg, random_lm(cfg.lm, seed=0), random_mimi(cfg.mimi, seed=1)
+    )
+    args = ["--model", str(checkpoint), "--batch-size", "2"]
+    with running_server(args, tmp_path / "server.log") as server:
+        out = run_json(
+            load,
+            capsys,
+            "--url",
+            server.url,
+            "--sessions",
+            "1,2",
+            "--seconds",
+            "1.5",
+            "--warmup",
+            "0.5",
+        )
+    assert out["largest_passing_sessions"] is None
+    for run in out["runs"]:
+        assert run["errors"] == [
+            "no Step messages: the model has no VAD heads (a -candle checkpoint has them), "
+            "so step lag is unknown"
+        ]
+        assert run["passed"] is False
 
 
 def test_session_counts(load: ModuleType) -> None:
