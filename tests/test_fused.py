@@ -1,5 +1,5 @@
 """Tests of dsm_stt.model.fused: the one-call-per-layer decode step of an LM quantized w8a8 on
-the AMX kernel with an int8 KV ring. It must give the module path's logits, VAD and ring
+this package's AMX or VNNI kernel with an int8 KV ring. It must give the module path's logits, VAD and ring
 contents bit for bit (float32 and bfloat16, inactive slots, resets, a wrapped ring, a prefix
 of the slots), be taken exactly where it applies, and refuse what it cannot compute."""
 
@@ -13,21 +13,25 @@ from test_lm import TINY, make_lm
 
 from dsm_stt.model import fused as fused_module
 from dsm_stt.model.fused import FusedLayers
-from dsm_stt.model.kernels import amx_int8_problem, lm_layer_step
+from dsm_stt.model.kernels import amx_int8_problem, lm_layer_step, vnni_int8_problem
 from dsm_stt.model.lm import LM
 from dsm_stt.model.quantize import quantize_lm_w8a8, w8a8_kernels
 
-pytestmark = pytest.mark.skipif(
-    amx_int8_problem() is not None, reason=f"no AMX kernel: {amx_int8_problem()}"
-)
+OWN_KERNELS = [
+    pytest.param(
+        kernel,
+        marks=pytest.mark.skipif(problem is not None, reason=f"no {kernel} kernel: {problem}"),
+    )
+    for kernel, problem in (("amx", amx_int8_problem()), ("vnni", vnni_int8_problem()))
+]
 
 # head size 64 takes the attention kernel's integer (VNNI) path, TINY's 16 the generic one
 WIDE = dataclasses.replace(TINY, dim=128, num_heads=2, hidden_dim=176, context=8)
 
 
-def quantized_lm(cfg, dtype: torch.dtype, seed: int = 0) -> LM:
+def quantized_lm(cfg, dtype: torch.dtype, seed: int = 0, kernel: str = "vnni") -> LM:
     lm = make_lm(cfg, seed).to(dtype)
-    return quantize_lm_w8a8(lm, 8, "amx")
+    return quantize_lm_w8a8(lm, 8, kernel)
 
 
 def run_steps(lm: LM, fused: bool, B: int, steps: int, seed: int, prefix: int | None = None):
@@ -57,10 +61,13 @@ def run_steps(lm: LM, fused: bool, B: int, steps: int, seed: int, prefix: int | 
         lm.transformer.fused = saved
 
 
+@pytest.mark.parametrize("kernel", OWN_KERNELS)
 @pytest.mark.parametrize("cfg", [TINY, WIDE], ids=["head16", "head64"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_equals_the_module_step_bit_for_bit(cfg, dtype: torch.dtype) -> None:
-    lm = quantized_lm(cfg, dtype)
+def test_fused_step_equals_the_module_step_bit_for_bit(
+    cfg, dtype: torch.dtype, kernel: str
+) -> None:
+    lm = quantized_lm(cfg, dtype, kernel=kernel)
     assert isinstance(lm.transformer.fused, FusedLayers)
     steps = 3 * cfg.context  # the ring wraps around
     ours, cache = run_steps(lm, True, 3, steps, seed=1)
@@ -77,8 +84,25 @@ def test_fused_step_equals_the_module_step_bit_for_bit(cfg, dtype: torch.dtype) 
     assert int(cache.keys.abs().amax()) == 127  # the ring was written
 
 
-def test_fused_step_on_a_prefix_of_the_slots() -> None:
-    lm = quantized_lm(WIDE, torch.bfloat16, seed=2)
+@pytest.mark.skipif(
+    amx_int8_problem() is not None or vnni_int8_problem() is not None,
+    reason="needs both the amx and the vnni kernels",
+)
+def test_amx_and_vnni_products_give_the_same_steps() -> None:
+    """Both products compute the same integer sums with the same epilogue."""
+    amx = quantized_lm(WIDE, torch.bfloat16, seed=5, kernel="amx")
+    vnni = quantized_lm(WIDE, torch.bfloat16, seed=5, kernel="vnni")
+    assert amx.transformer.fused.amx and not vnni.transformer.fused.amx
+    ours, cache = run_steps(amx, True, 3, 10, seed=6)
+    theirs, their_cache = run_steps(vnni, True, 3, 10, seed=6)
+    for (logits, _), (their_logits, _) in zip(ours, theirs, strict=True):
+        assert torch.equal(logits, their_logits)
+    assert torch.equal(cache.keys, their_cache.keys)
+
+
+@pytest.mark.parametrize("kernel", OWN_KERNELS)
+def test_fused_step_on_a_prefix_of_the_slots(kernel: str) -> None:
+    lm = quantized_lm(WIDE, torch.bfloat16, seed=2, kernel=kernel)
     ours, cache = run_steps(lm, True, 4, 12, seed=3, prefix=2)
     ref, ref_cache = run_steps(lm, False, 4, 12, seed=3, prefix=2)
     for (logits, _), (ref_logits, _) in zip(ours, ref, strict=True):
@@ -87,8 +111,11 @@ def test_fused_step_on_a_prefix_of_the_slots() -> None:
     assert not cache.keys[:, 2:].any()  # the slots past the prefix were never written
 
 
-def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.MonkeyPatch) -> None:
-    lm = quantized_lm(TINY, torch.bfloat16)
+@pytest.mark.parametrize("kernel", OWN_KERNELS)
+def test_fused_path_is_taken_exactly_where_it_applies(
+    monkeypatch: pytest.MonkeyPatch, kernel: str
+) -> None:
+    lm = quantized_lm(TINY, torch.bfloat16, kernel=kernel)
     calls = []
     real = fused_module.lm_layer_step
     monkeypatch.setattr(
@@ -108,12 +135,14 @@ def test_fused_path_is_taken_exactly_where_it_applies(monkeypatch: pytest.Monkey
 
 
 def test_fused_layers_refuse_layers_they_cannot_compute() -> None:
-    with pytest.raises(ValueError, match="w8a8 on the amx kernel"):
+    with pytest.raises(ValueError, match="w8a8 on the amx or vnni kernel"):
         FusedLayers(make_lm().transformer.layers)  # float projections
+    assert not FusedLayers.supports(torch.nn.ModuleList())
 
 
-def test_layer_step_rejects_inputs_that_do_not_fit() -> None:
-    lm = quantized_lm(TINY, torch.float32)
+@pytest.mark.parametrize("kernel", OWN_KERNELS)
+def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
+    lm = quantized_lm(TINY, torch.float32, kernel=kernel)
     fused = lm.transformer.fused
     layer = fused.layers[0]
     cache = lm.allocate_state(2, dtype=torch.int8)
@@ -131,6 +160,7 @@ def test_layer_step_rejects_inputs_that_do_not_fit() -> None:
         rot=(torch.ones(2, half), torch.zeros(2, half)),
         mask=torch.ones(2, 3, dtype=torch.bool),
         num_heads=TINY.num_heads,
+        amx=fused.amx,
     )
     assert lm_layer_step(**good).shape == (2, TINY.dim)
     bad = {

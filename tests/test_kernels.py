@@ -171,6 +171,50 @@ def test_amx_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels:
     torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
 
 
+needs_vnni = pytest.mark.skipif(
+    kernels.vnni_int8_problem() is not None, reason=f"{kernels.vnni_int8_problem()}"
+)
+
+
+@needs_vnni
+@pytest.mark.parametrize(("M", "N", "K"), [(1, 32, 64), (3, 45, 70), (8, 64, 128), (19, 96, 200)])
+@pytest.mark.parametrize("levels", [127, 63])
+def test_vnni_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels: int) -> None:
+    """The activations enter offset by 128 and the offset's share is taken off the int32
+    sums: still the exact integer product (row groups of 8 and a ragged last one, padded K)."""
+    g = torch.Generator().manual_seed(M * N + K + levels)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    scales = torch.rand(N, generator=g) * 0.01
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M)[:, None]
+    m = x.abs().amax(1, keepdim=True)
+    q = torch.round(x / m * levels)
+    expected = (q.double() @ w.double().T) * (m.double() / levels) * scales.double()
+    sums = w.sum(1, dtype=torch.int32)
+    y = kernels.vnni_linear(x, kernels.amx_pack(w), scales, sums, N, levels)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
+    if kernels.amx_int8_problem() is None:  # the same integer sums, the same epilogue
+        assert torch.equal(y, kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels))
+
+
+@needs_vnni
+def test_vnni_linear_needs_the_column_sums() -> None:
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    packed, scales = kernels.amx_pack(w), torch.ones(32)
+    with pytest.raises(RuntimeError, match="needs the weights' column sums"):
+        kernels.vnni_linear(
+            torch.randn(2, 64), packed, scales, torch.empty(0, dtype=torch.int32), 32, 127
+        )
+    with pytest.raises(RuntimeError, match="column sums must be int32 \\[N\\]"):
+        kernels.vnni_linear(
+            torch.randn(2, 64), packed, scales, torch.zeros(31, dtype=torch.int32), 32, 127
+        )
+    with pytest.raises(RuntimeError, match="disagree on the sizes"):
+        kernels.vnni_linear(
+            torch.randn(2, 200), packed, scales, w.sum(1, dtype=torch.int32), 32, 127
+        )
+
+
 @needs_amx
 def test_amx_linear_rejects_mismatched_inputs() -> None:
     w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)

@@ -17,6 +17,7 @@ from dsm_stt.engine import engine as engine_module
 from dsm_stt.engine.engine import Engine, w8a8_kernel
 from dsm_stt.model.lm import LMOutput
 from dsm_stt.model.quantize import (
+    W8A8_KERNELS,
     Int8Linear,
     W8A8Linear,
     int8_supported,
@@ -227,6 +228,10 @@ def test_w8a8_kernel_is_onednn_for_eight_slots_and_more_with_amx(
     assert w8a8_kernel(1) == "onednn"  # the only one this build has
     monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn", "amx"))
     assert {w8a8_kernel(b) for b in (1, 7, 8, 32, 64)} == {"amx"}  # wherever it runs
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: W8A8_KERNELS)
+    assert {w8a8_kernel(b) for b in (1, 8, 64)} == {"amx"}
+    monkeypatch.setattr(engine_module, "w8a8_kernels", lambda: ("fbgemm", "onednn", "vnni"))
+    assert {w8a8_kernel(b) for b in (1, 7, 8, 32, 64)} == {"vnni"}  # no AMX: the VNNI kernel
 
 
 @pytest.mark.skipif("onednn" not in w8a8_kernels(), reason="no oneDNN int8 kernel")

@@ -256,15 +256,19 @@ class Engine:
 
 def w8a8_kernel(batch_size: int) -> str:
     """The ``W8A8Linear`` kernel for an engine of ``batch_size`` slots: this package's AMX
-    kernel where it runs (CPUs with AMX-INT8 and a C++ compiler), else oneDNN's on CPUs with
-    AMX-INT8 from 8 slots on, else fbgemm's. Measured on a 2-core Xeon with AMX, the stt-1b
-    projections of one layer (all four, int8 weights streamed from memory), amx against
-    oneDNN: 1 row 1.81 / 2.59 ms, 32 rows 2.35 / 3.94, 64 rows 3.32 / 5.02. Without the AMX
-    kernel: oneDNN against fbgemm, full LM step, 8 slots 115 -> 107 ms, 16: 170 -> 149, 32:
+    kernel where it runs (CPUs with AMX-INT8 and a C++ compiler), else its AVX512-VNNI kernel
+    (CPUs with AVX512-VNNI and a C++ compiler), else oneDNN's on CPUs with AMX-INT8 from 8 slots
+    on, else fbgemm's. Measured on a 2-core Xeon with AMX, the stt-1b projections of one layer
+    (all four, int8 weights streamed from memory), amx against oneDNN: 1 row 1.81 / 2.59 ms, 32
+    rows 2.35 / 3.94, 64 rows 3.32 / 5.02; 16 layers, vnni against fbgemm and oneDNN kept to
+    AVX512-VNNI (``ONEDNN_MAX_CPU_ISA``): 1 row 26.5 / 38.9 / 39.6 ms, 8 rows 37.6 / 58.1 /
+    47.2, 32 rows 68.8 / 89.9 / 75.6, 64 rows 108.9 / 133.7 / 108.9. Without this package's
+    kernels: oneDNN against fbgemm, full LM step, 8 slots 115 -> 107 ms, 16: 170 -> 149, 32:
     296 -> 265; fbgemm's matrix-vector path is faster for one slot (55 against 58 ms)."""
     available = w8a8_kernels()
-    if "amx" in available:
-        return "amx"
+    for own in ("amx", "vnni"):  # this package's kernels, fastest first
+        if own in available:
+            return own
     if "onednn" in available and batch_size >= 8 and cpu_has_amx_int8():
         return "onednn"
     return available[0] if available else "fbgemm"

@@ -1,7 +1,7 @@
-"""The LM's decode step as one compiled call per layer, on CPUs with AMX.
+"""The LM's decode step as one compiled call per layer, on CPUs with AMX or AVX512-VNNI.
 
-Owns ``FusedLayers``: for an LM whose projections are ``W8A8Linear`` on the ``amx`` kernel and
-whose KV ring is int8, a streaming step of one position runs each layer as a single call of
+Owns ``FusedLayers``: for an LM whose projections are ``W8A8Linear`` on this package's ``amx``
+or ``vnni`` kernel and whose KV ring is int8, a streaming step of one position runs each layer as a single call of
 ``kernels.lm_layer_step`` instead of some sixty PyTorch operations. At one slot those
 operations cost more than the attention itself (each a few microseconds of dispatch and
 allocation); the fused call computes the same thing with the same roundings.
@@ -21,22 +21,24 @@ from .transformer import KVCache, LMLayer
 
 class FusedLayers:
     """The fused decode step of ``layers`` (``LMLayer`` whose four projections are
-    ``W8A8Linear`` modules with the ``amx`` kernel; ``supports`` says whether they are)."""
+    ``W8A8Linear`` modules, all on the ``amx`` or all on the ``vnni`` kernel; ``supports`` says
+    whether they are)."""
 
     def __init__(self, layers: nn.ModuleList) -> None:
         if not self.supports(layers):
             raise ValueError(
-                "fused layers need LM layers whose four projections are w8a8 on the amx kernel, "
-                "with one activation grid and one norm eps per layer"
+                "fused layers need LM layers whose four projections are w8a8 on the amx or vnni "
+                "kernel (one for all), with one activation grid and one norm eps per layer"
             )
         self.layers = list(layers)
         # the packed weights never change once quantized; the norms' weights are read at
         # each call (``.to(dtype)`` replaces them)
         self.projections = [
-            [(p.packed, p.scales, p.out_features) for p in self._projections(layer)]
+            [(p.packed, p.scales, p.out_features, p.column_sums) for p in self._projections(layer)]
             for layer in self.layers
         ]
         self.levels = [self._projections(layer)[0].levels for layer in self.layers]
+        self.amx = self._projections(self.layers[0])[0].kernel == "amx"
 
     @staticmethod
     def _projections(layer: LMLayer) -> list[nn.Module]:
@@ -47,14 +49,18 @@ class FusedLayers:
     def supports(cls, layers: nn.ModuleList) -> bool:
         from .quantize import W8A8Linear  # quantize imports this module
 
-        return len(layers) > 0 and all(
-            isinstance(layer, LMLayer)
-            and layer.norm1.eps == layer.norm2.eps
+        if not layers or not all(isinstance(layer, LMLayer) for layer in layers):
+            return False
+        projections = [p for layer in layers for p in cls._projections(layer)]
+        return (
+            all(isinstance(p, W8A8Linear) for p in projections)
+            and len({p.kernel for p in projections}) == 1
+            and projections[0].kernel in ("amx", "vnni")
             and all(
-                isinstance(p, W8A8Linear) and p.kernel == "amx" for p in cls._projections(layer)
+                layer.norm1.eps == layer.norm2.eps
+                and len({p.levels for p in cls._projections(layer)}) == 1
+                for layer in layers
             )
-            and len({p.levels for p in cls._projections(layer)}) == 1
-            for layer in layers
         )
 
     def applies(self, x: Tensor, cache: KVCache) -> bool:
@@ -95,5 +101,6 @@ class FusedLayers:
                 (cos, sin),
                 span,
                 layer.self_attn.num_heads,
+                self.amx,
             )
         return h[:, None]

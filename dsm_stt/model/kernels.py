@@ -421,6 +421,75 @@ torch::Tensor run(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Ten
 }
 
 
+#if defined(__AVX512F__)
+// Row m of x on the symmetric grid of ``levels`` steps per side: round(x / max|x| * levels),
+// the same float operations in the same order as W8A8Linear's other kernels.
+float quantize_row(const float* x, int64_t K, float levels, int8_t* out) {
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float mx = _mm512_reduce_max_ps(vmax);
+  for (; k < K; ++k) mx = std::fmax(mx, std::fabs(x[k]));
+  mx = std::fmax(mx, 1e-30f);
+  const __m512 vm = _mm512_set1_ps(mx), vl = _mm512_set1_ps(levels);
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_roundscale_ps(
+        _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vm), vl),
+        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
+                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; k < K; ++k) out[k] = static_cast<int8_t>(std::nearbyint(x[k] / mx * levels));
+  return mx / levels;
+}
+#endif
+
+#if defined(DSM_VNNI)
+// C [R, 32] (row stride 32) = A [R, 64 * KB] (unsigned bytes, the int8 rows offset by 128,
+// row stride lda) times two blocks of 16 weight columns packed as for the AMX tiles: each
+// 64-byte row of a tile holds 4 consecutive inputs of 16 columns, which is what one
+// ``vpdpbusd`` takes with the 4 matching activation bytes broadcast.
+template <int R>
+void vnni_rows(const uint8_t* A, int64_t lda, const int8_t* B0, int64_t KB, int32_t* C) {
+  const int8_t* B1 = B0 + KB * 1024;
+  __m512i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int8_t* b0 = B0 + kb * 1024;
+    const int8_t* b1 = B1 + kb * 1024;
+    const uint8_t* a = A + kb * 64;
+    for (int k4 = 0; k4 < 16; ++k4) {
+      const __m512i w0 = _mm512_loadu_si512(b0 + 64 * k4);
+      const __m512i w1 = _mm512_loadu_si512(b1 + 64 * k4);
+      for (int r = 0; r < R; ++r) {
+        int32_t v;
+        std::memcpy(&v, a + r * lda + 4 * k4, 4);
+        const __m512i x = _mm512_set1_epi32(v);
+        acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], x, w0);
+        acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], x, w1);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm512_storeu_si512(C + 32 * r, acc[r][0]);
+    _mm512_storeu_si512(C + 32 * r + 16, acc[r][1]);
+  }
+}
+
+void vnni_rows_any(int64_t R, const uint8_t* A, int64_t lda, const int8_t* B, int64_t KB, int32_t* C) {
+  switch (R) {
+    case 1: vnni_rows<1>(A, lda, B, KB, C); break;
+    case 2: vnni_rows<2>(A, lda, B, KB, C); break;
+    case 3: vnni_rows<3>(A, lda, B, KB, C); break;
+    case 4: vnni_rows<4>(A, lda, B, KB, C); break;
+    case 5: vnni_rows<5>(A, lda, B, KB, C); break;
+    case 6: vnni_rows<6>(A, lda, B, KB, C); break;
+    case 7: vnni_rows<7>(A, lda, B, KB, C); break;
+    default: vnni_rows<8>(A, lda, B, KB, C); break;
+  }
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
 #define DSM_AMX 1
 
@@ -471,26 +540,6 @@ void amx_block(const int8_t* A, int64_t lda, const int8_t* B0, int64_t KB, int32
   if (MT > 1) { _tile_stored(2, C + 512, 128); _tile_stored(3, C + 528, 128); }
 }
 
-// Row m of x on the symmetric grid of ``levels`` steps per side: round(x / max|x| * levels),
-// the same float operations in the same order as W8A8Linear's other kernels.
-float quantize_row(const float* x, int64_t K, float levels, int8_t* out) {
-  __m512 vmax = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
-  float mx = _mm512_reduce_max_ps(vmax);
-  for (; k < K; ++k) mx = std::fmax(mx, std::fabs(x[k]));
-  mx = std::fmax(mx, 1e-30f);
-  const __m512 vm = _mm512_set1_ps(mx), vl = _mm512_set1_ps(levels);
-  for (k = 0; k + 16 <= K; k += 16) {
-    const __m512 v = _mm512_roundscale_ps(
-        _mm512_mul_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vm), vl),
-        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k),
-                     _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
-  }
-  for (; k < K; ++k) out[k] = static_cast<int8_t>(std::nearbyint(x[k] / mx * levels));
-  return mx / levels;
-}
 #endif
 
 }  // namespace
@@ -512,53 +561,102 @@ std::string amx_problem() {
 #endif
 }
 
-#if defined(DSM_AMX)
+// Whether the VNNI product can run here (built for a CPU with AVX512-VNNI).
+std::string vnni_problem() {
+#if defined(DSM_VNNI)
+  return "";
+#else
+  return "this CPU (or compiler) has no AVX512-VNNI";
+#endif
+}
+
+#if defined(DSM_VNNI)
 namespace {
 
+// y[m0 + m, n0 .. n0 + 32) = float(C[m] - 128 * colsum) * xs[m0 + m] * ws, for ``rows`` rows of
+// 32 int32 sums (row stride 32); no offset where colsum is null (the AMX sums are signed).
+void store_block(const int32_t* C, int64_t rows, const float* xs, const float* ws,
+                 const int32_t* colsum, int64_t m0, int64_t n0, int64_t N, float* yp) {
+  for (int half = 0; half < 2; ++half) {
+    const int64_t nn = std::min<int64_t>(16, N - n0 - 16 * half);
+    if (nn <= 0) break;
+    const __mmask16 nm = static_cast<__mmask16>((1u << nn) - 1u);
+    const __m512 wsv = _mm512_maskz_loadu_ps(nm, ws + n0 + 16 * half);
+    const __m512i off = colsum == nullptr
+        ? _mm512_setzero_si512()
+        : _mm512_slli_epi32(_mm512_maskz_loadu_epi32(nm, colsum + n0 + 16 * half), 7);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m512i sums = _mm512_sub_epi32(_mm512_loadu_si512(C + 32 * m + 16 * half), off);
+      const __m512 c = _mm512_cvtepi32_ps(sums);
+      _mm512_mask_storeu_ps(yp + (m0 + m) * N + n0 + 16 * half, nm,
+                            _mm512_mul_ps(_mm512_mul_ps(c, _mm512_set1_ps(xs[m0 + m])), wsv));
+    }
+  }
+}
+
 // y [M, N] = (round(x / max|x| * levels) . w^T) * max|x| / levels * ws for float32 rows x
-// [M, K] (row stride K) and int8 weights w [N, K] packed into NB x KB tiles (NB even).
-void amx_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64_t NB, int64_t KB,
-                 const float* ws, int64_t N, float lv, float* yp) {
+// [M, K] (row stride K) and int8 weights w [N, K] packed into NB x KB tiles (NB even), on the
+// AMX tiles or with AVX512-VNNI (which takes unsigned activations: the rows offset by 128 and
+// the offset's share, 128 * colsum[n], taken off the exact int32 sums). Both give the same
+// integer sums, hence the same results.
+void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64_t NB, int64_t KB,
+                  const float* ws, const int32_t* colsum, int64_t N, float lv, float* yp,
+                  bool amx) {
   const int64_t Kp = 64 * KB;
   const int64_t Mp = (M + 31) / 32 * 32;  // whole tiles of rows; the padding rows stay zero
   std::vector<int8_t> A(Mp * Kp, 0);
   std::vector<float> xs(Mp, 0.f);
   at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) xs[m] = quantize_row(xp + m * K, K, lv, A.data() + m * Kp);
+    for (int64_t m = begin; m < end; ++m) {
+      int8_t* row = A.data() + m * Kp;
+      xs[m] = quantize_row(xp + m * K, K, lv, row);
+      if (!amx) {
+        const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+        for (int64_t k = 0; k < Kp; k += 64)
+          _mm512_storeu_si512(row + k, _mm512_xor_si512(_mm512_loadu_si512(row + k), flip));
+      }
+    }
   });
   at::parallel_for(0, NB / 2, 4, [&](int64_t begin, int64_t end) {
-    configure_tiles();
+#if defined(DSM_AMX)
+    if (amx) configure_tiles();
+#endif
     alignas(64) int32_t C[32 * 32];
     for (int64_t pair = begin; pair < end; ++pair) {
       const int8_t* B = wp + 2 * pair * KB * 1024;
       const int64_t n0 = 32 * pair;
-      for (int64_t m0 = 0; m0 < M; m0 += 32) {  // later row blocks find the weights in cache
-        const int64_t rows = std::min<int64_t>(32, M - m0);
-        if (rows > 16) amx_block<2>(A.data() + m0 * Kp, Kp, B, KB, C);
-        else amx_block<1>(A.data() + m0 * Kp, Kp, B, KB, C);
-        for (int half = 0; half < 2; ++half) {
-          const int64_t nn = std::min<int64_t>(16, N - n0 - 16 * half);
-          if (nn <= 0) break;
-          const __mmask16 nm = static_cast<__mmask16>((1u << nn) - 1u);
-          const __m512 wsv = _mm512_maskz_loadu_ps(nm, ws + n0 + 16 * half);
-          for (int64_t m = 0; m < rows; ++m) {
-            const __m512 c = _mm512_cvtepi32_ps(_mm512_load_si512(C + 32 * m + 16 * half));
-            _mm512_mask_storeu_ps(yp + (m0 + m) * N + n0 + 16 * half, nm,
-                                  _mm512_mul_ps(_mm512_mul_ps(c, _mm512_set1_ps(xs[m0 + m])), wsv));
-          }
+#if defined(DSM_AMX)
+      if (amx) {
+        for (int64_t m0 = 0; m0 < M; m0 += 32) {  // later row blocks find the weights in cache
+          const int64_t rows = std::min<int64_t>(32, M - m0);
+          if (rows > 16) amx_block<2>(A.data() + m0 * Kp, Kp, B, KB, C);
+          else amx_block<1>(A.data() + m0 * Kp, Kp, B, KB, C);
+          store_block(C, rows, xs.data(), ws, nullptr, m0, n0, N, yp);
         }
+        continue;
+      }
+#endif
+      const auto* U = reinterpret_cast<const uint8_t*>(A.data());
+      for (int64_t m0 = 0; m0 < M; m0 += 8) {
+        const int64_t rows = std::min<int64_t>(8, M - m0);
+        vnni_rows_any(rows, U + m0 * Kp, Kp, B, KB, C);
+        store_block(C, rows, xs.data(), ws, colsum, m0, n0, N, yp);
       }
     }
-    _tile_release();
+#if defined(DSM_AMX)
+    if (amx) _tile_release();
+#endif
   });
 }
 
-// One W8A8 projection: packed weights [NB, KB, 1024], float32 scales [N], its output size.
+// One W8A8 projection: packed weights [NB, KB, 1024], float32 scales [N], its output size,
+// the int32 column sums [N] of its weights (the VNNI product's offset) and which product runs.
 struct Projection {
-  const int8_t* w; int64_t NB, KB; const float* ws; int64_t N;
-  Projection(const torch::Tensor& packed, const torch::Tensor& scales, int64_t n, int64_t K)
+  const int8_t* w; int64_t NB, KB; const float* ws; const int32_t* colsum; int64_t N; bool amx;
+  Projection(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& sums,
+             int64_t n, int64_t K, bool use_amx)
       : w(packed.data_ptr<int8_t>()), NB(packed.size(0)), KB(packed.size(1)),
-        ws(scales.data_ptr<float>()), N(n) {
+        ws(scales.data_ptr<float>()), colsum(nullptr), N(n), amx(use_amx) {
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar &&
                 packed.is_contiguous() && packed.size(2) == 1024 && NB % 2 == 0,
                 "packed weights expected");
@@ -566,35 +664,63 @@ struct Projection {
                 "x and the packed weights disagree on the sizes");
     TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
                 scales.is_contiguous(), "scales must be float32 [N]");
+#if !defined(DSM_AMX)
+    TORCH_CHECK(!amx, amx_problem());
+#endif
+    if (sums.defined() && sums.numel() > 0) {
+      TORCH_CHECK(sums.dim() == 1 && sums.size(0) == N && sums.scalar_type() == torch::kInt &&
+                  sums.is_contiguous(), "column sums must be int32 [N]");
+      colsum = sums.data_ptr<int32_t>();
+    }
+    TORCH_CHECK(amx || colsum != nullptr, "the VNNI product needs the weights' column sums");
   }
+  // A single row goes to the VNNI product even where the tiles run (with the column sums):
+  // the tiles multiply 16 rows whatever the count, and one row streams the weights faster
+  // without them (stt-1b, 16 layers' projections: 26 against 30 ms). Same integer sums.
   void apply(const float* x, int64_t M, int64_t K, float levels, float* y) const {
-    amx_product(x, M, K, w, NB, KB, ws, N, levels, y);
+    int8_product(x, M, K, w, NB, KB, ws, colsum, N, levels, y, amx && (M > 1 || !colsum));
   }
 };
+
+torch::Tensor linear(torch::Tensor x, const Projection& proj, double levels) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  const int64_t M = x.size(0), K = x.size(1);
+  auto y = torch::empty({M, proj.N}, x.options());
+  if (M == 0) return y;
+  proj.apply(x.data_ptr<float>(), M, K, static_cast<float>(levels), y.data_ptr<float>());
+  return y;
+}
 
 }  // namespace
 #endif
 
 // y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
-// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even).
+// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even), on the AMX tiles.
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
                          double levels) {
 #if defined(DSM_AMX)
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
-              "x must be a contiguous float32 [M, K] tensor");
-  const int64_t M = x.size(0), K = x.size(1);
-  const Projection proj(packed, scales, N, K);
-  auto y = torch::empty({M, N}, x.options());
-  if (M == 0) return y;
-  proj.apply(x.data_ptr<float>(), M, K, static_cast<float>(levels), y.data_ptr<float>());
-  return y;
+  TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
+  return linear(x, Projection(packed, scales, torch::Tensor(), N, x.size(1), true), levels);
 #else
   TORCH_CHECK(false, amx_problem());
   return x;
 #endif
 }
 
-#if defined(DSM_AMX)
+// The same product with AVX512-VNNI; ``column_sums`` int32 [N] are the sums of w's rows.
+torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                          torch::Tensor column_sums, int64_t N, double levels) {
+#if defined(DSM_VNNI)
+  TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
+  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), false), levels);
+#else
+  TORCH_CHECK(false, vnni_problem());
+  return x;
+#endif
+}
+
+#if defined(DSM_VNNI)
 namespace {
 
 // float32 -> nearest bfloat16 (ties to even), kept in a float: what ``.to(torch.bfloat16)``
@@ -705,8 +831,9 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
                             double levels, torch::Tensor keys, torch::Tensor key_scales,
                             torch::Tensor values, torch::Tensor value_scales, int64_t layer,
                             torch::Tensor write_index, torch::Tensor cos, torch::Tensor sin,
-                            torch::Tensor mask, int64_t num_heads) {
-#if defined(DSM_AMX)
+                            torch::Tensor mask, int64_t num_heads,
+                            std::vector<torch::Tensor> column_sums, bool amx) {
+#if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat ||
                                x.scalar_type() == torch::kBFloat16),
               "x must be float32 or bfloat16 [B, D]");
@@ -718,8 +845,11 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   const int64_t F2 = sizes[2], F = F2 / 2;
   TORCH_CHECK(sizes[0] == 3 * D && sizes[1] == D && F2 % 2 == 0 && sizes[3] == D,
               "projection sizes do not fit a layer of width ", D);
-  const Projection p_in(packed[0], scales[0], sizes[0], D), p_out(packed[1], scales[1], D, D),
-      p_ffn_in(packed[2], scales[2], F2, D), p_ffn_out(packed[3], scales[3], D, F);
+  TORCH_CHECK(column_sums.size() == 4, "four column sums expected");
+  const Projection p_in(packed[0], scales[0], column_sums[0], sizes[0], D, amx),
+      p_out(packed[1], scales[1], column_sums[1], D, D, amx),
+      p_ffn_in(packed[2], scales[2], column_sums[2], F2, D, amx),
+      p_ffn_out(packed[3], scales[3], column_sums[3], D, F, amx);
   for (const auto& ring : {keys, values}) {
     TORCH_CHECK(ring.dim() == 5 && ring.scalar_type() == torch::kChar && ring.size(1) == B &&
                 ring.size(2) == H && ring.size(4) == hd && ring.stride(4) == 1,
@@ -840,7 +970,7 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   rows(D, [&](int64_t i) { op[i] = rd(hp[i] + op[i]); });
   return out.to(x.scalar_type());
 #else
-  TORCH_CHECK(false, amx_problem());
+  TORCH_CHECK(false, vnni_problem());
   return x;
 #endif
 }
@@ -926,6 +1056,8 @@ def _build():
                 "paths",
                 "amx_problem",
                 "amx_linear",
+                "vnni_problem",
+                "vnni_linear",
                 "lm_layer_step",
                 "vq_encode",
             ],
@@ -1006,6 +1138,15 @@ def amx_int8_problem() -> str | None:
     return problem or None
 
 
+def vnni_int8_problem() -> str | None:
+    """None when ``vnni_linear`` can run here (the kernel built now if need be), else why not."""
+    try:
+        problem = _module().vnni_problem()
+    except KernelUnavailable as exc:
+        return str(exc)
+    return problem or None
+
+
 def amx_pack(weight: Tensor) -> Tensor:
     """int8 weights [N, K] → the AMX tiles' layout [NB, KB, 1024], zero-padded to whole tiles
     (``NB`` blocks of 16 output columns, even; ``KB`` steps of 64 inputs): byte
@@ -1029,6 +1170,23 @@ def amx_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, lev
     return _module().amx_linear(x.float().contiguous(), packed, scales, out_features, float(levels))
 
 
+def vnni_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    column_sums: Tensor,
+    out_features: int,
+    levels: int,
+) -> Tensor:
+    """``amx_linear``'s product on AVX512-VNNI (CPUs without AMX tiles): the same packed
+    weights, plus their int32 ``column_sums`` [N] (``weight.sum(1)``: the activations enter
+    ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
+    int32 sums). The same integer sums, so the same results as ``amx_linear``."""
+    return _module().vnni_linear(
+        x.float().contiguous(), packed, scales, column_sums, out_features, float(levels)
+    )
+
+
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric int8 per row of the last dim: ``x ≈ q * scale[..., None]`` with
     ``scale = max|x| / 127`` (float32)."""
@@ -1042,7 +1200,7 @@ def lm_layer_step(
     x: Tensor,
     norms: tuple[Tensor, Tensor],
     eps: float,
-    projections: list[tuple[Tensor, Tensor, int]],
+    projections: list[tuple[Tensor, Tensor, int, Tensor]],
     levels: int,
     cache_rings: tuple[Tensor, Tensor, Tensor, Tensor],
     layer: int,
@@ -1050,19 +1208,21 @@ def lm_layer_step(
     rot: tuple[Tensor, Tensor],
     mask: Tensor,
     num_heads: int,
+    amx: bool = True,
 ) -> Tensor:
     """One decode position of an LM layer (``LMLayer``) for every slot in one compiled call:
-    norms, the four ``W8A8Linear`` products on the AMX tiles, RoPE, the new key and value
+    norms, the four ``W8A8Linear`` products (AMX tiles with ``amx``, else AVX512-VNNI), RoPE, the new key and value
     quantized into the int8 ring, the attention, the gated FFN and both residuals, with the
     roundings of the module path (to bfloat16 wherever the modules store bfloat16).
 
     ``x`` [B, D] float32 or bfloat16; ``norms`` the two RMSNorm weights; ``projections`` the
-    (packed, scales, out_features) of the fused QKV, attention output, FFN in and FFN out;
+    (packed, scales, out_features, column_sums) of the fused QKV, attention output, FFN in and
+    FFN out;
     ``cache_rings`` the int8 keys, their scales, the values and theirs ([L, B, H, C + 1, hd]
     and [L, B, H, C + 1]); ``write_index`` [B] the ring entry of each slot's new row;
     ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each slot attends.
     Returns the layer's output [B, D] in ``x``'s dtype."""
-    packed, scales, sizes = zip(*projections, strict=True)
+    packed, scales, sizes, sums = zip(*projections, strict=True)
     return _module().lm_layer_step(
         x,
         norms[0],
@@ -1079,6 +1239,8 @@ def lm_layer_step(
         rot[1],
         mask,
         num_heads,
+        list(sums),
+        amx,
     )
 
 

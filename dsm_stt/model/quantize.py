@@ -31,7 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from .fused import FusedLayers
-from .kernels import amx_int8_problem, amx_linear, amx_pack
+from .kernels import (
+    amx_int8_problem,
+    amx_linear,
+    amx_pack,
+    vnni_int8_problem,
+    vnni_linear,
+)
 from .lm import LM
 
 
@@ -69,7 +75,7 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-W8A8_KERNELS = ("fbgemm", "onednn", "amx")
+W8A8_KERNELS = ("fbgemm", "onednn", "amx", "vnni")
 
 
 class W8A8Linear(nn.Module):
@@ -108,11 +114,16 @@ class W8A8Linear(nn.Module):
         scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-        if kernel == "amx":
-            problem = amx_int8_problem()
+        # the kernels of this package: the AMX tiles' packing serves both, and the column sums
+        # are the VNNI product's offset (which also takes the one-row products of ``amx``)
+        self.column_sums = q.sum(dim=1, dtype=torch.int32)
+        self.single_row_vnni = False
+        if kernel in ("amx", "vnni"):
+            problem = amx_int8_problem() if kernel == "amx" else vnni_int8_problem()
             if problem is not None:
-                raise RuntimeError(f"w8a8 kernel amx: {problem}")
+                raise RuntimeError(f"w8a8 kernel {kernel}: {problem}")
             self.packed = amx_pack(q)
+            self.single_row_vnni = kernel == "amx" and vnni_int8_problem() is None
         elif kernel == "onednn":
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         else:
@@ -128,7 +139,12 @@ class W8A8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
-        if self.kernel == "amx":  # quantizes each row and scales it back inside the kernel
+        # this package's kernels quantize each row and scale it back inside the kernel
+        if self.kernel == "vnni" or (self.single_row_vnni and flat.shape[0] == 1):
+            y = vnni_linear(
+                flat, self.packed, self.scales, self.column_sums, self.out_features, self.levels
+            )
+        elif self.kernel == "amx":
             y = amx_linear(flat, self.packed, self.scales, self.out_features, self.levels)
         else:
             y = self._torch_product(flat)
@@ -239,7 +255,7 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
     if kernel not in available:
         raise ValueError(f"quantize w8a8: this PyTorch build cannot run the {kernel} kernel")
     _swap_projections(lm, lambda w: W8A8Linear(w, bits, kernel))
-    if kernel == "amx":  # one compiled call per layer for the int8-ring decode step
+    if kernel in ("amx", "vnni"):  # one compiled call per layer for the int8-ring decode step
         lm.transformer.fused = FusedLayers(lm.transformer.layers)
     return lm
 
