@@ -12,6 +12,9 @@ Owns ``amx_linear``: ``W8A8Linear``'s int8 product on the AMX tiles of CPUs that
 each activation row quantized on ``W8A8Linear``'s grid inside the call, 32 output columns per
 pass so the weights stream from memory once per call. At the LM's shapes it reads the weights
 at close to the memory bandwidth, where oneDNN's GEMM reaches about half of it at 32 rows.
+``vnni_linear`` is the same product on AVX512-VNNI for CPUs without the tiles (same packing,
+same integer sums); ``lm_layer_step`` runs a whole LM layer's decode step on either
+(``fused.FusedLayers``); ``vq_encode`` is Mimi's codebook search in one call.
 
 The source is compiled once per machine for its own CPU (``-march=native``: AVX-512 where the
 CPU has it, plain loops the compiler vectorizes otherwise) and cached by PyTorch under

@@ -7,7 +7,8 @@ QKV, attention output, gated FFN in and out) for one of them, in place:
   activations kept in the model's dtype (weight-only; any device).
 - ``W8A8Linear`` / ``quantize_lm_w8a8``: the same int8 weights, and each activation row
   quantized to 8 (or 7) bits on the fly, so the product runs on the CPU's integer dot-product
-  units (PyTorch's fbgemm or oneDNN kernels; CPU only). Each row is scaled to ``max |x| = 1``
+  units (PyTorch's fbgemm or oneDNN kernels, or this package's AMX / AVX512-VNNI kernels; CPU
+  only). Each row is scaled to ``max |x| = 1``
   before a fixed quantization grid, so a row's result never depends on the values of the other
   rows of the batch.
 
@@ -86,12 +87,14 @@ class W8A8Linear(nn.Module):
     weights in integer arithmetic, and the result multiplied back by ``m``. ``bits=7`` keeps the
     pairwise products of CPUs without VNNI (``vpmaddubsw``) from saturating.
 
-    Three CPU kernels compute the integer product: ``fbgemm`` (PyTorch's quantized linear,
+    Four CPU kernels compute the integer product: ``fbgemm`` (PyTorch's quantized linear,
     which also quantizes the input), ``onednn`` (oneDNN's int8 GEMM, which uses AMX tiles from
-    a few rows on: about 2.5x fbgemm's speed at 32 rows, a little slower at one) and ``amx``
+    a few rows on: about 2.5x fbgemm's speed at 32 rows, a little slower at one), ``amx``
     (``kernels.amx_linear``, this package's own AMX kernel, compiled on first use: the weights
     stream once per call at close to the memory bandwidth, 1.4-1.7x oneDNN's speed at 1 to 64
-    rows). All get the same int8 weights and the same activation grid.
+    rows) and ``vnni`` (``kernels.vnni_linear``, the same packed weights on AVX512-VNNI, for
+    CPUs without AMX; ``amx`` also hands it single rows, which it streams faster). All get the
+    same int8 weights and the same activation grid; ``amx`` and ``vnni`` give identical results.
     """
 
     def __init__(self, weight: Tensor, bits: int = 8, kernel: str = "fbgemm") -> None:
