@@ -44,6 +44,7 @@ VARIANTS = {
     "bfloat16+w8a8, int8 KV": (torch.bfloat16, "w8a8", "fbgemm", torch.int8),
     "bfloat16+w8a8 (amx)": (torch.bfloat16, "w8a8", "amx", None),
     "bfloat16+w8a8 (amx), int8 KV": (torch.bfloat16, "w8a8", "amx", torch.int8),
+    "bfloat16+w8a8 (vnni), int8 KV": (torch.bfloat16, "w8a8", "vnni", torch.int8),
 }
 
 

@@ -19,8 +19,8 @@ QUANTIZE_CHOICES = ["none", "int8", "w8a8"]
 QUANTIZE_HELP = (
     "int8: LM projections as int8 weights with per-row scales (faster at small batch, "
     "logits slightly off); w8a8: int8 weights and int8 activations on the CPU's integer "
-    "dot-product units (CPU only; fastest at every batch size; on CPUs with AMX-INT8 a small "
-    "C++ kernel of this package, built on first use); none (default)"
+    "dot-product units (CPU only; fastest at every batch size; on CPUs with AMX-INT8 or "
+    "AVX512-VNNI a small C++ kernel of this package, built on first use); none (default)"
 )
 
 KV_CACHE_CHOICES = ["float", "int8"]
