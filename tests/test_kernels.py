@@ -190,11 +190,13 @@ def test_vnni_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels
     q = torch.round(x / m * levels)
     expected = (q.double() @ w.double().T) * (m.double() / levels) * scales.double()
     sums = w.sum(1, dtype=torch.int32)
-    y = kernels.vnni_linear(x, kernels.amx_pack(w), scales, sums, N, levels)
+    y = kernels.vnni_linear(x, kernels.amx_pack(w), scales, N, levels, sums)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
     if kernels.amx_int8_problem() is None:  # the same integer sums, the same epilogue
         assert torch.equal(y, kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels))
+        single = kernels.amx_linear(x[:1], kernels.amx_pack(w), scales, N, levels, sums)
+        assert torch.equal(single, y[:1])  # one row with the sums: the VNNI product
 
 
 @needs_vnni
@@ -203,15 +205,15 @@ def test_vnni_linear_needs_the_column_sums() -> None:
     packed, scales = kernels.amx_pack(w), torch.ones(32)
     with pytest.raises(RuntimeError, match="needs the weights' column sums"):
         kernels.vnni_linear(
-            torch.randn(2, 64), packed, scales, torch.empty(0, dtype=torch.int32), 32, 127
+            torch.randn(2, 64), packed, scales, 32, 127, torch.empty(0, dtype=torch.int32)
         )
     with pytest.raises(RuntimeError, match="column sums must be int32 \\[N\\]"):
         kernels.vnni_linear(
-            torch.randn(2, 64), packed, scales, torch.zeros(31, dtype=torch.int32), 32, 127
+            torch.randn(2, 64), packed, scales, 32, 127, torch.zeros(31, dtype=torch.int32)
         )
     with pytest.raises(RuntimeError, match="disagree on the sizes"):
         kernels.vnni_linear(
-            torch.randn(2, 200), packed, scales, w.sum(1, dtype=torch.int32), 32, 127
+            torch.randn(2, 200), packed, scales, 32, 127, w.sum(1, dtype=torch.int32)
         )
 
 

@@ -493,7 +493,7 @@ void vnni_rows_any(int64_t R, const uint8_t* A, int64_t lda, const int8_t* B, in
 }
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512F__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(DSM_VNNI) && defined(__linux__)
 #define DSM_AMX 1
 
 struct TileConfig {
@@ -699,12 +699,13 @@ torch::Tensor linear(torch::Tensor x, const Projection& proj, double levels) {
 #endif
 
 // y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
-// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even), on the AMX tiles.
+// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even), on the AMX tiles; a single
+// row goes to the VNNI product where ``column_sums`` (int32 [N], or empty) are given.
 torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
-                         double levels) {
+                         double levels, torch::Tensor column_sums) {
 #if defined(DSM_AMX)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
-  return linear(x, Projection(packed, scales, torch::Tensor(), N, x.size(1), true), levels);
+  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), true), levels);
 #else
   TORCH_CHECK(false, amx_problem());
   return x;
@@ -712,8 +713,8 @@ torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor sc
 }
 
 // The same product with AVX512-VNNI; ``column_sums`` int32 [N] are the sums of w's rows.
-torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
-                          torch::Tensor column_sums, int64_t N, double levels) {
+torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
+                          double levels, torch::Tensor column_sums) {
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
   return linear(x, Projection(packed, scales, column_sums, N, x.size(1), false), levels);
@@ -1132,22 +1133,23 @@ def int8_attention(
     )
 
 
-def amx_int8_problem() -> str | None:
-    """None when ``amx_linear`` can run here (the kernel built now if need be), else why not."""
+def _build_problem(check: str) -> str | None:
+    # None when the build has the code ``check`` (a function of the module) asks about
     try:
-        problem = _module().amx_problem()
+        problem = getattr(_module(), check)()
     except KernelUnavailable as exc:
         return str(exc)
     return problem or None
+
+
+def amx_int8_problem() -> str | None:
+    """None when ``amx_linear`` can run here (the kernel built now if need be), else why not."""
+    return _build_problem("amx_problem")
 
 
 def vnni_int8_problem() -> str | None:
     """None when ``vnni_linear`` can run here (the kernel built now if need be), else why not."""
-    try:
-        problem = _module().vnni_problem()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return problem or None
+    return _build_problem("vnni_problem")
 
 
 def amx_pack(weight: Tensor) -> Tensor:
@@ -1166,27 +1168,39 @@ def amx_pack(weight: Tensor) -> Tensor:
     return tiles.contiguous().view(NB, KB, 1024)
 
 
-def amx_linear(x: Tensor, packed: Tensor, scales: Tensor, out_features: int, levels: int) -> Tensor:
+def amx_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    out_features: int,
+    levels: int,
+    column_sums: Tensor | None = None,
+) -> Tensor:
     """``W8A8Linear``'s product on the AMX tiles: ``x`` [M, K] float, ``packed`` from
     ``amx_pack``, per-output ``scales`` float32 [N]; each row of ``x`` is quantized to
-    ``round(x / max|x| * levels)``. Returns float32 [M, N]."""
-    return _module().amx_linear(x.float().contiguous(), packed, scales, out_features, float(levels))
+    ``round(x / max|x| * levels)``. Returns float32 [M, N]. With the weights' int32
+    ``column_sums`` (see ``vnni_linear``) a single row takes the VNNI product, which streams
+    the weights faster than the tiles (16 rows each, whatever the count): same results."""
+    sums = torch.empty(0, dtype=torch.int32) if column_sums is None else column_sums
+    return _module().amx_linear(
+        x.float().contiguous(), packed, scales, out_features, float(levels), sums
+    )
 
 
 def vnni_linear(
     x: Tensor,
     packed: Tensor,
     scales: Tensor,
-    column_sums: Tensor,
     out_features: int,
     levels: int,
+    column_sums: Tensor,
 ) -> Tensor:
     """``amx_linear``'s product on AVX512-VNNI (CPUs without AMX tiles): the same packed
     weights, plus their int32 ``column_sums`` [N] (``weight.sum(1)``: the activations enter
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
     return _module().vnni_linear(
-        x.float().contiguous(), packed, scales, column_sums, out_features, float(levels)
+        x.float().contiguous(), packed, scales, out_features, float(levels), column_sums
     )
 
 

@@ -120,13 +120,11 @@ class W8A8Linear(nn.Module):
         # the kernels of this package: the AMX tiles' packing serves both, and the column sums
         # are the VNNI product's offset (which also takes the one-row products of ``amx``)
         self.column_sums = q.sum(dim=1, dtype=torch.int32)
-        self.single_row_vnni = False
         if kernel in ("amx", "vnni"):
             problem = amx_int8_problem() if kernel == "amx" else vnni_int8_problem()
             if problem is not None:
                 raise RuntimeError(f"w8a8 kernel {kernel}: {problem}")
             self.packed = amx_pack(q)
-            self.single_row_vnni = kernel == "amx" and vnni_int8_problem() is None
         elif kernel == "onednn":
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         else:
@@ -143,12 +141,11 @@ class W8A8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         # this package's kernels quantize each row and scale it back inside the kernel
-        if self.kernel == "vnni" or (self.single_row_vnni and flat.shape[0] == 1):
-            y = vnni_linear(
-                flat, self.packed, self.scales, self.column_sums, self.out_features, self.levels
+        own = {"amx": amx_linear, "vnni": vnni_linear}.get(self.kernel)
+        if own is not None:
+            y = own(
+                flat, self.packed, self.scales, self.out_features, self.levels, self.column_sums
             )
-        elif self.kernel == "amx":
-            y = amx_linear(flat, self.packed, self.scales, self.out_features, self.levels)
         else:
             y = self._torch_product(flat)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
