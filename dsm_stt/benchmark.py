@@ -47,6 +47,7 @@ class BenchResult:
     output_ms: float | None = None
     context_fill: float = 1.0  # how full the attention caches were (1.0: steady state)
     kv_cache: str = "float"  # the LM's KV ring: the model's dtype, or int8 rows
+    fused_layers: bool = False  # the LM's steps ran one compiled call per layer
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,6 +62,8 @@ class BenchResult:
             quant += f" via {self.w8a8_kernel}"
         if self.kv_cache == "int8":
             quant += ", int8 KV cache"
+        if self.fused_layers:
+            quant += ", fused layers"
         return (
             f"{self.model} on {self.device} ({self.dtype}{quant}), batch {self.batch_size}: "
             f"step {self.step_ms:.1f} ms (Mimi {self.mimi_ms:.1f}, LM {self.lm_ms:.1f}, "
@@ -132,4 +135,5 @@ def run_benchmark(
         w8a8_kernel=engine.w8a8_kernel,
         context_fill=context_fill,
         kv_cache=engine.kv_cache,
+        fused_layers=engine.fused_layers,
     )

@@ -8,7 +8,7 @@ import pytest
 
 from dsm_stt.benchmark import run_benchmark
 from dsm_stt.cli import main
-from dsm_stt.engine.engine import Engine
+from dsm_stt.engine.engine import Engine, w8a8_kernel
 from dsm_stt.model.kernels import int8_kv_problem
 from dsm_stt.model.synthetic import random_model
 
@@ -70,3 +70,10 @@ def test_cli_runs_with_an_int8_kv_cache(capsys: pytest.CaptureFixture[str]) -> N
     result = json.loads(capsys.readouterr().out)
     assert result["kv_cache"] == "int8" and result["step_ms"] > 0
     assert result["kv_mb_per_stream"] < floats["kv_mb_per_stream"]  # int8 rows, float32 ring
+    assert result["fused_layers"] is False and floats["fused_layers"] is False  # no w8a8
+    if w8a8_kernel(1) in ("amx", "vnni"):  # this package's kernels: one call per layer
+        assert main([*args.split(), "--kv-cache", "int8", "--quantize", "w8a8"]) == 0
+        fused = json.loads(capsys.readouterr().out)
+        assert fused["fused_layers"] is True and fused["w8a8_kernel"] == w8a8_kernel(1)
+        assert main([*args.split(), "--quantize", "w8a8"]) == 0  # a float ring: modules
+        assert json.loads(capsys.readouterr().out)["fused_layers"] is False

@@ -125,6 +125,12 @@ class Engine:
     def name(self) -> str:
         return self.model.name
 
+    @property
+    def fused_layers(self) -> bool:
+        """Whether the LM's steps run one compiled call per layer (``model.fused``)."""
+        fused = self.lm.transformer.fused
+        return fused is not None and fused.runs_on(self.state.lm, self.dtype, self.device)
+
     def decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids)
 

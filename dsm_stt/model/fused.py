@@ -64,14 +64,14 @@ class FusedLayers:
         )
 
     def applies(self, x: Tensor, cache: KVCache) -> bool:
-        """Whether ``__call__`` computes this step: one position, an int8 ring, CPU, float32
-        or bfloat16 activations."""
-        return (
-            cache.quantized
-            and x.shape[1] == 1
-            and x.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16)
-        )
+        """Whether ``__call__`` computes this step: one position, and ``runs_on``."""
+        return x.shape[1] == 1 and self.runs_on(cache, x.dtype, x.device)
+
+    @staticmethod
+    def runs_on(cache: KVCache, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether one-position steps of activations of ``dtype`` on ``device`` over ``cache``
+        take the fused path: an int8 ring, CPU, float32 or bfloat16."""
+        return cache.quantized and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)
 
     def __call__(
         self,
