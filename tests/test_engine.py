@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from dsm_stt.engine.engine import Engine
+from dsm_stt.engine.engine import Engine, w8a8_kernel
 from dsm_stt.model.kernels import int8_kv_problem
 from dsm_stt.model.synthetic import random_model, tiny_config
 
@@ -24,7 +24,9 @@ def _audio(seed: int, frames: int) -> np.ndarray:
     ).astype(np.float32)
 
 
-def _engine(batch_size: int, context: int = 32, kv_cache: str = "float") -> Engine:
+def _engine(
+    batch_size: int, context: int = 32, kv_cache: str = "float", quantize: str = "none"
+) -> Engine:
     model = random_model("tiny")
     if context != model.config.lm.context:
         from dsm_stt.model.synthetic import random_lm
@@ -32,7 +34,7 @@ def _engine(batch_size: int, context: int = 32, kv_cache: str = "float") -> Engi
         cfg = tiny_config(context=context)
         model.config = cfg
         model.lm = random_lm(cfg.lm, seed=0)
-    return Engine(model, batch_size, kv_cache=kv_cache)
+    return Engine(model, batch_size, quantize=quantize, kv_cache=kv_cache)
 
 
 def _run_alone(engine: Engine, audio: np.ndarray) -> list[int]:
@@ -49,20 +51,32 @@ def _run_alone(engine: Engine, audio: np.ndarray) -> list[int]:
     return tokens
 
 
+# the fused layer step: one slot (a one-row VNNI product) against four (AMX tiles where the
+# CPU has them): the same integer sums
+needs_fused = pytest.mark.skipif(
+    w8a8_kernel(1) not in ("amx", "vnni"), reason="no compiled w8a8 kernel here"
+)
+
+
 @pytest.mark.parametrize(
-    ("pattern", "kv_cache"),
+    ("pattern", "kv_cache", "quantize"),
     [
-        ("join_leave", "float"),
-        ("reset_idle", "float"),
-        ("all_busy", "float"),
-        pytest.param("join_leave", "int8", marks=needs_kernel),
+        ("join_leave", "float", "none"),
+        ("reset_idle", "float", "none"),
+        ("all_busy", "float", "none"),
+        pytest.param("join_leave", "int8", "none", marks=needs_kernel),
+        pytest.param("reset_idle", "int8", "w8a8", marks=needs_fused),
     ],
 )
-def test_stream_is_independent_of_its_neighbours(pattern: str, kv_cache: str) -> None:
+def test_stream_is_independent_of_its_neighbours(
+    pattern: str, kv_cache: str, quantize: str
+) -> None:
     frames = 40
     target = _audio(0, frames)
-    alone = _run_alone(_engine(1, kv_cache=kv_cache), target)
-    engine = _engine(4, kv_cache=kv_cache)
+    alone_engine = _engine(1, kv_cache=kv_cache, quantize=quantize)
+    alone = _run_alone(alone_engine, target)
+    engine = _engine(4, kv_cache=kv_cache, quantize=quantize)
+    assert engine.fused_layers == alone_engine.fused_layers == (quantize == "w8a8")
     rng = np.random.default_rng(7)
     tokens = []
     for i in range(frames):
