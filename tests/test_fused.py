@@ -25,8 +25,11 @@ OWN_KERNELS = [
     for kernel, problem in (("amx", amx_int8_problem()), ("vnni", vnni_int8_problem()))
 ]
 
-# head size 64 takes the attention kernel's integer (VNNI) path, TINY's 16 the generic one
+# head size 64 takes the attention kernel's integer (VNNI) path, TINY's 16 the generic one;
+# 80 (stt-2.6b's) mixes whole and partial vectors of RoPE pairs, and a width of 160 pads the
+# products' inputs to whole tiles
 WIDE = dataclasses.replace(TINY, dim=128, num_heads=2, hidden_dim=176, context=8)
+ODD = dataclasses.replace(TINY, dim=160, num_heads=2, hidden_dim=240, context=8)
 
 
 def quantized_lm(cfg, dtype: torch.dtype, seed: int = 0, kernel: str = "vnni") -> LM:
@@ -62,7 +65,7 @@ def run_steps(lm: LM, fused: bool, B: int, steps: int, seed: int, prefix: int | 
 
 
 @pytest.mark.parametrize("kernel", OWN_KERNELS)
-@pytest.mark.parametrize("cfg", [TINY, WIDE], ids=["head16", "head64"])
+@pytest.mark.parametrize("cfg", [TINY, WIDE, ODD], ids=["head16", "head64", "head80"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_step_equals_the_module_step_bit_for_bit(
     cfg, dtype: torch.dtype, kernel: str
