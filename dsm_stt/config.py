@@ -86,6 +86,7 @@ class EngineConfig:
     quantize: str = "none"
     cuda_graphs: bool = False  # replay captured steps (CUDA only, greedy only)
     kv_cache: str = "float"  # "int8": the LM's KV ring as int8 rows with scales (CPU only)
+    lookahead: bool = False  # each slot's next LM position computed after its frame (eager)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

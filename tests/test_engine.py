@@ -25,7 +25,11 @@ def _audio(seed: int, frames: int) -> np.ndarray:
 
 
 def _engine(
-    batch_size: int, context: int = 32, kv_cache: str = "float", quantize: str = "none"
+    batch_size: int,
+    context: int = 32,
+    kv_cache: str = "float",
+    quantize: str = "none",
+    lookahead: bool = False,
 ) -> Engine:
     model = random_model("tiny")
     if context != model.config.lm.context:
@@ -34,7 +38,7 @@ def _engine(
         cfg = tiny_config(context=context)
         model.config = cfg
         model.lm = random_lm(cfg.lm, seed=0)
-    return Engine(model, batch_size, quantize=quantize, kv_cache=kv_cache)
+    return Engine(model, batch_size, quantize=quantize, kv_cache=kv_cache, lookahead=lookahead)
 
 
 def _run_alone(engine: Engine, audio: np.ndarray) -> list[int]:
@@ -94,6 +98,58 @@ def test_stream_is_independent_of_its_neighbours(
         tokens.append(engine.step(pcm, active, reset).tokens[2])
     assert tokens == alone
     assert len(set(alone)) > 1  # random weights still give varied tokens
+
+
+@pytest.mark.parametrize(
+    ("kv_cache", "quantize"),
+    [("float", "none"), pytest.param("int8", "w8a8", marks=needs_fused)],
+)
+def test_lookahead_gives_the_same_tokens_and_vad(kv_cache: str, quantize: str) -> None:
+    """Computing each slot's next LM position right after its frame hands out the same
+    tokens and VAD, with streams joining, leaving, restarting, idling and moving slots."""
+    plain, ahead = (
+        _engine(4, kv_cache=kv_cache, quantize=quantize, lookahead=la) for la in (False, True)
+    )
+    rng = np.random.default_rng(11)
+    compared = 0
+    for i in range(36):
+        pcm = (0.3 * rng.standard_normal((4, FRAME))).astype(np.float32)
+        active = np.array([i % 4 != 1, 6 <= i < 26, True, i >= 12 and i % 5 != 0])
+        reset = np.array([i in (0, 17), i == 6, i == 0, i == 12])
+        if i == 30:  # slot 1 is free from step 26: the stream in slot 3 moves down
+            for engine in (plain, ahead):
+                engine.move_slot(3, 1)
+        if i >= 30:  # ... and goes on there
+            active[1], active[3], reset[1] = active[3], False, False
+        outs = [engine.step(pcm, active, reset) for engine in (plain, ahead)]
+        for slot in np.flatnonzero(active):
+            assert outs[0].tokens[slot] == outs[1].tokens[slot], (i, slot)
+            assert outs[0].prs[slot] == outs[1].prs[slot], (i, slot)
+            compared += 1
+    assert compared > 100
+
+
+def test_lookahead_hands_out_the_step_before_running_the_lm(monkeypatch) -> None:
+    """With lookahead, a step's first half runs no LM position (but a stream's first step
+    does, for its position 0); the second half runs one after the Mimi encode."""
+    engine = _engine(2, lookahead=True)
+    calls: list[str] = []
+    real_step, real_mimi = engine.lm.step, engine.mimi.step
+    monkeypatch.setattr(engine.lm, "step", lambda *a, **k: calls.append("lm") or real_step(*a, **k))
+    monkeypatch.setattr(
+        engine.mimi, "step", lambda *a, **k: calls.append("mimi") or real_mimi(*a, **k)
+    )
+    pcm = np.zeros((2, FRAME), np.float32)
+    both = np.ones(2, bool)
+    engine.begin_step(pcm, both, both)
+    assert calls == ["lm"]  # position 0 of the new streams
+    engine.end_step()
+    assert calls == ["lm", "mimi", "lm"]  # frame 0, then position 1
+    calls.clear()
+    out = engine.begin_step(pcm, both, ~both)
+    assert calls == [] and all(t >= 0 for t in out.tokens)
+    engine.end_step()
+    assert calls == ["mimi", "lm"]
 
 
 def test_only_the_slots_up_to_the_last_used_one_are_computed() -> None:

@@ -50,8 +50,12 @@ class Engine:
         seed: int = 0,
         quantize: str = "none",
         kv_cache: str = "float",
+        lookahead: bool = False,
     ) -> None:
         self.device = torch.device(device)
+        # compute each slot's next LM position right after its frame's Mimi encode (see
+        # begin_step); eager steps only (captured CUDA graphs keep the plain order)
+        self.lookahead = bool(lookahead)
         if kv_cache not in KV_CACHES:
             raise ValueError(f"kv cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
         if kv_cache == "int8":
@@ -116,6 +120,7 @@ class Engine:
             config.seed,
             config.quantize,
             config.kv_cache,
+            config.lookahead,
         )
         if config.cuda_graphs:
             engine.capture_steps()
@@ -153,6 +158,29 @@ class Engine:
         codes = self.mimi.step(pcm, state.mimi, active)
         state.prev_codes.copy_(torch.where(active[:, None], codes, state.prev_codes))
         return codes
+
+    @torch.no_grad()
+    def ahead(self, active: Tensor, reset: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
+        """The lookahead engine's first half: the tokens and VAD of this step, which the end of
+        each slot's previous step computed; slots starting a stream (``reset``, or never
+        stepped) get their step-0 LM position now."""
+        state.reset(reset)
+        fresh = active & (state.next_token < 0)
+        if bool(fresh.any()):
+            self._advance_ahead(fresh, state)
+        return state.next_token.clone(), state.next_vad.clone()
+
+    @torch.no_grad()
+    def encode_ahead(self, pcm: Tensor, active: Tensor, state: EngineState) -> None:
+        """The lookahead engine's second half: encode the frame, then the next LM position of
+        the active slots, whose token and VAD wait in ``state`` for the next step."""
+        self.encode(pcm, active, state)
+        self._advance_ahead(active, state)
+
+    def _advance_ahead(self, mask: Tensor, state: EngineState) -> None:
+        tokens, vad = self.advance(mask, torch.zeros_like(mask), state)
+        state.next_token.copy_(torch.where(mask, tokens, state.next_token))
+        state.next_vad.copy_(torch.where(mask[:, None], vad, state.next_vad))
 
     def capture_steps(self, capture: Capture | None = None) -> bool:
         """Replay captured steps from now on (``graphs.StepGraphs``): CUDA graphs by default.
@@ -231,6 +259,13 @@ class Engine:
         Only the slots up to the last one that is active or reset are computed (the scheduler
         fills the lowest free slot first), so a lightly loaded engine pays for the slots in use,
         not for all ``batch_size``. The slots past them get token -1 and zero VAD.
+
+        With ``lookahead`` the step's LM position was computed at the end of the slot's
+        previous step: the token of step t depends on the frames before t only (spec §2.8), so
+        ``end_step`` encodes frame t and then runs position t + 1 at once, and this call only
+        hands out what is ready (a stream's first step computes its position 0 here). Same
+        tokens, same work per frame (one extra position when a stream ends), and a server's
+        messages for a frame leave as soon as the frame is in, not one LM position later.
         """
         self.end_step()
         B, F = self.batch_size, self.frame_size
@@ -246,6 +281,10 @@ class Engine:
         reset_t = torch.tensor(reset[:n], device=self.device)
         if self.graphs is not None:
             tokens, vad, self._pending = self.graphs.advance(pcm_t, active_t, reset_t)
+        elif self.lookahead:
+            state = self.state if n == B else self.state.prefix(n)
+            tokens, vad = self.ahead(active_t, reset_t, state)
+            self._pending = functools.partial(self.encode_ahead, pcm_t, active_t, state)
         else:
             state = self.state if n == B else self.state.prefix(n)
             tokens, vad = self.advance(active_t, reset_t, state)

@@ -2,7 +2,8 @@
 
 Owns ``EngineState``: the Mimi encoder state, the LM's KV cache, and the two values that
 implement the step alignment of spec §2.8 — the previous frame's codes and the previous text
-token, which are the LM's inputs at the next step. ``reset(mask)`` starts fresh streams in the
+token, which are the LM's inputs at the next step (and, for an engine that computes each
+step's LM position ahead, that step's token and VAD). ``reset(mask)`` starts fresh streams in the
 masked slots without touching the others, ``move(src, dst)`` carries a stream to another slot.
 No Python loops over slots.
 """
@@ -24,6 +25,10 @@ class EngineState:
     lm: KVCache
     prev_codes: Tensor  # [B, K] long: codes of the previous frame (audio pad at step 0)
     prev_text: Tensor  # [B] long: the previous text token (text start at step 0)
+    # the token [B] long and VAD [B, H] float32 of each slot's next step when the engine
+    # computes it ahead (``Engine(lookahead=True)``); token -1: not computed yet
+    next_token: Tensor
+    next_vad: Tensor
     text_start_id: int
     audio_pad_id: int
 
@@ -46,6 +51,8 @@ class EngineState:
                 (batch_size, cfg.n_q), cfg.audio_pad_id, dtype=torch.long, device=device
             ),
             prev_text=torch.full((batch_size,), cfg.text_start_id, dtype=torch.long, device=device),
+            next_token=torch.full((batch_size,), -1, dtype=torch.long, device=device),
+            next_vad=torch.zeros(batch_size, lm.num_extra_heads, device=device),
             text_start_id=cfg.text_start_id,
             audio_pad_id=cfg.audio_pad_id,
         )
@@ -63,6 +70,8 @@ class EngineState:
             self.lm.prefix(n),
             self.prev_codes[:n],
             self.prev_text[:n],
+            self.next_token[:n],
+            self.next_vad[:n],
             self.text_start_id,
             self.audio_pad_id,
         )
@@ -73,6 +82,7 @@ class EngineState:
         self.lm.reset(mask)
         self.prev_codes.masked_fill_(mask[:, None], self.audio_pad_id)
         self.prev_text.masked_fill_(mask, self.text_start_id)
+        self.next_token.masked_fill_(mask, -1)
 
     def move(self, src: int, dst: int) -> None:
         """Carry slot ``src``'s stream on in slot ``dst``: every per-slot buffer is copied
@@ -81,6 +91,8 @@ class EngineState:
         self.lm.move(src, dst)
         self.prev_codes[dst].copy_(self.prev_codes[src])
         self.prev_text[dst].copy_(self.prev_text[src])
+        self.next_token[dst].copy_(self.next_token[src])
+        self.next_vad[dst].copy_(self.next_vad[src])
 
     def kv_bytes_per_slot(self) -> int:
         return self.lm.nbytes_per_slot()

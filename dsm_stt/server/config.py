@@ -85,7 +85,9 @@ class ServerConfig:
     model: str = DEFAULT_MODEL
     model_files: ModelFiles | None = None
     random_weights: bool = False
-    engine: EngineConfig = field(default_factory=EngineConfig)
+    # a server computes each slot's next LM position ahead, so a frame's messages leave as
+    # soon as the frame is in (``Engine.begin_step``; same tokens)
+    engine: EngineConfig = field(default_factory=lambda: EngineConfig(lookahead=True))
     host: str = "127.0.0.1"
     port: int = 8080
     path: str = DEFAULT_PATH
