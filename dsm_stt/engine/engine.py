@@ -15,8 +15,9 @@ The step's output does not depend on this frame's codes, so ``begin_step`` (1-3)
 and keeps the Mimi half (4) for ``end_step``: a server sends its messages in between, so they
 leave one Mimi encode earlier. ``step`` is both. With ``lookahead`` (a server's engine) the
 second half also runs each active slot's next LM position, so the first half of the next step
-only hands out ready tokens. Inactive slots are computed but their state never changes. The engine returns plain Python values at its boundary (``StepOutput``); the
-scheduler decides what each slot does.
+only hands out ready tokens. Inactive slots are computed but their state never changes. The
+engine returns plain Python values at its boundary (``StepOutput``); the scheduler decides
+what each slot does.
 """
 
 from __future__ import annotations
