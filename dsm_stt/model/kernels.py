@@ -699,27 +699,16 @@ torch::Tensor linear(torch::Tensor x, const Projection& proj, double levels) {
 #endif
 
 // y [M, N] float32 = (round(x / max|x| * levels) . w^T) * max|x| / levels * scales, with w
-// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even), on the AMX tiles; a single
-// row goes to the VNNI product where ``column_sums`` (int32 [N], or empty) are given.
-torch::Tensor amx_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
-                         double levels, torch::Tensor column_sums) {
-#if defined(DSM_AMX)
-  TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
-  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), true), levels);
-#else
-  TORCH_CHECK(false, amx_problem());
-  return x;
-#endif
-}
-
-// The same product with AVX512-VNNI; ``column_sums`` int32 [N] are the sums of w's rows.
-torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
-                          double levels, torch::Tensor column_sums) {
+// int8 [N, K] packed by amx_pack into [NB, KB, 1024] (NB even): on the AMX tiles (``amx``;
+// a single row goes to the VNNI product where ``column_sums`` are given) or with AVX512-VNNI
+// (which needs ``column_sums``, int32 [N], the sums of w's rows; empty: none).
+torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
+                          double levels, torch::Tensor column_sums, bool amx) {
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
-  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), false), levels);
+  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), amx), levels);
 #else
-  TORCH_CHECK(false, vnni_problem());
+  TORCH_CHECK(false, amx ? amx_problem() : vnni_problem());
   return x;
 #endif
 }
@@ -1059,9 +1048,8 @@ def _build():
                 "attend",
                 "paths",
                 "amx_problem",
-                "amx_linear",
                 "vnni_problem",
-                "vnni_linear",
+                "int8_linear",
                 "lm_layer_step",
                 "vq_encode",
             ],
@@ -1182,8 +1170,8 @@ def amx_linear(
     ``column_sums`` (see ``vnni_linear``) a single row takes the VNNI product, which streams
     the weights faster than the tiles (16 rows each, whatever the count): same results."""
     sums = torch.empty(0, dtype=torch.int32) if column_sums is None else column_sums
-    return _module().amx_linear(
-        x.float().contiguous(), packed, scales, out_features, float(levels), sums
+    return _module().int8_linear(
+        x.float().contiguous(), packed, scales, out_features, float(levels), sums, True
     )
 
 
@@ -1199,8 +1187,8 @@ def vnni_linear(
     weights, plus their int32 ``column_sums`` [N] (``weight.sum(1)``: the activations enter
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
-    return _module().vnni_linear(
-        x.float().contiguous(), packed, scales, out_features, float(levels), column_sums
+    return _module().int8_linear(
+        x.float().contiguous(), packed, scales, out_features, float(levels), column_sums, False
     )
 
 
