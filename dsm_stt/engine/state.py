@@ -3,8 +3,9 @@
 Owns ``EngineState``: the Mimi encoder state, the LM's KV cache, and the two values that
 implement the step alignment of spec §2.8 — the previous frame's codes and the previous text
 token, which are the LM's inputs at the next step (and, for an engine that computes each
-step's LM position ahead, that step's token and VAD). ``reset(mask)`` starts fresh streams in the
-masked slots without touching the others, ``move(src, dst)`` carries a stream to another slot.
+step's LM position ahead, that step's token and VAD). ``reset(mask)`` starts fresh streams in
+the masked slots without touching the others, ``move(src, dst)`` carries a stream to another
+slot.
 No Python loops over slots.
 """
 

@@ -1,8 +1,8 @@
 """The LM's decode step as one compiled call per layer, on CPUs with AMX or AVX512-VNNI.
 
 Owns ``FusedLayers``: for an LM whose projections are ``W8A8Linear`` on this package's ``amx``
-or ``vnni`` kernel and whose KV ring is int8, a streaming step of one position runs each layer as a single call of
-``kernels.lm_layer_step`` instead of some sixty PyTorch operations. At one slot those
+or ``vnni`` kernel and whose KV ring is int8, a streaming step of one position runs each layer
+as a single call of ``kernels.lm_layer_step`` instead of some sixty PyTorch operations. At one slot those
 operations cost more than the attention itself (each a few microseconds of dispatch and
 allocation); the fused call computes the same thing with the same roundings.
 ``quantize_lm_w8a8`` attaches one to the LM's transformer; ``Transformer.step`` takes it
