@@ -1,7 +1,8 @@
 """Tests of dsm_stt.model.fused: the one-call-per-layer decode step of an LM quantized w8a8 on
-this package's AMX or VNNI kernel with an int8 KV ring. It must give the module path's logits, VAD and ring
-contents bit for bit (float32 and bfloat16, inactive slots, resets, a wrapped ring, a prefix
-of the slots), be taken exactly where it applies, and refuse what it cannot compute."""
+this package's AMX or VNNI kernel with an int8 KV ring. It must give the module path's
+logits, VAD and ring contents bit for bit (float32 and bfloat16, inactive slots, resets, a
+wrapped ring, a prefix of the slots), be taken exactly where it applies, and refuse what it
+cannot compute."""
 
 from __future__ import annotations
 

@@ -2,9 +2,9 @@
 
 Owns ``FusedLayers``: for an LM whose projections are ``W8A8Linear`` on this package's ``amx``
 or ``vnni`` kernel and whose KV ring is int8, a streaming step of one position runs each layer
-as a single call of ``kernels.lm_layer_step`` instead of some sixty PyTorch operations. At one slot those
-operations cost more than the attention itself (each a few microseconds of dispatch and
-allocation); the fused call computes the same thing with the same roundings.
+as a single call of ``kernels.lm_layer_step`` instead of some sixty PyTorch operations. At
+one slot those operations cost more than the attention itself (each a few microseconds of
+dispatch and allocation); the fused call computes the same thing with the same roundings.
 ``quantize_lm_w8a8`` attaches one to the LM's transformer; ``Transformer.step`` takes it
 where it applies and the module path everywhere else (float rings, several positions,
 float16, other devices).

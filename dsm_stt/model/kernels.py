@@ -252,14 +252,14 @@ def lm_layer_step(
     amx: bool = True,
 ) -> Tensor:
     """One decode position of an LM layer (``LMLayer``) for every slot in one compiled call:
-    norms, the four ``W8A8Linear`` products (AMX tiles with ``amx``, else AVX512-VNNI), RoPE, the new key and value
-    quantized into the int8 ring, the attention, the gated FFN and both residuals, with the
-    roundings of the module path (to bfloat16 wherever the modules store bfloat16).
+    norms, the four ``W8A8Linear`` products (AMX tiles with ``amx``, else AVX512-VNNI), RoPE,
+    the new key and value quantized into the int8 ring, the attention, the gated FFN and both
+    residuals, with the roundings of the module path (to bfloat16 wherever the modules store
+    bfloat16).
 
     ``x`` [B, D] float32 or bfloat16; ``norms`` the two RMSNorm weights; ``projections`` the
     (packed, scales, out_features, column_sums) of the fused QKV, attention output, FFN in and
-    FFN out;
-    ``cache_rings`` the int8 keys, their scales, the values and theirs ([L, B, H, C + 1, hd]
+    FFN out; ``cache_rings`` the int8 keys, their scales, the values and theirs ([L, B, H, C + 1, hd]
     and [L, B, H, C + 1]); ``write_index`` [B] the ring entry of each slot's new row;
     ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each slot attends.
     Returns the layer's output [B, D] in ``x``'s dtype."""
