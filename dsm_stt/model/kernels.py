@@ -259,9 +259,10 @@ def lm_layer_step(
 
     ``x`` [B, D] float32 or bfloat16; ``norms`` the two RMSNorm weights; ``projections`` the
     (packed, scales, out_features, column_sums) of the fused QKV, attention output, FFN in and
-    FFN out; ``cache_rings`` the int8 keys, their scales, the values and theirs ([L, B, H, C + 1, hd]
-    and [L, B, H, C + 1]); ``write_index`` [B] the ring entry of each slot's new row;
-    ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each slot attends.
+    FFN out; ``cache_rings`` the int8 keys, their scales, the values and theirs
+    ([L, B, H, C + 1, hd] and [L, B, H, C + 1]); ``write_index`` [B] the ring entry of each
+    slot's new row; ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each
+    slot attends.
     Returns the layer's output [B, D] in ``x``'s dtype."""
     packed, scales, sizes, sums = zip(*projections, strict=True)
     return _module().lm_layer_step(
