@@ -148,6 +148,10 @@ class Engine:
         the next token (stored for the next step in active slots). ``state`` is the engine's
         whole state or ``self.state.prefix(n)`` (the first ``n`` slots only)."""
         state.reset(reset)
+        return self._position(active, state)
+
+    def _position(self, active: Tensor, state: EngineState) -> tuple[Tensor, Tensor]:
+        # one LM position and its token (stored as the next input of the active slots)
         out = self.lm.step(state.prev_text, state.prev_codes, state.lm, active, check_ids=False)
         tokens = self._sample(out.logits)
         state.prev_text.copy_(torch.where(active, tokens, state.prev_text))
@@ -166,7 +170,8 @@ class Engine:
         """The lookahead engine's first half: the tokens and VAD of this step, which the end of
         each slot's previous step computed; slots starting a stream (``reset``, or never
         stepped) get their step-0 LM position now."""
-        state.reset(reset)
+        if bool(reset.any()):
+            state.reset(reset)
         fresh = active & (state.next_token < 0)
         if bool(fresh.any()):
             self._advance_ahead(fresh, state)
@@ -180,7 +185,7 @@ class Engine:
         self._advance_ahead(active, state)
 
     def _advance_ahead(self, mask: Tensor, state: EngineState) -> None:
-        tokens, vad = self.advance(mask, torch.zeros_like(mask), state)
+        tokens, vad = self._position(mask, state)
         state.next_token.copy_(torch.where(mask, tokens, state.next_token))
         state.next_vad.copy_(torch.where(mask[:, None], vad, state.next_vad))
 
