@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import official_tensors, reference_lm, reference_mimi
 
 from dsm_stt.benchmark import assume_history
-from dsm_stt.config import DTYPES
+from dsm_stt.config import DTYPES, KV_CACHES, QUANTIZE
 from dsm_stt.engine.engine import Engine
 from dsm_stt.model.checkpoint import SttModel, load_lm, load_mimi
 from dsm_stt.model.config import preset
@@ -47,13 +47,13 @@ def main() -> int:
     parser.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8", "w8a8"],
+        choices=QUANTIZE,
         help="dsm-stt's LM projections",
     )
     parser.add_argument(
         "--kv-cache",
         default="float",
-        choices=["float", "int8"],
+        choices=KV_CACHES,
         help="dsm-stt's LM attention cache (int8: CPU, builds a small C++ kernel)",
     )
     parser.add_argument(

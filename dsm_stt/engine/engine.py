@@ -35,7 +35,7 @@ from ..allocator import reuse_freed_memory
 from ..config import KV_CACHES, QUANTIZE, EngineConfig, cpu_has_amx_int8, cpu_has_vnni
 from ..model.checkpoint import SttModel, load_model
 from ..model.kernels import int8_kv_problem
-from ..model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
+from ..model.quantize import OWN_KERNELS, quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
 from .graphs import Capture, StepGraphs, cuda_capture
 from .scheduler import StepOutput
 from .state import EngineState
@@ -318,7 +318,7 @@ def w8a8_kernel(batch_size: int) -> str:
     kernels: oneDNN against fbgemm, full LM step, 8 slots 115 -> 107 ms, 16: 170 -> 149, 32:
     296 -> 265; fbgemm's matrix-vector path is faster for one slot (55 against 58 ms)."""
     available = w8a8_kernels()
-    for own in ("amx", "vnni"):  # this package's kernels, fastest first
+    for own in OWN_KERNELS:
         if own in available:
             return own
     if "onednn" in available and batch_size >= 8 and cpu_has_amx_int8():

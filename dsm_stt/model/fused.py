@@ -47,7 +47,7 @@ class FusedLayers:
 
     @classmethod
     def supports(cls, layers: nn.ModuleList) -> bool:
-        from .quantize import W8A8Linear  # quantize imports this module
+        from .quantize import OWN_KERNELS, W8A8Linear  # quantize imports this module
 
         if not layers or not all(isinstance(layer, LMLayer) for layer in layers):
             return False
@@ -55,7 +55,7 @@ class FusedLayers:
         return (
             all(isinstance(p, W8A8Linear) for p in projections)
             and len({p.kernel for p in projections}) == 1
-            and projections[0].kernel in ("amx", "vnni")
+            and projections[0].kernel in OWN_KERNELS
             and all(
                 layer.norm1.eps == layer.norm2.eps
                 and len({p.levels for p in cls._projections(layer)}) == 1

@@ -19,8 +19,8 @@ same integer sums); ``lm_layer_step`` runs a whole LM layer's decode step on eit
 The C++ source (``kernels.cpp``, next to this module) is compiled once per machine for its own
 CPU (``-march=native``: AVX-512 where the CPU has it, plain loops the compiler vectorizes
 otherwise) and cached by PyTorch under ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``
-moves it). It needs a C++ compiler and
-the ``ninja`` package; ``int8_kv_problem()`` says in words why the kernel cannot be built.
+moves it). It needs a C++ compiler and the ``ninja`` package; ``int8_kv_problem()`` says in
+words why the kernel cannot be built.
 """
 
 from __future__ import annotations
@@ -112,13 +112,19 @@ def loaded() -> bool:
     return _build.cache_info().currsize > 0 and not isinstance(_build(), KernelUnavailable)
 
 
-def int8_kv_problem() -> str | None:
-    """None when the int8 KV attention kernel is ready (built now if need be), else why not."""
+def _build_problem(check: str | None = None) -> str | None:
+    # None when the module is built (now if need be) and has the code the module function
+    # ``check`` asks about, else why not
     try:
-        _module()
+        module = _module()
     except KernelUnavailable as exc:
         return str(exc)
-    return None
+    return (getattr(module, check)() if check else "") or None
+
+
+def int8_kv_problem() -> str | None:
+    """None when the int8 KV attention kernel is ready (built now if need be), else why not."""
+    return _build_problem()
 
 
 _PATHS = {"best": 0, "vnni": 1, "avx512": 2, "generic": 3}
@@ -155,15 +161,6 @@ def int8_attention(
     return _module().attend(
         q.float().contiguous(), keys, key_scales, values, value_scales, mask, scale, _PATHS[path]
     )
-
-
-def _build_problem(check: str) -> str | None:
-    # None when the build has the code ``check`` (a function of the module) asks about
-    try:
-        problem = getattr(_module(), check)()
-    except KernelUnavailable as exc:
-        return str(exc)
-    return problem or None
 
 
 def amx_int8_problem() -> str | None:

@@ -77,6 +77,7 @@ class Int8Linear(nn.Module):
 
 
 W8A8_KERNELS = ("fbgemm", "onednn", "amx", "vnni")
+OWN_KERNELS = ("amx", "vnni")  # this package's compiled kernels, fastest first
 
 
 class W8A8Linear(nn.Module):
@@ -117,14 +118,14 @@ class W8A8Linear(nn.Module):
         scales = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
-        # the kernels of this package: the AMX tiles' packing serves both, and the column sums
-        # are the VNNI product's offset (which also takes the one-row products of ``amx``)
-        self.column_sums = q.sum(dim=1, dtype=torch.int32)
-        if kernel in ("amx", "vnni"):
+        if kernel in OWN_KERNELS:
             problem = amx_int8_problem() if kernel == "amx" else vnni_int8_problem()
             if problem is not None:
                 raise RuntimeError(f"w8a8 kernel {kernel}: {problem}")
+            # the AMX tiles' packing serves both, and the column sums are the VNNI product's
+            # offset (which also takes the one-row products of ``amx``)
             self.packed = amx_pack(q)
+            self.column_sums = q.sum(dim=1, dtype=torch.int32)
         elif kernel == "onednn":
             self.packed = torch.ops.onednn.qlinear_prepack(q, None)
         else:
@@ -255,7 +256,7 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
     if kernel not in available:
         raise ValueError(f"quantize w8a8: this PyTorch build cannot run the {kernel} kernel")
     _swap_projections(lm, lambda w: W8A8Linear(w, bits, kernel))
-    if kernel in ("amx", "vnni"):  # one compiled call per layer for the int8-ring decode step
+    if kernel in OWN_KERNELS:  # one compiled call per layer for the int8-ring decode step
         lm.transformer.fused = FusedLayers(lm.transformer.layers)
     return lm
 
