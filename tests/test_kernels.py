@@ -124,7 +124,7 @@ def test_a_machine_that_cannot_build_the_kernel_gets_the_reason(
     try:
         problem = int8_kv_problem()
         assert problem == (
-            "the int8 KV attention kernel cannot be built: no C++ compiler (c++) on the PATH"
+            "the compiled CPU kernels cannot be built: no C++ compiler (c++) on the PATH"
         )
         with pytest.raises(ValueError, match="kv cache int8: .*no C\\+\\+ compiler"):
             Engine(random_model("tiny"), 1, kv_cache="int8")

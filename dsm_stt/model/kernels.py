@@ -73,7 +73,7 @@ def _build():
     (kept, so a failed build is not retried at every call)."""
     problem = _missing_tools()
     if problem is not None:
-        return KernelUnavailable(f"the int8 KV attention kernel cannot be built: {problem}")
+        return KernelUnavailable(f"the compiled CPU kernels cannot be built: {problem}")
     from torch.utils.cpp_extension import load_inline
 
     try:
@@ -96,7 +96,7 @@ def _build():
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()]
         detail = (errors or lines or [type(exc).__name__])[-1][:400]
-        return KernelUnavailable(f"the int8 KV attention kernel failed to build: {detail}")
+        return KernelUnavailable(f"the compiled CPU kernels failed to build: {detail}")
 
 
 def _module():
