@@ -25,27 +25,37 @@ import numpy as np
 import torch
 
 from dsm_stt.audio import load_audio
-from dsm_stt.config import cpu_has_vnni
+from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.install import install
+from dsm_stt.cpu.kernels.build import problem as kernels_problem
+from dsm_stt.cpu.plan import Plan, choose
+from dsm_stt.cpu.quantize import activation_bits, w8a8_kernels
 from dsm_stt.model.checkpoint import load_model
-from dsm_stt.model.kernels import int8_kv_problem
 from dsm_stt.model.lm import LM
-from dsm_stt.model.quantize import quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
 from dsm_stt.model.synthetic import random_model
+from dsm_stt.model.transformer import KVCache
 
-# name: (dtype, quantization, w8a8 kernel, KV cache dtype (None: the LM's))
-VARIANTS = {
-    "bfloat16": (torch.bfloat16, "none", None, None),
-    "bfloat16+int8": (torch.bfloat16, "int8", None, None),
-    "float32+int8": (torch.float32, "int8", None, None),
-    "bfloat16+w8a8": (torch.bfloat16, "w8a8", "fbgemm", None),
-    "bfloat16+w8a8 (onednn)": (torch.bfloat16, "w8a8", "onednn", None),
-    "float32+w8a8": (torch.float32, "w8a8", "fbgemm", None),
-    "bfloat16, int8 KV": (torch.bfloat16, "none", None, torch.int8),
-    "bfloat16+w8a8, int8 KV": (torch.bfloat16, "w8a8", "fbgemm", torch.int8),
-    "bfloat16+w8a8 (amx)": (torch.bfloat16, "w8a8", "amx", None),
-    "bfloat16+w8a8 (amx), int8 KV": (torch.bfloat16, "w8a8", "amx", torch.int8),
-    "bfloat16+w8a8 (vnni), int8 KV": (torch.bfloat16, "w8a8", "vnni", torch.int8),
-}
+
+def variants() -> dict[str, Plan]:
+    """Every precision this machine runs, as the plans the engine would install: bf16, weight
+    int8, w8a8 on each kernel this CPU has, each with the float and the int8 KV ring (where
+    the kernels build), and what ``auto`` picks at one slot."""
+    kv_rings = ["float"] + (["int8"] if kernels_problem() is None else [])
+    out = {
+        "bfloat16": Plan("cpu", torch.bfloat16, "none", "float"),
+        "bfloat16+int8": Plan("cpu", torch.bfloat16, "int8", "float"),
+        "float32+int8": Plan("cpu", torch.float32, "int8", "float"),
+    }
+    if "int8" in kv_rings:
+        out["bfloat16, int8 KV"] = Plan("cpu", torch.bfloat16, "none", "int8")
+    for kernel in w8a8_kernels():
+        for kv in kv_rings:
+            name = f"bfloat16+w8a8 ({kernel})" + (", int8 KV" if kv == "int8" else "")
+            bits = activation_bits(kernel)
+            out[name] = Plan("cpu", torch.bfloat16, "w8a8", kv, kernel, bits)
+    auto = choose(EngineConfig(batch_size=1, device="cpu"))
+    out[f"auto ({auto.describe().split(';')[0]})"] = auto
+    return out
 
 
 def test_signal(seconds: float, sample_rate: int = 24000) -> np.ndarray:
@@ -60,13 +70,13 @@ def test_signal(seconds: float, sample_rate: int = 24000) -> np.ndarray:
 
 
 def run_lm(
-    lm: LM, codes: torch.Tensor, text: torch.Tensor | None, kv_dtype: torch.dtype | None = None
+    lm: LM, codes: torch.Tensor, text: torch.Tensor | None, cache_type: type[KVCache] = KVCache
 ) -> tuple[torch.Tensor, ...]:
     """Stream codes [K, T] through ``lm`` with the §2.8 alignment. With ``text`` [T] the inputs
     are those tokens (teacher forcing); without, the greedy tokens. Returns logits [T, V] and
     VAD [T, H] in float32 and the tokens [T]."""
     _K, T = codes.shape
-    cache = lm.allocate_state(1, dtype=kv_dtype)
+    cache = lm.allocate_state(1, cache_type=cache_type)
     active = torch.ones(1, dtype=torch.bool)
     prev_text, prev_audio = lm.initial_tokens(1)
     logits, vads, tokens = [], [], []
@@ -117,18 +127,11 @@ def main() -> int:
     lm32 = model.lm.eval()
     ref, ref_vad, tokens = run_lm(lm32, codes, None)
     results = {}
-    for name, (dtype, quant, kernel, kv_dtype) in VARIANTS.items():
-        if kernel is not None and kernel not in w8a8_kernels():
-            continue
-        if kv_dtype == torch.int8 and int8_kv_problem() is not None:
-            print(f"skipped {name}: {int8_kv_problem()}", file=sys.stderr)
-            continue
-        lm = copy.deepcopy(lm32).to(dtype)
-        if quant == "int8":
-            quantize_lm_int8(lm)
-        elif quant == "w8a8":
-            quantize_lm_w8a8(lm, 8 if cpu_has_vnni() else 7, kernel)
-        out, vad, _ = run_lm(lm, codes, tokens, kv_dtype)
+    for name, plan in variants().items():
+        lm = copy.deepcopy(lm32).to(plan.dtype)
+        # Mimi only runs once above: the variants differ in the LM
+        cache_type = install(lm, copy.deepcopy(model.mimi), plan)
+        out, vad, _ = run_lm(lm, codes, tokens, cache_type)
         results[name] = compare(ref, ref_vad, out.float(), vad.float())
         del lm
     report = {"model": model.name, "steps": codes.shape[1], "variants": results}

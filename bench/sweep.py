@@ -21,8 +21,8 @@ import sys
 import torch
 
 from dsm_stt.benchmark import run_benchmark
-from dsm_stt.config import DTYPES, resolve_device
-from dsm_stt.engine.engine import Engine, w8a8_kernel
+from dsm_stt.config import DTYPES, EngineConfig, resolve_device
+from dsm_stt.loading import build_engine, plan_for
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.synthetic import random_model
 
@@ -89,13 +89,19 @@ def main() -> int:
         dtype_name, _, quant = precision.partition("+")
         built: object = object()  # the w8a8 kernel of the model in hand (none yet)
         for batch in batch_sizes:
-            kernel = w8a8_kernel(batch) if quant == "w8a8" else None
-            if kernel != built:
+            config = EngineConfig(
+                batch_size=batch,
+                device=device.type,
+                dtype=dtype_name,
+                quantize=quant or "none",
+                kv_cache="float",
+                cuda_graphs=args.cuda_graphs,
+            )
+            plan = plan_for(config)
+            if plan.w8a8_kernel != built:
                 model = engine = None  # free the previous weights before the next build
-                model, built = build(DTYPES[dtype_name]), kernel
-            engine = Engine(model, batch, device, DTYPES[dtype_name], quantize=quant or "none")
-            if args.cuda_graphs:
-                engine.capture_steps()
+                model, built = build(DTYPES[dtype_name]), plan.w8a8_kernel
+            engine = build_engine(model, config, plan, announce=lambda line: None)
             result = run_benchmark(engine, args.steps, args.warmup)
             rows.append(
                 {"precision": precision, "cuda_graphs": engine.graphs is not None}

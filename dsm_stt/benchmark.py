@@ -48,6 +48,7 @@ class BenchResult:
     context_fill: float = 1.0  # how full the attention caches were (1.0: steady state)
     kv_cache: str = "float"  # the LM's KV ring: the model's dtype, or int8 rows
     fused_layers: bool = False  # the LM's steps ran one compiled call per layer
+    path: str = ""  # the engine's plan in words (``Plan.describe``)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -136,4 +137,5 @@ def run_benchmark(
         context_fill=context_fill,
         kv_cache=engine.kv_cache,
         fused_layers=engine.fused_layers,
+        path=engine.plan.describe(),
     )

@@ -13,22 +13,28 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import DEVICES, DTYPE_CHOICES, EXACT, KV_CACHES, QUANTIZE
 from .model.config import DEFAULT_MODEL
 
-QUANTIZE_CHOICES = ["none", "int8", "w8a8"]
-QUANTIZE_HELP = (
-    "int8: LM projections as int8 weights with per-row scales (faster at small batch, "
-    "logits slightly off); w8a8: int8 weights and int8 activations on the CPU's integer "
-    "dot-product units (CPU only; fastest at every batch size; on CPUs with AMX-INT8 or "
-    "AVX512-VNNI a small C++ kernel of this package, built on first use); none (default)"
+DEVICE_HELP = "where the model runs (default auto: CUDA, else MPS, else the CPU)"
+DTYPE_HELP = (
+    "the LM's activations and weights (default auto: the fastest measured for the device and "
+    "CPU family, see 'dsm-stt doctor'; bfloat16 on CUDA)"
 )
-
-KV_CACHE_CHOICES = ["float", "int8"]
+QUANTIZE_HELP = (
+    "the LM's projections: auto (default: w8a8 on x86-64 CPUs, where it was measured fastest; "
+    "none elsewhere), none (the model's dtype), int8 (int8 weights, per-row scales), w8a8 "
+    "(int8 weights and activations on the CPU's integer dot-product units; CPU only; on "
+    "CPUs with AMX-INT8 or AVX512-VNNI this package's compiled kernel)"
+)
 KV_CACHE_HELP = (
-    "the LM's attention cache: float (default; the model's dtype) or int8 (CPU only: one "
-    "int8 row and scale per key and value, half the memory and the bytes a step reads at "
-    "bf16, logits slightly off; builds a small C++ kernel on first use, which needs a C++ "
-    "compiler)"
+    "the LM's attention cache: auto (default: int8 on x86-64 CPUs with the compiled kernels, "
+    "else float), float (the model's dtype) or int8 (CPU only: int8 rows with one scale each, "
+    "half the memory and bytes of bf16; compiled kernel, needs a C++ compiler)"
+)
+EXACT_HELP = (
+    "the exact float path: float32, no quantization, float KV cache, nothing compiled "
+    "(the reference's numbers; slower)"
 )
 
 CUDA_GRAPHS_HELP = (
@@ -37,7 +43,7 @@ CUDA_GRAPHS_HELP = (
 )
 
 
-def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
+def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> None:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -50,36 +56,53 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int) -> None:
         help="build the architecture with random weights (no download): for "
         "benchmarks and smoke tests, the transcripts are meaningless",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
+    p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument(
         "--batch-size",
         type=int,
         default=batch_default,
-        help=f"number of slots (default {batch_default})",
+        help=f"number of slots (default {batch_default or 'one per input file, at most 8'})",
     )
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
-    p.add_argument("--quantize", default="none", choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
-    p.add_argument("--kv-cache", default="float", choices=KV_CACHE_CHOICES, help=KV_CACHE_HELP)
+    p.add_argument("--kv-cache", default="auto", choices=KV_CACHES, help=KV_CACHE_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
 
 
-def _engine(args: argparse.Namespace):
+def _exact(args: argparse.Namespace) -> dict[str, str]:
+    """The precision flags, with --exact's values where it is given (explicit flags that
+    contradict it are refused)."""
+    values = {name: getattr(args, name) for name in EXACT}
+    if not getattr(args, "exact", False):
+        return values
+    for name, value in values.items():
+        if value not in (None, "auto", EXACT[name]):
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(f"--exact runs {flag} {EXACT[name]}; it cannot take {flag} {value}")
+    return dict(EXACT)
+
+
+def _engine(args: argparse.Namespace, batch_size: int | None = None, quiet: bool = False):
     from .config import EngineConfig
-    from .engine.engine import Engine
+    from .loading import load_engine
 
     config = EngineConfig(
-        batch_size=args.batch_size,
+        batch_size=batch_size or args.batch_size,
         device=args.device,
-        dtype=args.dtype,
         temperature=args.temperature,
-        quantize=args.quantize,
         cuda_graphs=args.cuda_graphs,
-        kv_cache=args.kv_cache,
+        **_exact(args),
     )
-    return Engine.from_config(args.model, config, random_weights=args.random_weights)
+    announce = (lambda line: None) if quiet else _say
+    return load_engine(args.model, config, args.random_weights, announce=announce)
+
+
+def _say(line: str) -> None:
+    print(f"dsm-stt: {line}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str) -> int:
@@ -98,8 +121,11 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
     from .transcriber import Split, transcribe_files
     from .writers import EXTENSIONS, render
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
+    # one slot per file (a second slot for one file is memory for nothing), at most 8; with
+    # --split the pieces of one file fill the slots
+    batch_size = args.batch_size or (8 if args.split is not None else min(len(args.audio), 8))
     split = None
     if args.split is None and args.split_overlap is not None:
         return _fail("--split-overlap needs --split")
@@ -110,7 +136,7 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
         except ValueError as exc:
             return _fail(f"--split / --split-overlap: {exc}")
     try:
-        engine = _engine(args)
+        engine = _engine(args, batch_size, quiet=args.quiet)
     except (CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     out_dir = Path(args.output_dir) if args.output_dir else None
@@ -196,11 +222,9 @@ def _server_config(args: argparse.Namespace):
     engine_flags = {
         "batch_size": args.batch_size,
         "device": args.device,
-        "dtype": args.dtype,
         "temperature": args.temperature,
-        "quantize": args.quantize,
         "cuda_graphs": args.cuda_graphs,
-        "kv_cache": args.kv_cache,
+        **_exact(args),
     }
     engine = dataclasses.replace(
         config.engine, **{k: v for k, v in engine_flags.items() if v is not None}
@@ -354,6 +378,23 @@ def cmd_mic(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------- doctor
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import report
+
+    if args.build:
+        from .cpu.kernels.build import KernelUnavailable, module
+
+        try:
+            module(progress=True)
+        except KernelUnavailable as exc:
+            print(f"dsm-stt: the CPU kernels cannot be built: {exc}", file=sys.stderr)
+    print(report(args.model))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 
 
@@ -367,8 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "transcribe", help="transcribe audio/video files (word timestamps, text/json/srt/vtt)"
     )
-    _add_engine_flags(p, batch_default=8)
-    p.add_argument("--format", default="text", choices=["text", "json", "srt", "vtt"])
+    _add_engine_flags(p, batch_default=None)
+    p.add_argument(
+        "--format",
+        default="text",
+        choices=["text", "json", "srt", "vtt"],
+        help="output format (default text; json has word timestamps, srt/vtt are subtitles)",
+    )
     p.add_argument(
         "--output-dir", help="write one <name>.<ext> per input here (default: print to stdout)"
     )
@@ -420,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on (default 127.0.0.1; 0.0.0.0 for every "
         "interface, as moshi-server)",
     )
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     p.add_argument(
         "--path", default=None, help="route of the streaming API (default /api/asr-streaming)"
     )
@@ -430,16 +476,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="concurrent sessions (default 64 on CUDA, 8 otherwise)",
     )
-    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default=None, choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default=None, choices=DEVICES, help=DEVICE_HELP)
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples"
     )
-    p.add_argument("--quantize", default=None, choices=QUANTIZE_CHOICES, help=QUANTIZE_HELP)
+    p.add_argument("--quantize", default=None, choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument(
         "--cuda-graphs", action="store_const", const=True, default=None, help=CUDA_GRAPHS_HELP
     )
-    p.add_argument("--kv-cache", default=None, choices=KV_CACHE_CHOICES, help=KV_CACHE_HELP)
+    p.add_argument("--kv-cache", default=None, choices=KV_CACHES, help=KV_CACHE_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
     p.add_argument(
         "--api-key",
         action="append",
@@ -527,13 +574,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "doctor",
+        help="what a bug report needs: device, CPU family, versions, kernels, the auto path",
+    )
+    p.add_argument(
+        "--build", action="store_true", help="build the CPU kernels now (once per machine)"
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"the model whose expected speed is shown (default {DEFAULT_MODEL})",
+    )
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    parser.add_argument("--version", action="version", version=f"dsm-stt {_version()}")
     args = parser.parse_args(argv)
     return args.func(args)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 if __name__ == "__main__":

@@ -8,42 +8,18 @@ about its architecture lives in ``model/config.py``; server settings live with t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
+from .cpu.features import detect
+
+# the choices of each setting, written once (the CLI's flags take theirs from here)
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-QUANTIZE = ("none", "int8", "w8a8")
-KV_CACHES = ("float", "int8")  # the LM's KV ring: the model's dtype, or int8 rows (CPU)
-
-
-def cpu_flags() -> str:
-    """The CPU's feature flags as Linux lists them (the ``flags`` line of /proc/cpuinfo; empty
-    where there is none): constant for a machine, unlike the rest of that file."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    return next((line for line in info.splitlines() if line.startswith("flags")), "")
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU advertises bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    flags = cpu_flags()
-    return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def cpu_has_vnni() -> bool:
-    """True when the CPU has int8 dot products that accumulate without saturating
-    (AVX512-VNNI, AVX-VNNI or AMX-INT8): w8a8 then quantizes activations to 8 bits, else 7."""
-    flags = cpu_flags()
-    return any(f" {name}" in flags for name in ("avx512_vnni", "avx_vnni", "amx_int8"))
-
-
-def cpu_has_amx_int8() -> bool:
-    """True when the CPU has AMX int8 tile instructions (Intel Sapphire Rapids and later)."""
-    return " amx_int8" in cpu_flags()
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # what the CLI offers (float16: TOML only)
+QUANTIZE = ("auto", "none", "int8", "w8a8")
+KV_CACHES = ("auto", "float", "int8")  # the LM's KV ring: the model's dtype, or int8 rows (CPU)
+EXACT = {"dtype": "float32", "quantize": "none", "kv_cache": "float"}  # what --exact sets
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,7 +42,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """``auto``: bf16 on CUDA and on CPUs with native bf16 arithmetic (the dtype the models
     were trained in, and half the bytes to read per step); float32 elsewhere."""
     if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16()):
+        if device.type == "cuda" or (device.type == "cpu" and detect().native_bf16):
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
@@ -76,16 +52,17 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """How the engine runs: slots, placement, sampling."""
+    """How the engine runs: slots, placement, precisions, sampling. ``auto`` values are
+    resolved by ``cpu.plan.choose`` (``loading.build_engine``) from the device and CPU."""
 
     batch_size: int = 8
     device: str = "auto"
     dtype: str = "auto"
     temperature: float = 0.0
     seed: int = 0
-    quantize: str = "none"
+    quantize: str = "auto"
     cuda_graphs: bool = False  # replay captured steps (CUDA only, greedy only)
-    kv_cache: str = "float"  # "int8": the LM's KV ring as int8 rows with scales (CPU only)
+    kv_cache: str = "auto"  # "int8": the LM's KV ring as int8 rows with scales (CPU only)
     lookahead: bool = False  # each slot's next LM position computed after its frame (eager)
 
     def __post_init__(self) -> None:

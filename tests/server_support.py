@@ -28,8 +28,10 @@ import numpy as np
 import torch
 import uvicorn
 import websockets
+from engine_support import exact_config
 
 from dsm_stt.engine.events import EndWord, Word
+from dsm_stt.loading import load_engine
 from dsm_stt.model.synthetic import random_lm, random_mimi, tiny_config, write_checkpoint
 from dsm_stt.server.app import create_app, uvicorn_config
 from dsm_stt.server.config import ServerConfig
@@ -147,12 +149,10 @@ def reference_words(
 ) -> list[list[tuple[str, float, float | None]]]:
     """What ``dsm-stt transcribe`` says about ``files`` (no silence prefix: the files carry
     their own padding, as the streaming clients send it)."""
-    from dsm_stt.config import EngineConfig
-    from dsm_stt.engine.engine import Engine
     from dsm_stt.engine.scheduler import Scheduler
     from dsm_stt.transcriber import transcribe_files
 
-    engine = Engine.from_config(str(checkpoint), EngineConfig(batch_size=batch_size, device="cpu"))
+    engine = load_engine(str(checkpoint), exact_config(batch_size=batch_size))
     cfg = engine.model.config
     scheduler = Scheduler(engine, cfg.stt.asr_delay_in_tokens, engine.decode)
     results = {r.index: r for r in transcribe_files(scheduler, files, engine.name, 0.0)}

@@ -8,8 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dsm_stt.engine.engine import w8a8_kernel
-from dsm_stt.model.kernels import int8_kv_problem
+from engine_support import KERNELS_PROBLEM
+
+from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.plan import choose
+from dsm_stt.cpu.quantize import w8a8_kernels
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
@@ -47,7 +50,11 @@ def test_sweep_builds_each_precision_apart() -> None:
     # each batch size runs the w8a8 kernel the engine picks for it (a new build if it differs)
     kernels = [(r["batch_size"], r["w8a8_kernel"]) for r in report["results"]]
     assert kernels[:4] == [(1, None), (8, None)] * 2
-    assert kernels[4:] == [(1, w8a8_kernel(1)), (8, w8a8_kernel(8))]
+    picked = [
+        (b, choose(EngineConfig(batch_size=b, device="cpu", quantize="w8a8")).w8a8_kernel)
+        for b in (1, 8)
+    ]
+    assert kernels[4:] == picked
 
 
 def test_agreement_compares_every_variant_with_float32() -> None:
@@ -56,9 +63,14 @@ def test_agreement_compares_every_variant_with_float32() -> None:
     )
     variants = report["variants"]
     assert report["steps"] == 6
-    assert {"bfloat16", "bfloat16+int8", "float32+int8", "bfloat16+w8a8"} <= set(variants)
-    if int8_kv_problem() is None:
-        assert {"bfloat16, int8 KV", "bfloat16+w8a8, int8 KV"} <= set(variants)
+    assert {"bfloat16", "bfloat16+int8", "float32+int8"} <= set(variants)
+    kernels = w8a8_kernels()
+    assert {f"bfloat16+w8a8 ({k})" for k in kernels} <= set(variants)
+    if KERNELS_PROBLEM is None:
+        assert {"bfloat16, int8 KV", *(f"bfloat16+w8a8 ({k}), int8 KV" for k in kernels)} <= set(
+            variants
+        )
+    assert any(name.startswith("auto (cpu") for name in variants)
     for result in variants.values():
         assert 0 < result["max_abs_dlogit"] < 1.0
         assert 0 <= result["mean_abs_dlogit"] <= result["max_abs_dlogit"]

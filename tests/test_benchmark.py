@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
+from engine_support import KERNELS_PROBLEM, make_engine, needs_kernels
 
 from dsm_stt.benchmark import run_benchmark
 from dsm_stt.cli import main
-from dsm_stt.engine.engine import Engine, w8a8_kernel
-from dsm_stt.model.kernels import int8_kv_problem
+from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.plan import choose
 from dsm_stt.model.synthetic import random_model
 
 
 def test_a_run_splits_the_step_and_times_the_output() -> None:
-    engine = Engine(random_model("tiny", seed=0), batch_size=2)
+    engine = make_engine(random_model("tiny", seed=0), 2)
     result = run_benchmark(engine, steps=3, warmup=1)
     assert (result.model, result.batch_size, result.steps) == ("tiny (random weights)", 2, 3)
     assert (result.device, result.dtype, result.quantize) == ("cpu", "float32", "none")
@@ -32,7 +33,7 @@ def test_a_run_splits_the_step_and_times_the_output() -> None:
 
 
 def test_a_run_times_sessions_as_far_in_as_the_context_fill() -> None:
-    engine = Engine(random_model("tiny", seed=0), batch_size=2)
+    engine = make_engine(random_model("tiny", seed=0), 2)
     assert run_benchmark(engine, steps=2, warmup=1).context_fill == 1.0
     lm, mimi = engine.state.lm, engine.state.mimi.kv
     # a full ring, then the warm-up step and two timed steps
@@ -47,6 +48,7 @@ def test_a_run_times_sessions_as_far_in_as_the_context_fill() -> None:
 
 def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) -> None:
     args = "bench --random-weights --model tiny --device cpu --batch-size 3 --steps 2 --json"
+    args += " --exact"
     assert main([*args.split(), "--warmup", "1"]) == 0
     result = json.loads(capsys.readouterr().out)
     for key in ("step_ms", "mimi_ms", "lm_ms", "realtime_streams", "device", "dtype"):
@@ -58,22 +60,43 @@ def test_cli_json_has_the_documented_fields(capsys: pytest.CaptureFixture[str]) 
     assert json.loads(capsys.readouterr().out)["context_fill"] == 0.25
     assert main([*args.split(), "--context-fill", "2"]) != 0
     assert "--context-fill must be within 0..1" in capsys.readouterr().err
-    assert result["kv_cache"] == "float"
+    assert result["kv_cache"] == "float" and result["quantize"] == "none"
+    assert result["dtype"] == "float32" and "the float path" in result["path"]
 
 
-@pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+def test_cli_takes_the_auto_path_by_default_and_names_it(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = "bench --random-weights --model tiny --device cpu --steps 1 --warmup 0 --json"
+    assert main(args.split()) == 0
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    plan = choose(EngineConfig(batch_size=1, device="cpu"))
+    assert (result["quantize"], result["kv_cache"]) == (plan.quantize, plan.kv_cache)
+    assert result["dtype"] == str(plan.dtype).removeprefix("torch.")
+    assert result["w8a8_kernel"] == plan.w8a8_kernel
+    assert result["path"] == plan.describe()
+    assert f"dsm-stt: engine: {plan.describe()}" in captured.err  # the one line at start
+    if KERNELS_PROBLEM is None and plan.family in ("amx", "avx512_vnni", "avx512", "avx2"):
+        assert plan.quantize == "w8a8" and plan.kv_cache == "int8"
+
+
+@needs_kernels
 def test_cli_runs_with_an_int8_kv_cache(capsys: pytest.CaptureFixture[str]) -> None:
     args = "bench --random-weights --model tiny --device cpu --steps 2 --warmup 1 --json"
-    assert main([*args.split()]) == 0
+    args += " --dtype float32 --quantize none"
+    assert main([*args.split(), "--kv-cache", "float"]) == 0
     floats = json.loads(capsys.readouterr().out)
     assert main([*args.split(), "--kv-cache", "int8"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["kv_cache"] == "int8" and result["step_ms"] > 0
     assert result["kv_mb_per_stream"] < floats["kv_mb_per_stream"]  # int8 rows, float32 ring
     assert result["fused_layers"] is False and floats["fused_layers"] is False  # no w8a8
-    if w8a8_kernel(1) in ("amx", "vnni"):  # this package's kernels: one call per layer
-        assert main([*args.split(), "--kv-cache", "int8", "--quantize", "w8a8"]) == 0
+    w8a8 = choose(EngineConfig(batch_size=1, device="cpu", quantize="w8a8", kv_cache="int8"))
+    if w8a8.w8a8_kernel in ("amx", "vnni"):  # this package's kernels: one call per layer
+        base = args.replace("--quantize none", "--quantize w8a8").split()
+        assert main([*base, "--kv-cache", "int8"]) == 0
         fused = json.loads(capsys.readouterr().out)
-        assert fused["fused_layers"] is True and fused["w8a8_kernel"] == w8a8_kernel(1)
-        assert main([*args.split(), "--quantize", "w8a8"]) == 0  # a float ring: modules
+        assert fused["fused_layers"] is True and fused["w8a8_kernel"] == w8a8.w8a8_kernel
+        assert main([*base, "--kv-cache", "float"]) == 0  # a float ring: modules
         assert json.loads(capsys.readouterr().out)["fused_layers"] is False

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from engine_support import exact_config
 from server_support import (
     reference_words,
     silence,
@@ -21,8 +22,8 @@ from server_support import (
 
 from dsm_stt.cli import main
 from dsm_stt.client import LivePrinter, ServerError, SttClient, stream_audio
-from dsm_stt.config import EngineConfig
 from dsm_stt.engine.engine import Engine
+from dsm_stt.loading import load_engine
 from dsm_stt.server.config import ServerConfig
 from dsm_stt.server.protocol import EndWord, Flushed, Marker, Ready, Step, Word
 
@@ -35,7 +36,7 @@ SPEECH = np.concatenate([silence(1.0), speechlike(3.0, seed=1)])
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Engine, Path, list]:
     folder = tmp_path_factory.mktemp("client")
     checkpoint = write_talkative_checkpoint(folder / "ckpt")
-    engine = Engine.from_config(str(checkpoint), EngineConfig(batch_size=2, device="cpu"))
+    engine = load_engine(str(checkpoint), exact_config(batch_size=2))
     wav = write_wav(folder / "speech.wav", SPEECH)
     (expected,) = reference_words(checkpoint, [wav], 2)
     assert len(expected) >= 5

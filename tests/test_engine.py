@@ -5,13 +5,21 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_support import KERNELS_PROBLEM, make_engine, needs_kernels
 
-from dsm_stt.engine.engine import Engine, w8a8_kernel
-from dsm_stt.model.kernels import int8_kv_problem
+from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.plan import choose
+from dsm_stt.engine.engine import Engine
 from dsm_stt.model.synthetic import random_model, tiny_config
 
 FRAME = 1920
-needs_kernel = pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+needs_kernel = needs_kernels
+# VAD probabilities of one stream computed in batches of different sizes: equal up to the
+# float32 rounding of the heads' dot products, whose order the matrix kernels may choose by
+# row count (seen on AVX2: 3e-8). A two-class softmax moves by at most a quarter of its
+# logits' change, and each logit's rounding is at most D * 2^-24 of its terms' sum (D = 64,
+# terms of order 1): 1e-6 bounds it with room, and is far below any VAD decision.
+VAD_ROUNDING = 1e-6
 
 
 def _audio(seed: int, frames: int) -> np.ndarray:
@@ -38,7 +46,7 @@ def _engine(
         cfg = tiny_config(context=context)
         model.config = cfg
         model.lm = random_lm(cfg.lm, seed=0)
-    return Engine(model, batch_size, quantize=quantize, kv_cache=kv_cache, lookahead=lookahead)
+    return make_engine(model, batch_size, quantize=quantize, kv_cache=kv_cache, lookahead=lookahead)
 
 
 def _run_alone(engine: Engine, audio: np.ndarray) -> list[int]:
@@ -57,8 +65,15 @@ def _run_alone(engine: Engine, audio: np.ndarray) -> list[int]:
 
 # the fused layer step: one slot (a one-row VNNI product) against four (AMX tiles where the
 # CPU has them): the same integer sums
+def _fused_here() -> bool:
+    if KERNELS_PROBLEM is not None:
+        return False
+    config = EngineConfig(batch_size=1, device="cpu", quantize="w8a8", kv_cache="int8")
+    return choose(config).fused_layers
+
+
 needs_fused = pytest.mark.skipif(
-    w8a8_kernel(1) not in ("amx", "vnni"), reason="no compiled w8a8 kernel here"
+    not _fused_here(), reason="no fused layer step here (needs AMX or AVX512-VNNI and the kernels)"
 )
 
 
@@ -124,7 +139,7 @@ def test_lookahead_gives_the_same_tokens_and_vad(kv_cache: str, quantize: str) -
         outs = [engine.step(pcm, active, reset) for engine in (plain, ahead)]
         for slot in np.flatnonzero(active):
             assert outs[0].tokens[slot] == outs[1].tokens[slot], (i, slot)
-            assert outs[0].prs[slot] == outs[1].prs[slot], (i, slot)
+            np.testing.assert_allclose(outs[0].prs[slot], outs[1].prs[slot], atol=VAD_ROUNDING)
             compared += 1
     assert compared > 100
 
@@ -283,7 +298,11 @@ def _slot_state(engine: Engine, slot: int) -> list[torch.Tensor]:
     """Every per-slot buffer of one slot."""
     s = engine.state
     caches = (s.lm, s.mimi.kv)
-    scales = [t[:, slot] for t in (s.lm.key_scales, s.lm.value_scales) if t is not None]
+    scales = [
+        t[:, slot]
+        for t in (getattr(s.lm, n, None) for n in ("key_scales", "value_scales"))
+        if t is not None
+    ]
     return [
         *(t[:, slot] for kv in caches for t in (kv.keys, kv.values)),
         *scales,
@@ -310,9 +329,9 @@ def _state_tensors(engine: Engine) -> list[torch.Tensor]:
 def test_temperature_sampling_is_seeded_and_varies() -> None:
     model = random_model("tiny")
     audio = _audio(5, 20)
-    greedy = _run_alone(Engine(model, 1), audio)
-    hot1 = _run_alone(Engine(model, 1, temperature=5.0, seed=1), audio)
-    hot1b = _run_alone(Engine(model, 1, temperature=5.0, seed=1), audio)
+    greedy = _run_alone(make_engine(model, 1), audio)
+    hot1 = _run_alone(make_engine(model, 1, temperature=5.0, seed=1), audio)
+    hot1b = _run_alone(make_engine(model, 1, temperature=5.0, seed=1), audio)
     assert hot1 == hot1b
     assert hot1 != greedy
 
@@ -351,7 +370,7 @@ def test_engine_tokens_equal_a_reference_decoding(tmp_path) -> None:
         mimi_tensors=official_tensors(ref_mimi),
     )
     model = load_model(tmp_path / "ckpt")
-    engine = Engine(model, 2)
+    engine = make_engine(model, 2)
 
     frames = 60
     audio = np.stack([_audio(10, frames), _audio(11, frames)])
@@ -387,7 +406,7 @@ def test_full_size_1b_architecture_builds_and_steps_on_cpu() -> None:
     """stt-1b-en_fr-candle with random weights (bf16, ~2 GB): two batched steps."""
     model = random_model("kyutai/stt-1b-en_fr-candle", dtype=torch.bfloat16)
     assert sum(p.numel() for p in model.lm.parameters()) == 989_253_632
-    engine = Engine(model, 2, dtype=torch.bfloat16)
+    engine = make_engine(model, 2, dtype=torch.bfloat16)
     for i in range(2):
         out = engine.step(
             _audio(i, 1).reshape(1, -1).repeat(2, 0), np.ones(2, bool), np.full(2, i == 0)

@@ -7,13 +7,15 @@ import torch
 
 from dsm_stt import config
 from dsm_stt.config import EngineConfig, resolve_dtype
+from dsm_stt.cpu.features import CpuFeatures
 
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_dtype_on_cpu_follows_native_bf16(
     monkeypatch: pytest.MonkeyPatch, native: bool
 ) -> None:
-    monkeypatch.setattr(config, "cpu_has_native_bf16", lambda: native)
+    flags = {"avx2", "fma", "avx512f", "avx512bw"} | ({"avx512_bf16"} if native else set())
+    monkeypatch.setattr(config, "detect", lambda: CpuFeatures("x86_64", frozenset(flags)))
     expected = torch.bfloat16 if native else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
     assert EngineConfig(device="cpu").torch_dtype() == expected

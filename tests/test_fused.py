@@ -1,4 +1,4 @@
-"""Tests of dsm_stt.model.fused: the one-call-per-layer decode step of an LM quantized w8a8 on
+"""Tests of dsm_stt.cpu.fused: the one-call-per-layer decode step of an LM quantized w8a8 on
 this package's AMX or VNNI kernel with an int8 KV ring. It must give the module path's
 logits, VAD and ring contents bit for bit (float32 and bfloat16, inactive slots, resets, a
 wrapped ring, a prefix of the slots), be taken exactly where it applies, and refuse what it
@@ -12,18 +12,20 @@ import pytest
 import torch
 from test_lm import TINY, make_lm
 
-from dsm_stt.model import fused as fused_module
-from dsm_stt.model.fused import FusedLayers
-from dsm_stt.model.kernels import amx_int8_problem, lm_layer_step, vnni_int8_problem
+from dsm_stt.cpu import fused as fused_module
+from dsm_stt.cpu.fused import FusedTransformer
+from dsm_stt.cpu.kernels.ops import amx_problem, lm_layer_step, vnni_problem
+from dsm_stt.cpu.kvcache import Int8KVCache
+from dsm_stt.cpu.quantize import quantize_lm_w8a8, w8a8_kernels
 from dsm_stt.model.lm import LM
-from dsm_stt.model.quantize import quantize_lm_w8a8, w8a8_kernels
+from dsm_stt.model.transformer import Transformer
 
 OWN_KERNELS = [
     pytest.param(
         kernel,
         marks=pytest.mark.skipif(problem is not None, reason=f"no {kernel} kernel: {problem}"),
     )
-    for kernel, problem in (("amx", amx_int8_problem()), ("vnni", vnni_int8_problem()))
+    for kernel, problem in (("amx", amx_problem()), ("vnni", vnni_problem()))
 ]
 
 # head size 64 takes the attention kernel's integer (VNNI) path, TINY's 16 the generic one;
@@ -34,19 +36,28 @@ ODD = dataclasses.replace(TINY, dim=160, num_heads=2, hidden_dim=240, context=8)
 
 
 def quantized_lm(cfg, dtype: torch.dtype, seed: int = 0, kernel: str = "vnni") -> LM:
-    lm = make_lm(cfg, seed).to(dtype)
-    return quantize_lm_w8a8(lm, 8, kernel)
+    """A w8a8 LM on ``kernel`` with the fused transformer installed; its module-path twin is
+    ``module_path(lm)`` (the same layers in a plain ``Transformer``)."""
+    lm = quantize_lm_w8a8(make_lm(cfg, seed).to(dtype), 8, kernel)
+    lm.transformer = FusedTransformer(lm.transformer)
+    return lm
+
+
+def module_path(fused: FusedTransformer) -> Transformer:
+    return Transformer(
+        list(fused.layers), fused.num_heads, fused.head_dim, fused.context, fused.max_period
+    )
 
 
 def run_steps(lm: LM, fused: bool, B: int, steps: int, seed: int, prefix: int | None = None):
     """Stream ``steps`` positions through ``lm`` on a fresh int8 ring, with the fused path on
     or off: a slot idles for a few steps, another restarts halfway. Returns the outputs and
     the cache."""
-    saved = lm.transformer.fused
-    lm.transformer.fused = saved if fused else None
+    saved = lm.transformer
+    lm.transformer = saved if fused else module_path(saved)
     try:
         g = torch.Generator().manual_seed(seed)
-        cache = lm.allocate_state(B, dtype=torch.int8)
+        cache = lm.allocate_state(B, cache_type=Int8KVCache)
         view = cache if prefix is None else cache.prefix(prefix)
         n = B if prefix is None else prefix
         outs = []
@@ -62,7 +73,7 @@ def run_steps(lm: LM, fused: bool, B: int, steps: int, seed: int, prefix: int | 
             outs.append((out.logits[active], out.vad[active]))
         return outs, cache
     finally:
-        lm.transformer.fused = saved
+        lm.transformer = saved
 
 
 @pytest.mark.parametrize("kernel", OWN_KERNELS)
@@ -72,7 +83,7 @@ def test_fused_step_equals_the_module_step_bit_for_bit(
     cfg, dtype: torch.dtype, kernel: str
 ) -> None:
     lm = quantized_lm(cfg, dtype, kernel=kernel)
-    assert isinstance(lm.transformer.fused, FusedLayers)
+    assert isinstance(lm.transformer, FusedTransformer)
     steps = 3 * cfg.context  # the ring wraps around
     ours, cache = run_steps(lm, True, 3, steps, seed=1)
     ref, ref_cache = run_steps(lm, False, 3, steps, seed=1)
@@ -89,14 +100,14 @@ def test_fused_step_equals_the_module_step_bit_for_bit(
 
 
 @pytest.mark.skipif(
-    amx_int8_problem() is not None or vnni_int8_problem() is not None,
+    amx_problem() is not None or vnni_problem() is not None,
     reason="needs both the amx and the vnni kernels",
 )
 def test_amx_and_vnni_products_give_the_same_steps() -> None:
     """Both products compute the same integer sums with the same epilogue."""
     amx = quantized_lm(WIDE, torch.bfloat16, seed=5, kernel="amx")
     vnni = quantized_lm(WIDE, torch.bfloat16, seed=5, kernel="vnni")
-    assert amx.transformer.fused.amx and not vnni.transformer.fused.amx
+    assert (amx.transformer.kernel, vnni.transformer.kernel) == ("amx", "vnni")
     ours, cache = run_steps(amx, True, 3, 10, seed=6)
     theirs, their_cache = run_steps(vnni, True, 3, 10, seed=6)
     for (logits, _), (their_logits, _) in zip(ours, theirs, strict=True):
@@ -128,28 +139,28 @@ def test_fused_path_is_taken_exactly_where_it_applies(
     text = torch.zeros(2, dtype=torch.long)
     audio = torch.zeros(2, TINY.n_q, dtype=torch.long)
     active = torch.ones(2, dtype=torch.bool)
-    lm.step(text, audio, lm.allocate_state(2, dtype=torch.int8), active)
+    lm.step(text, audio, lm.allocate_state(2, cache_type=Int8KVCache), active)
     assert calls == list(range(TINY.num_layers))  # one call per layer, in order
     calls.clear()
     lm.step(text, audio, lm.allocate_state(2), active)  # float ring: the module path
     assert calls == []
-    float_lm = quantize_lm_w8a8(make_lm(), 8, "fbgemm") if "fbgemm" in w8a8_kernels() else None
-    if float_lm is not None:
-        assert float_lm.transformer.fused is None  # other kernels have no fused step
+    if "fbgemm" in w8a8_kernels(own=False):  # other kernels have no fused step
+        other = quantize_lm_w8a8(make_lm(), 7, "fbgemm")
+        assert not FusedTransformer.supports(other.transformer.layers)
 
 
 def test_fused_layers_refuse_layers_they_cannot_compute() -> None:
     with pytest.raises(ValueError, match="w8a8 on the amx or vnni kernel"):
-        FusedLayers(make_lm().transformer.layers)  # float projections
-    assert not FusedLayers.supports(torch.nn.ModuleList())
+        FusedTransformer(make_lm().transformer)  # float projections
+    assert not FusedTransformer.supports(torch.nn.ModuleList())
 
 
 @pytest.mark.parametrize("kernel", OWN_KERNELS)
 def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
     lm = quantized_lm(TINY, torch.float32, kernel=kernel)
-    fused = lm.transformer.fused
+    fused = lm.transformer
     layer = fused.layers[0]
-    cache = lm.allocate_state(2, dtype=torch.int8)
+    cache = lm.allocate_state(2, cache_type=Int8KVCache)
     rings = (cache.keys, cache.key_scales, cache.values, cache.value_scales)
     half = TINY.dim // TINY.num_heads // 2
     good = dict(
@@ -164,7 +175,7 @@ def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
         rot=(torch.ones(2, half), torch.zeros(2, half)),
         mask=torch.ones(2, 3, dtype=torch.bool),
         num_heads=TINY.num_heads,
-        amx=fused.amx,
+        amx=fused.kernel == "amx",
     )
     assert lm_layer_step(**good).shape == (2, TINY.dim)
     bad = {

@@ -1,4 +1,4 @@
-"""Tests of dsm_stt.model.kernels: the int8 KV attention kernel (each code path this machine's
+"""Tests of dsm_stt.cpu.kernels (build and ops): the int8 KV attention kernel (each code path this machine's
 build has) against PyTorch's attention over the dequantized entries, the row quantization, and
 the error a machine that cannot build the kernel gets."""
 
@@ -6,14 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_support import needs_kernels
 from torch.nn import functional as F
 
-from dsm_stt.model import kernels
-from dsm_stt.model.kernels import int8_attention, int8_kv_problem, kernel_paths, quantize_rows
+from dsm_stt.cpu.kernels import build
+from dsm_stt.cpu.kernels import ops as kernels
+from dsm_stt.cpu.kernels.ops import int8_attention, kernel_paths, quantize_rows
 
-pytestmark = pytest.mark.skipif(int8_kv_problem() is not None, reason=f"{int8_kv_problem()}")
+pytestmark = needs_kernels
 
-PATHS = kernel_paths() if int8_kv_problem() is None else []
+PATHS = kernel_paths() if build.problem() is None else []
 # the vnni path rounds the query and the softmax weights to 16 bits: outputs within ~1e-4 of
 # their scale (bf16 rounding alone is 4e-3); the float paths are exact up to summation order
 TOLERANCE = {"vnni": 2e-4, "avx512": 1e-5, "generic": 1e-5}
@@ -113,30 +115,48 @@ def test_quantize_rows_rounds_each_row_to_its_own_scale() -> None:
     assert (err <= scale[..., None] / 2 + 1e-6 * x.abs()).all()
 
 
-def test_a_machine_that_cannot_build_the_kernel_gets_the_reason(
+def test_a_machine_that_cannot_build_the_kernels_gets_the_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from dsm_stt.engine.engine import Engine
-    from dsm_stt.model.synthetic import random_model
+    from dsm_stt.config import EngineConfig
+    from dsm_stt.cpu.plan import choose
 
-    monkeypatch.setattr(kernels, "_missing_tools", lambda: "no C++ compiler (c++) on the PATH")
-    kernels._build.cache_clear()
-    try:
-        problem = int8_kv_problem()
-        assert problem == (
-            "the compiled CPU kernels cannot be built: no C++ compiler (c++) on the PATH"
-        )
-        with pytest.raises(ValueError, match="kv cache int8: .*no C\\+\\+ compiler"):
-            Engine(random_model("tiny"), 1, kv_cache="int8")
-    finally:
-        monkeypatch.undo()
-        kernels._build.cache_clear()
-    assert int8_kv_problem() is None
+    monkeypatch.setattr(build, "missing_tools", lambda: "no C++ compiler (c++) on the PATH")
+    monkeypatch.setattr(build, "_built", [])
+    assert build.problem() == "no C++ compiler (c++) on the PATH"
+    assert not build.loaded()
+    assert build.status() == "unavailable: no C++ compiler (c++) on the PATH"
+    config = EngineConfig(batch_size=1, device="cpu", kv_cache="int8")
+    with pytest.raises(ValueError, match="kv cache int8: no C\\+\\+ compiler"):
+        choose(config)
+    monkeypatch.undo()
+    assert build.problem() is None and build.loaded()
 
 
-needs_amx = pytest.mark.skipif(
-    kernels.amx_int8_problem() is not None, reason=f"{kernels.amx_int8_problem()}"
-)
+def test_kernels_off_is_honoured_without_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DSM_STT_KERNELS", "off")
+    monkeypatch.setattr(build, "_built", [])
+    assert build.missing_tools() == "the compiled CPU kernels are off (DSM_STT_KERNELS=off)"
+    with pytest.raises(build.KernelUnavailable, match="DSM_STT_KERNELS=off"):
+        build.module()
+
+
+def test_a_restricted_family_compiles_for_that_family_only() -> None:
+    from dsm_stt.cpu.features import CpuFeatures
+
+    full = CpuFeatures(
+        "x86_64",
+        frozenset({"avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "amx_int8", "amx_tile"}),
+    )
+    avx2 = full.restricted_to("avx2")
+    assert full.family.name == "amx" and avx2.family.name == "avx2"
+    flags = build.compiler_flags(avx2)
+    assert {"-mno-avx512f", "-mno-avx512vnni", "-mno-amx-int8"} <= set(flags)
+    assert build.compiler_flags(full) == ["-O3", "-march=native", "-fopenmp"]
+    assert build.build_name(avx2) != build.build_name(full)
+
+
+needs_amx = pytest.mark.skipif(kernels.amx_problem() is not None, reason=f"{kernels.amx_problem()}")
 
 
 def test_amx_pack_puts_each_weight_where_the_tiles_read_it() -> None:
@@ -172,7 +192,7 @@ def test_amx_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels:
 
 
 needs_vnni = pytest.mark.skipif(
-    kernels.vnni_int8_problem() is not None, reason=f"{kernels.vnni_int8_problem()}"
+    kernels.vnni_problem() is not None, reason=f"{kernels.vnni_problem()}"
 )
 
 
@@ -193,7 +213,7 @@ def test_vnni_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels
     y = kernels.vnni_linear(x, kernels.amx_pack(w), scales, N, levels, sums)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
-    if kernels.amx_int8_problem() is None:  # the same integer sums, the same epilogue
+    if kernels.amx_problem() is None:  # the same integer sums, the same epilogue
         assert torch.equal(y, kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels))
         single = kernels.amx_linear(x[:1], kernels.amx_pack(w), scales, N, levels, sums)
         assert torch.equal(single, y[:1])  # one row with the sums: the VNNI product

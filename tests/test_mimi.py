@@ -13,7 +13,8 @@ import torch
 from reference import official_tensors, randomize_reference_mimi, reference_mimi
 from torch import Tensor
 
-from dsm_stt.model import kernels
+from dsm_stt.cpu import codebook
+from dsm_stt.cpu.kernels.build import problem as kernels_problem
 from dsm_stt.model.checkpoint import load_mimi
 from dsm_stt.model.config import MimiConfig
 from dsm_stt.model.mimi import MimiEncoder, MimiInputError, MimiState
@@ -87,15 +88,19 @@ def stream(model: MimiEncoder, pcm: Tensor, chunk_frames: list[int]) -> Tensor:
 # parity with the reference package
 
 
-def codebook_search(monkeypatch: pytest.MonkeyPatch, compiled: bool) -> list[int]:
-    """Make ``ResidualVQ.encode`` take the compiled codebook search (``kernels.vq_encode``)
-    or the PyTorch loop; returns a list that counts the compiled calls."""
-    if compiled and kernels.int8_kv_problem() is not None:
-        pytest.skip(f"no compiled kernels: {kernels.int8_kv_problem()}")
+def codebook_search(monkeypatch: pytest.MonkeyPatch, quantizer, compiled: bool) -> list[int]:
+    """With ``compiled``, swap the compiled codebook search (``cpu.codebook``) into both
+    halves of Mimi's ``quantizer``, as ``cpu.install`` does; returns a list that counts the
+    compiled calls."""
     calls: list[int] = []
-    real = kernels.vq_encode
-    monkeypatch.setattr(kernels, "loaded", lambda: compiled)
-    monkeypatch.setattr(kernels, "vq_encode", lambda *a: calls.append(1) or real(*a))
+    if not compiled:
+        return calls
+    if kernels_problem() is not None:
+        pytest.skip(f"no compiled kernels: {kernels_problem()}")
+    real = codebook.vq_encode
+    monkeypatch.setattr(codebook, "vq_encode", lambda *a: calls.append(1) or real(*a))
+    for half in ("rvq_first", "rvq_rest"):
+        setattr(quantizer, half, codebook.CompiledResidualVQ(getattr(quantizer, half)))
     return calls
 
 
@@ -106,7 +111,6 @@ def test_codes_equal_reference_streaming(
     tmp_path: Path, num_codebooks: int, compiled: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     pytest.importorskip("moshi")
-    calls = codebook_search(monkeypatch, compiled)
     from safetensors.torch import save_file
 
     cfg = dataclasses.replace(TINY, num_codebooks=num_codebooks)
@@ -116,6 +120,7 @@ def test_codes_equal_reference_streaming(
     path = tmp_path / "mimi.safetensors"
     save_file(official_tensors(ref), str(path))
     ours = load_mimi(path, cfg)
+    calls = codebook_search(monkeypatch, ours.quantizer, compiled)
 
     n_frames = 40  # 80 encoder positions, 8x the window of 10
     pcm = make_audio(n_frames * FRAME / 24000, seed=3, batch=2)
@@ -138,11 +143,11 @@ def test_compiled_codebook_search_gives_the_torch_loops_codes(
     quantizer = tiny_encoder(seed=4).quantizer
     g = torch.Generator().manual_seed(batch)
     latent = torch.randn(batch, TINY.dimension, 1, generator=g) * 3
-    calls = codebook_search(monkeypatch, compiled=False)
     expected = quantizer.encode(latent)
-    assert not calls and expected.shape == (batch, TINY.num_codebooks)
+    assert expected.shape == (batch, TINY.num_codebooks)
     assert expected[:, 1:].unique().numel() > min(batch, 10)  # the search picks varied entries
-    calls = codebook_search(monkeypatch, compiled=True)
+    calls = codebook_search(monkeypatch, quantizer, compiled=True)
+    assert set(quantizer.state_dict()) == set(tiny_encoder(seed=4).quantizer.state_dict())
     assert torch.equal(quantizer.encode(latent), expected)
     assert len(calls) == 2  # the semantic stage and the acoustic stages
 

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import websockets
+from engine_support import exact_config
 from server_support import (
     FRAME,
     SAMPLE_RATE,
@@ -39,9 +40,11 @@ from server_support import (
 )
 
 import dsm_stt.server.app as app_module
+import dsm_stt.server.context as context_module
 from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.quantize import is_quantized
 from dsm_stt.engine.engine import Engine
-from dsm_stt.model.quantize import is_quantized
+from dsm_stt.loading import load_engine as load_model_engine
 from dsm_stt.server.app import load_engine
 from dsm_stt.server.config import ModelFiles, ServerConfig
 
@@ -54,7 +57,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def make_engine(checkpoint: Path, batch_size: int) -> Engine:
-    return Engine.from_config(str(checkpoint), EngineConfig(batch_size=batch_size, device="cpu"))
+    return load_model_engine(str(checkpoint), exact_config(batch_size=batch_size))
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +383,7 @@ def test_load_engine_from_model_files_keeps_the_first_codebooks(checkpoint: Path
         mimi=str(checkpoint / cfg.mimi_name),
         tokenizer=str(checkpoint / cfg.tokenizer_name),
     )
-    engine = load_engine(ServerConfig(model_files=files, engine=EngineConfig(batch_size=2)))
+    engine = load_engine(ServerConfig(model_files=files, engine=exact_config(batch_size=2)))
     assert engine.model.lm.cfg.n_q == n_q
     out = engine.step(np.zeros((2, FRAME), np.float32), np.ones(2, bool), np.ones(2, bool))
     assert len(out.tokens) == 2
@@ -424,10 +427,8 @@ def test_one_thread_loads_warms_up_and_steps_the_engine(
             setattr(engine, name, watch(getattr(engine, name)))
         return engine
 
-    monkeypatch.setattr(app_module, "load_engine", load_and_watch)
-    config = ServerConfig(
-        model=str(checkpoint), engine=EngineConfig(batch_size=2, device="cpu"), warmup_steps=2
-    )
+    monkeypatch.setattr(context_module, "load_engine", load_and_watch)
+    config = ServerConfig(model=str(checkpoint), engine=exact_config(batch_size=2), warmup_steps=2)
     with threaded_server(config, None) as server:
         words = run(transcribe_session(server.url, SPEECH[1]))
         assert words  # the session was stepped, not only the warm-up
@@ -437,7 +438,6 @@ def test_one_thread_loads_warms_up_and_steps_the_engine(
 
 def test_httpx_is_not_needed_by_the_server() -> None:
     assert httpx  # the tests use it; the server must not import it
-    import dsm_stt.server.app as app_module
 
     assert "httpx" not in app_module.__dict__
 

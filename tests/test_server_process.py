@@ -48,7 +48,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     log = tmp_path_factory.mktemp("log") / "server.log"
-    args = ["--model", str(checkpoint), "--batch-size", "16", "--api-key", "secret"]
+    args = ["--model", str(checkpoint), "--exact", "--batch-size", "16", "--api-key", "secret"]
     with running_server(args, log) as process:
         yield process
 
@@ -145,7 +145,8 @@ def test_sigterm_flushes_the_open_sessions_then_exits(checkpoint: Path, tmp_path
     signals = [np.concatenate([silence(0.5), speechlike(2.5, seed)]) for seed in (21, 22)]
     files = [write_wav(tmp_path / f"{i}.wav", pcm) for i, pcm in enumerate(signals)]
     expected = reference_words(checkpoint, files, 4)
-    process = ServerProcess(["--model", str(checkpoint), "--batch-size", "4"], tmp_path / "log")
+    args = ["--model", str(checkpoint), "--exact", "--batch-size", "4"]
+    process = ServerProcess(args, tmp_path / "log")
     try:
 
         async def session(pcm: np.ndarray, ready: asyncio.Event) -> tuple[list, int]:
@@ -182,7 +183,7 @@ def test_sigterm_flushes_the_open_sessions_then_exits(checkpoint: Path, tmp_path
 @pytest.mark.timeout(900)
 def test_a_thirty_minute_session_at_accelerated_speed(checkpoint: Path, tmp_path: Path) -> None:
     minute = np.concatenate([speechlike(50.0, seed=5), silence(10.0)])
-    args = ["--model", str(checkpoint), "--batch-size", "2", "--audio-timeout", "30"]
+    args = ["--model", str(checkpoint), "--exact", "--batch-size", "2", "--audio-timeout", "30"]
     with running_server(args, tmp_path / "log") as server:
 
         async def main() -> dict:

@@ -12,6 +12,7 @@ from test_scheduler import WORD, F, FakeEngine, audio, decode
 
 from dsm_stt.audio import load_audio
 from dsm_stt.cli import main
+from dsm_stt.config import EngineConfig
 from dsm_stt.engine.engine import Engine
 from dsm_stt.engine.scheduler import Scheduler
 from dsm_stt.model.checkpoint import load_model
@@ -42,7 +43,7 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def _transcribe(
     model, sources, batch_size: int, prefix: float = 0.0, split: Split | None = None, ticks=None
 ) -> dict[str, object]:
-    engine = Engine(model, batch_size)
+    engine = Engine(model, EngineConfig(batch_size, "cpu"))
     scheduler = Scheduler(engine, model.config.stt.asr_delay_in_tokens, engine.decode)
     out = {}
     on_progress = None if ticks is None else (lambda seconds: ticks.append(seconds))
@@ -238,7 +239,7 @@ def test_split_with_the_model(tiny_checkpoint: Path, files: list[Path], tmp_path
 
 
 def test_cli_split(tiny_checkpoint: Path, files: list[Path], capsys: pytest.CaptureFixture) -> None:
-    args = ["transcribe", "--model", str(tiny_checkpoint), "--quiet", "--format", "json"]
+    args = ["transcribe", "--model", str(tiny_checkpoint), "--exact", "--quiet", "--format", "json"]
     assert main([*args, "--split", "3", str(files[1])]) == 0
     assert json.loads(capsys.readouterr().out)["duration"] == pytest.approx(2.2, abs=0.01)
     assert main([*args, "--split", "0.5", str(files[1])]) == 2

@@ -22,111 +22,75 @@ what each slot does.
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..allocator import reuse_freed_memory
-from ..config import KV_CACHES, QUANTIZE, EngineConfig, cpu_has_amx_int8, cpu_has_vnni
-from ..model.checkpoint import SttModel, load_model
-from ..model.kernels import int8_kv_problem
-from ..model.quantize import OWN_KERNELS, quantize_lm_int8, quantize_lm_w8a8, w8a8_kernels
+from ..config import EngineConfig
+from ..cpu.plan import Plan, exact_plan
+from ..model.checkpoint import SttModel
+from ..model.transformer import KVCache
+from .events import StepOutput
 from .graphs import Capture, StepGraphs, cuda_capture
-from .scheduler import StepOutput
 from .state import EngineState
 
 
 class Engine:
+    """``model`` run as ``config`` says, with ``plan`` already installed into it
+    (``loading.build_engine`` resolves ``auto``, places the model, installs the plan and
+    passes its KV ``cache_type``). Without a plan the model runs as it is, on the float path
+    in ``config``'s dtype: explicit quantization or an int8 KV cache need a plan."""
+
     def __init__(
         self,
         model: SttModel,
-        batch_size: int,
-        device: torch.device | str = "cpu",
-        dtype: torch.dtype = torch.float32,
-        temperature: float = 0.0,
-        seed: int = 0,
-        quantize: str = "none",
-        kv_cache: str = "float",
-        lookahead: bool = False,
+        config: EngineConfig,
+        plan: Plan | None = None,
+        cache_type: type[KVCache] = KVCache,
     ) -> None:
-        self.device = torch.device(device)
+        if plan is None:
+            if config.quantize not in ("auto", "none") or config.kv_cache not in ("auto", "float"):
+                raise ValueError(
+                    f"quantize {config.quantize} / kv cache {config.kv_cache}: build the engine "
+                    "with dsm_stt.loading.build_engine, which installs them"
+                )
+            plan = exact_plan(config)
+        self.config = config
+        self.plan = plan
+        self.device = torch.device(plan.device)
         # compute each slot's next LM position right after its frame's Mimi encode (see
         # begin_step); eager steps only (captured CUDA graphs keep the plain order)
-        self.lookahead = bool(lookahead)
-        if kv_cache not in KV_CACHES:
-            raise ValueError(f"kv cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
-        if kv_cache == "int8":
-            if self.device.type != "cpu":
-                raise ValueError(f"kv cache int8 runs on CPU only, not {self.device.type}")
-            problem = int8_kv_problem()  # builds the kernel on first use (seconds)
-            if problem is not None:
-                raise ValueError(f"kv cache int8: {problem}")
-        self.kv_cache = kv_cache
+        self.lookahead = config.lookahead
+        self.kv_cache = plan.kv_cache
+        self.quantize = plan.quantize
+        self.w8a8_kernel = plan.w8a8_kernel
         if self.device.type == "cpu":
             reuse_freed_memory()
-        self.dtype = dtype
+        self.dtype = plan.dtype
         self.model = model
-        self.lm = model.lm.to(device=self.device, dtype=dtype).eval()
-        if quantize not in QUANTIZE:
-            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-        if quantize == "int8":
-            quantize_lm_int8(self.lm)
-        self.w8a8_kernel = w8a8_kernel(batch_size) if quantize == "w8a8" else None
-        if self.w8a8_kernel is not None:
-            quantize_lm_w8a8(self.lm, 8 if cpu_has_vnni() else 7, self.w8a8_kernel)
-        self.quantize = quantize
+        self.lm = model.lm.to(device=self.device, dtype=self.dtype).eval()
         self.mimi = model.mimi.to(device=self.device, dtype=torch.float32).eval()
-        self.batch_size = batch_size
+        self.batch_size = config.batch_size
         self.frame_size = model.config.mimi.frame_size
         self.has_vad = model.config.lm.extra_heads_num_heads > 0
         self.delay_tokens = model.config.stt.asr_delay_in_tokens
-        self.temperature = float(temperature)
+        self.temperature = float(config.temperature)
         # sampling only (temperature > 0); greedy engines need none
-        self.generator = torch.Generator(self.device).manual_seed(seed) if temperature > 0 else None
-        kv_dtype = torch.int8 if kv_cache == "int8" else dtype
+        self.generator = (
+            torch.Generator(self.device).manual_seed(config.seed) if self.temperature > 0 else None
+        )
         self.state = EngineState.allocate(
-            self.mimi, self.lm, batch_size, self.device, dtype, kv_dtype
+            self.mimi, self.lm, self.batch_size, self.device, self.dtype, cache_type
         )
         self.graphs: StepGraphs | None = None  # see capture_steps
-        self._pending: Callable[[], None] | None = None  # the Mimi half begin_step left
-
-    @classmethod
-    def from_config(cls, model: str, config: EngineConfig, random_weights: bool = False) -> Engine:
-        """Load ``model`` (repo id or directory; with ``random_weights`` any known
-        architecture name) and place it as ``config`` says."""
-        device, dtype = _placement(config)  # refuses what cannot run before a long load
-        if random_weights:
-            from ..model.synthetic import random_model
-
-            stt = random_model(model, dtype=dtype, device=device, seed=config.seed)
-        else:
-            stt = load_model(model, dtype=dtype, device=device)
-        return cls.configured(stt, config)
-
-    @classmethod
-    def configured(cls, model: SttModel, config: EngineConfig) -> Engine:
-        """An engine for an already loaded ``model``, placed and set up as ``config`` says
-        (CUDA graphs captured when asked for)."""
-        device, dtype = _placement(config)
-        engine = cls(
-            model,
-            config.batch_size,
-            device,
-            dtype,
-            config.temperature,
-            config.seed,
-            config.quantize,
-            config.kv_cache,
-            config.lookahead,
-        )
+        self._pending: _MimiHalf | None = None  # what begin_step left for end_step
         if config.cuda_graphs:
-            engine.capture_steps()
-        return engine
+            self.capture_steps()
 
     @property
     def name(self) -> str:
@@ -134,9 +98,8 @@ class Engine:
 
     @property
     def fused_layers(self) -> bool:
-        """Whether the LM's steps run one compiled call per layer (``model.fused``)."""
-        fused = self.lm.transformer.fused
-        return fused is not None and fused.runs_on(self.state.lm, self.dtype, self.device)
+        """Whether the LM's steps run one compiled call per layer (``cpu.fused``)."""
+        return self.plan.fused_layers
 
     def decode(self, ids: list[int]) -> str:
         return self.model.tokenizer.decode(ids)
@@ -238,7 +201,12 @@ class Engine:
             return
         if marks is not None:
             marks.append(self._clock())
-        pending()
+        if self.graphs is not None:
+            self.graphs.encode()
+        elif self.lookahead:
+            self.encode_ahead(pending.pcm, pending.active, pending.state)
+        else:
+            self.encode(pending.pcm, pending.active, pending.state)
         if marks is not None:
             marks.append(self._clock())
 
@@ -286,16 +254,14 @@ class Engine:
         pcm_t = torch.tensor(pcm[:n, None, :], dtype=torch.float32, device=self.device)
         active_t = torch.tensor(active[:n], device=self.device)
         reset_t = torch.tensor(reset[:n], device=self.device)
+        state = self.state if n == B else self.state.prefix(n)
         if self.graphs is not None:
-            tokens, vad, self._pending = self.graphs.advance(pcm_t, active_t, reset_t)
+            tokens, vad = self.graphs.advance(pcm_t, active_t, reset_t)
         elif self.lookahead:
-            state = self.state if n == B else self.state.prefix(n)
             tokens, vad = self.ahead(active_t, reset_t, state)
-            self._pending = functools.partial(self.encode_ahead, pcm_t, active_t, state)
         else:
-            state = self.state if n == B else self.state.prefix(n)
             tokens, vad = self.advance(active_t, reset_t, state)
-            self._pending = functools.partial(self.encode, pcm_t, active_t, state)
+        self._pending = _MimiHalf(pcm_t, active_t, state)
         if marks is not None:
             marks.append(self._clock())
         prs = [tuple(map(float, r)) for r in vad.float().cpu().numpy()]
@@ -306,28 +272,10 @@ class Engine:
         )
 
 
-def w8a8_kernel(batch_size: int) -> str:
-    """The ``W8A8Linear`` kernel for an engine of ``batch_size`` slots: this package's AMX
-    kernel where it runs (CPUs with AMX-INT8 and a C++ compiler), else its AVX512-VNNI kernel
-    (CPUs with AVX512-VNNI and a C++ compiler), else oneDNN's on CPUs with AMX-INT8 from 8 slots
-    on, else fbgemm's. Measured on a 2-core Xeon with AMX, the stt-1b projections of one layer
-    (all four, int8 weights streamed from memory), amx against oneDNN: 1 row 1.81 / 2.59 ms, 32
-    rows 2.35 / 3.94, 64 rows 3.32 / 5.02; 16 layers, vnni against fbgemm and oneDNN kept to
-    AVX512-VNNI (``ONEDNN_MAX_CPU_ISA``): 1 row 26.5 / 38.9 / 39.6 ms, 8 rows 37.6 / 58.1 /
-    47.2, 32 rows 68.8 / 89.9 / 75.6, 64 rows 108.9 / 133.7 / 108.9. Without this package's
-    kernels: oneDNN against fbgemm, full LM step, 8 slots 115 -> 107 ms, 16: 170 -> 149, 32:
-    296 -> 265; fbgemm's matrix-vector path is faster for one slot (55 against 58 ms)."""
-    available = w8a8_kernels()
-    for own in OWN_KERNELS:
-        if own in available:
-            return own
-    if "onednn" in available and batch_size >= 8 and cpu_has_amx_int8():
-        return "onednn"
-    return available[0] if available else "fbgemm"
+@dataclass(frozen=True)
+class _MimiHalf:
+    """The inputs of the Mimi half of a step, which ``end_step`` runs."""
 
-
-def _placement(config: EngineConfig) -> tuple[torch.device, torch.dtype]:
-    device, dtype = config.torch_device(), config.torch_dtype()
-    if config.cuda_graphs and device.type != "cuda":
-        raise ValueError(f"CUDA graphs need a CUDA device; this one runs on {device.type}")
-    return device, dtype
+    pcm: Tensor  # [n, 1, F]
+    active: Tensor  # [n]
+    state: EngineState  # the engine's state or its first n slots

@@ -1,4 +1,4 @@
-"""What the engine reports about one stream: Word, EndWord, Step, Marker, Closed.
+"""What the engine reports: per stream Word, EndWord, Step, Marker, Closed; per step StepOutput.
 
 Plain frozen values shared by the engine (which produces them) and the server (which encodes them
 for the wire, spec §5.2). They carry seconds and ids, never tensors, and know nothing about
@@ -61,3 +61,11 @@ class Closed:
 
 WordEvent = Word | EndWord
 Event = Word | EndWord | Step | Marker | Closed
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one engine step returns, as plain Python values indexed by slot."""
+
+    tokens: list[int]  # [B] next text token per slot (meaningless for inactive slots)
+    prs: list[tuple[float, ...]]  # [B] VAD class-0 probabilities; empty tuples without heads

@@ -6,8 +6,8 @@ calls on the first ``m`` slots of the engine's state, the two halves of a step: 
 (reset, LM, token choice) and *encode* (Mimi → codes stored for the next step). A step on ``n``
 slots copies its inputs into the static buffers, marks slots ``n..m`` of the smallest bucket
 ``m >= n`` inactive (the engine computes inactive slots but never changes their state), replays
-the advance capture and returns views of the first ``n`` rows of its static outputs, with the
-encode replay as the engine's pending half (``Engine.end_step``).
+the advance capture and returns views of the first ``n`` rows of its static outputs; ``encode``
+then replays that bucket's encode capture (the engine's ``end_step``).
 
 Every step reads and writes the preallocated state in place and keeps all its values in tensors
 (positions, masks, previous tokens), with no host sync on the hot path, so a replay is the step.
@@ -21,13 +21,30 @@ Greedy decoding only (sampling draws from a generator that a capture would freez
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from .engine import Engine
+from .state import EngineState
+
+
+class SteppedEngine(Protocol):
+    """What the captures need of the engine (``engine.Engine``): its state, sizes and the
+    two halves of a step."""
+
+    state: EngineState
+    batch_size: int
+    frame_size: int
+    device: torch.device
+    temperature: float
+
+    def advance(
+        self, active: Tensor, reset: Tensor, state: EngineState
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def encode(self, pcm: Tensor, active: Tensor, state: EngineState) -> Tensor: ...
+
 
 Outputs = tuple[Tensor, ...]
 Capture = Callable[[Callable[[], Outputs]], tuple[Callable[[], None], Outputs]]
@@ -85,7 +102,7 @@ def eager_capture() -> Capture:
 
 class StepGraphs:
     def __init__(
-        self, engine: Engine, capture: Capture, buckets: Sequence[int] | None = None
+        self, engine: SteppedEngine, capture: Capture, buckets: Sequence[int] | None = None
     ) -> None:
         if engine.temperature > 0:
             raise ValueError("captured steps decode greedily; temperature must be 0")
@@ -100,6 +117,7 @@ class StepGraphs:
         self.reset = torch.zeros(B, dtype=torch.bool, device=device)
         self._encode: dict[int, tuple[Callable[[], None], Outputs]] = {}
         self._advance: dict[int, tuple[Callable[[], None], Outputs]] = {}
+        self._last = self.buckets[-1]  # the bucket of the last advance
         for m in reversed(self.buckets):  # largest first: it sizes the shared pool
             state = engine.state if m == B else engine.state.prefix(m)
             pcm, active, reset = self.pcm[:m], self.active[:m], self.reset[:m]
@@ -109,12 +127,10 @@ class StepGraphs:
     def bucket(self, n: int) -> int:
         return next(m for m in self.buckets if m >= n)
 
-    def advance(
-        self, pcm: Tensor, active: Tensor, reset: Tensor
-    ) -> tuple[Tensor, Tensor, Callable[[], None]]:
+    def advance(self, pcm: Tensor, active: Tensor, reset: Tensor) -> tuple[Tensor, Tensor]:
         """``pcm`` [n, 1, F], masks [n] on the engine's device → tokens [n], VAD [n, H]
-        (views of static outputs: read them before the next step) and the replay of the
-        step's encode half, to run before the next step."""
+        (views of static outputs: read them before the next step); ``encode`` runs the
+        step's other half, before the next step."""
         n = pcm.shape[0]
         m = self.bucket(n)
         self.pcm[:n].copy_(pcm)
@@ -125,4 +141,9 @@ class StepGraphs:
             self.reset[n:m] = False
         replay, (tokens, vad) = self._advance[m]
         replay()
-        return tokens[:n], vad[:n], self._encode[m][0]
+        self._last = m
+        return tokens[:n], vad[:n]
+
+    def encode(self) -> None:
+        """The encode half of the last ``advance``'s step (its frames are in the buffers)."""
+        self._encode[self._last][0]()

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dsm_stt.engine.events import Closed, Event, Marker, Step
+from dsm_stt.engine.events import Closed, Event, Marker, Step, StepOutput
 from dsm_stt.engine.words import WordAssembler
 
 
@@ -61,14 +61,6 @@ _TRANSITIONS: dict[StreamState, frozenset[StreamState]] = {
     StreamState.CLOSING: frozenset({StreamState.CLOSED}),
     StreamState.CLOSED: frozenset(),
 }
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one engine step returns, as plain Python values indexed by slot."""
-
-    tokens: list[int]  # [B] next text token per slot (meaningless for inactive slots)
-    prs: list[tuple[float, ...]]  # [B] VAD class-0 probabilities; empty tuples without heads
 
 
 class StepEngine(Protocol):

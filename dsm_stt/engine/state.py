@@ -41,13 +41,13 @@ class EngineState:
         batch_size: int,
         device: torch.device,
         dtype: torch.dtype,
-        kv_dtype: torch.dtype | None = None,
+        cache_type: type[KVCache] = KVCache,
     ) -> EngineState:
-        """``kv_dtype``: the LM's KV ring (default ``dtype``; torch.int8 for an int8 ring)."""
+        """``cache_type``: the LM's KV ring (``KVCache``, or e.g. ``cpu.kvcache.Int8KVCache``)."""
         cfg = lm.cfg
         state = cls(
             mimi=mimi.allocate_state(batch_size, device),
-            lm=lm.allocate_state(batch_size, device, kv_dtype or dtype),
+            lm=lm.allocate_state(batch_size, device, dtype, cache_type),
             prev_codes=torch.full(
                 (batch_size, cfg.n_q), cfg.audio_pad_id, dtype=torch.long, device=device
             ),

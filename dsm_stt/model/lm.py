@@ -133,14 +133,15 @@ class LM(nn.Module):
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        cache_type: type[KVCache] = KVCache,
     ) -> KVCache:
-        """A fresh KV cache for ``batch_size`` slots, by default on the weights' device and
-        in their dtype (``step`` requires the cache dtype to match the weights', or int8 on
-        CPU: see ``KVCache.allocate``)."""
+        """A fresh KV cache of ``cache_type`` for ``batch_size`` slots, by default on the
+        weights' device and in their dtype (``step`` refuses a cache whose ``problem`` with
+        the weights' dtype is not None)."""
         if batch_size <= 0:
             raise LMInputError(f"batch_size must be positive, got {batch_size}")
         return self.transformer.allocate_cache(
-            batch_size, device or self.device, dtype or self.dtype
+            batch_size, device or self.device, dtype or self.dtype, cache_type
         )
 
     def initial_tokens(
@@ -192,12 +193,9 @@ class LM(nn.Module):
             )
         if cache.keys.shape[1] != B:
             raise LMInputError(f"cache holds {cache.keys.shape[1]} slots, inputs have {B}")
-        if cache.keys.dtype != self.dtype and not cache.quantized:
-            raise LMInputError(
-                f"cache dtype {cache.keys.dtype} differs from the weights' {self.dtype}"
-            )
-        if cache.quantized and cache.keys.device.type != "cpu":
-            raise LMInputError("an int8 KV cache runs on CPU only")
+        problem = cache.problem(self.dtype)
+        if problem is not None:
+            raise LMInputError(problem)
         if check_ids:
             self._check_ids(text, audio)
         x = self._embed(text[:, None], audio[:, :, None])  # [B, 1, D]

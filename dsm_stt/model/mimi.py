@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from . import kernels
 from .config import MimiConfig
 from .transformer import KVCache, MimiLayer, Transformer
 
@@ -250,11 +249,11 @@ class ResidualVQ(nn.Module):
 
     def encode(self, latent: Tensor) -> Tensor:
         """``latent`` [B, D, 1] → codes [B, n_q]; ties go to the lowest index."""
-        residual = self.input_proj(latent)[..., 0]  # [B, dim]
-        if residual.device.type == "cpu" and len(self.vq.layers) and kernels.loaded():
-            # the same operations without a Python round trip per stage (about 1 ms a step)
-            books = [layer._codebook.embedding for layer in self.vq.layers]
-            return kernels.vq_encode(residual, self._augmented_books(), books)
+        return self.search(self.input_proj(latent)[..., 0])
+
+    def search(self, residual: Tensor) -> Tensor:
+        """``residual`` [B, dim] → codes [B, n_q]: at each stage the nearest codebook entry,
+        whose vector is taken off the residual for the next stage."""
         ones = residual.new_ones(residual.shape[0], 1)
         codes = []
         for layer, augmented in zip(self.vq.layers, self._augmented_books(), strict=True):

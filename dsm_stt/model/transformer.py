@@ -12,8 +12,9 @@ The ring has one extra "trash" entry (index ``context``) whose position is alway
 are inactive this step write there, so a masked step is a fixed-shape computation with no
 Python branch and no effect on the slot's state.
 
-A ring may also hold int8 rows with one float32 scale each (``KVCache.allocate(dtype=int8)``):
-half the bytes a step reads at bf16, attended by the compiled CPU kernel of ``kernels``.
+The cache owns how a key is stored and attended (``write`` / ``attend``): another storage
+(e.g. ``cpu.kvcache.Int8KVCache``) is a subclass handed to ``LM.allocate_state``; the model
+never needs to know which one it runs on.
 
 It also offers ``forward_sequence``: a whole-sequence forward with the same window mask, used to
 check that streaming equals teacher forcing.
@@ -21,13 +22,12 @@ check that streaming equals teacher forcing.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .kernels import int8_attention, quantize_rows
 from .layers import GatedFFN, LayerScale, RMSNorm, apply_rope, rope_rotation
 
 
@@ -39,10 +39,6 @@ class KVCache:
     values: Tensor  # [L, B, H, C + 1, hd]
     key_positions: Tensor  # [B, C + 1] absolute position of each entry, -1 = empty
     positions: Tensor  # [B] next position of each slot
-    # an int8 ring (``allocate(dtype=torch.int8)``): float32 [L, B, H, C + 1], one scale per
-    # stored key / value row (``key ≈ keys * key_scales[..., None]``); None for float rings
-    key_scales: Tensor | None = None
-    value_scales: Tensor | None = None
 
     @classmethod
     def allocate(
@@ -55,14 +51,10 @@ class KVCache:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
     ) -> KVCache:
-        """``dtype`` torch.int8 stores keys and values as int8 rows with a float32 scale each
-        (CPU only: see ``kernels.int8_attention``); float dtypes store them as they are."""
+        """Keys and values stored as they are, in ``dtype`` (the model's)."""
+        if not dtype.is_floating_point:
+            raise ValueError(f"a KV cache holds float entries, not {dtype}")
         shape = (num_layers, batch_size, num_heads, context + 1, head_dim)
-        scales = None
-        if dtype == torch.int8:
-            scales = shape[:-1]
-        elif not dtype.is_floating_point:
-            raise ValueError(f"a KV cache holds float or int8 entries, not {dtype}")
         return cls(
             keys=torch.zeros(shape, device=device, dtype=dtype),
             values=torch.zeros(shape, device=device, dtype=dtype),
@@ -70,13 +62,28 @@ class KVCache:
                 (batch_size, context + 1), -1, device=device, dtype=torch.long
             ),
             positions=torch.zeros(batch_size, device=device, dtype=torch.long),
-            key_scales=None if scales is None else torch.ones(scales, device=device),
-            value_scales=None if scales is None else torch.ones(scales, device=device),
         )
 
-    @property
-    def quantized(self) -> bool:
-        return self.key_scales is not None
+    def problem(self, dtype: torch.dtype) -> str | None:
+        """Why this cache cannot serve a model computing in ``dtype``, or None."""
+        if self.keys.dtype != dtype:
+            return f"cache dtype {self.keys.dtype} differs from the weights' {dtype}"
+        return None
+
+    def write(self, layer: int, write_at: tuple[Tensor, Tensor], k: Tensor, v: Tensor) -> None:
+        """Store the new keys and values ``k``, ``v`` [B, T, H, hd] of ``layer`` at the
+        [B, T] (slot, ring entry) pairs ``write_at``."""
+        # Advanced indexing writes B*T rows in place ([B, T] index pairs select [B, T, H, hd]);
+        # ``scatter_`` would be equivalent but copies the whole cache on CPU.
+        self.keys[layer][write_at[0], :, write_at[1]] = k
+        self.values[layer][write_at[0], :, write_at[1]] = v
+
+    def attend(self, layer: int, q: Tensor, mask: Tensor) -> Tensor:
+        """``q`` [B, H, T, hd] attends over the first ``S`` ring entries of ``layer`` where
+        ``mask`` [B, 1, T, S] allows; returns [B, H, T, hd] in ``q``'s dtype."""
+        span = mask.shape[-1]
+        keys, values = self.keys[layer, :, :, :span], self.values[layer, :, :, :span]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
     @property
     def context(self) -> int:
@@ -84,14 +91,17 @@ class KVCache:
 
     def prefix(self, n: int) -> KVCache:
         """The first ``n`` slots, as views sharing this cache's memory."""
-        return KVCache(
-            self.keys[:, :n],
-            self.values[:, :n],
-            self.key_positions[:n],
-            self.positions[:n],
-            None if self.key_scales is None else self.key_scales[:, :n],
-            None if self.value_scales is None else self.value_scales[:, :n],
+        return type(self)(
+            **{
+                f.name: getattr(self, f.name)[self._slot_index(f.name, slice(None, n))]
+                for f in fields(self)
+            }
         )
+
+    @staticmethod
+    def _slot_index(name: str, n: int | slice) -> tuple:
+        # per-layer buffers are [L, B, ...], the others [B, ...]
+        return (slice(None), n) if name not in ("key_positions", "positions") else (n,)
 
     def reset(self, mask: Tensor) -> None:
         """Start a fresh stream in every slot where ``mask`` [B] is true."""
@@ -100,13 +110,9 @@ class KVCache:
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src``'s stream into slot ``dst`` (``src`` keeps a copy)."""
-        self.keys[:, dst].copy_(self.keys[:, src])
-        self.values[:, dst].copy_(self.values[:, src])
-        self.key_positions[dst].copy_(self.key_positions[src])
-        self.positions[dst].copy_(self.positions[src])
-        if self.key_scales is not None:
-            self.key_scales[:, dst].copy_(self.key_scales[:, src])
-            self.value_scales[:, dst].copy_(self.value_scales[:, src])
+        for f in fields(self):
+            buffer = getattr(self, f.name)
+            buffer[self._slot_index(f.name, dst)].copy_(buffer[self._slot_index(f.name, src)])
 
     def assume_history(self, n: int) -> None:
         """Let every slot be ``n`` positions into its stream (``0 <= n <= C``): the first ``n``
@@ -119,10 +125,8 @@ class KVCache:
         self.positions.fill_(n)
 
     def nbytes_per_slot(self) -> int:
-        per = self.keys[:, :1].numel() * self.keys.element_size()
-        if self.key_scales is not None:
-            per += self.key_scales[:, :1].numel() * self.key_scales.element_size()
-        return 2 * per + self.key_positions.shape[1] * 8 + 8
+        B = self.positions.shape[0]
+        return sum(getattr(self, f.name).nbytes for f in fields(self)) // max(B, 1)
 
 
 class Attention(nn.Module):
@@ -169,30 +173,8 @@ class Attention(nn.Module):
         ``rot`` the RoPE cos/sin and ``mask`` [B, 1, T, S] the attention mask over the first
         ``S`` ring entries, all computed once for all layers."""
         q, k, v = self._qkv(x, rot)
-        keys, values = cache.keys[layer], cache.values[layer]
-        span = mask.shape[-1]  # the ring entries that can hold a key (see Transformer.step)
-        # Advanced indexing writes B*T rows in place ([B, T] index pairs select [B, T, H, hd]);
-        # ``scatter_`` would be equivalent but copies the whole cache on CPU.
-        if cache.quantized:
-            key_scales, value_scales = cache.key_scales[layer], cache.value_scales[layer]
-            (k8, ks), (v8, vs) = quantize_rows(k.transpose(1, 2)), quantize_rows(v.transpose(1, 2))
-            for ring, rows in ((keys, k8), (values, v8), (key_scales, ks), (value_scales, vs)):
-                ring[write_at[0], :, write_at[1]] = rows
-            y = int8_attention(
-                q,
-                keys[:, :, :span],
-                key_scales[:, :, :span],
-                values[:, :, :span],
-                value_scales[:, :, :span],
-                mask[:, 0],
-            ).to(q.dtype)
-            return self._out(y)
-        keys[write_at[0], :, write_at[1]] = k.transpose(1, 2)
-        values[write_at[0], :, write_at[1]] = v.transpose(1, 2)
-        y = F.scaled_dot_product_attention(
-            q, keys[:, :, :span], values[:, :, :span], attn_mask=mask
-        )
-        return self._out(y)
+        cache.write(layer, write_at, k.transpose(1, 2), v.transpose(1, 2))
+        return self._out(cache.attend(layer, q, mask))
 
     def forward_sequence(self, x: Tensor) -> Tensor:
         """Whole-sequence forward with the causal window mask (teacher forcing)."""
@@ -274,17 +256,15 @@ class Transformer(nn.Module):
         self.head_dim = head_dim
         self.context = context
         self.max_period = max_period
-        # an alternative decode step of the whole stack (``fused.FusedLayers``), taken by
-        # ``step`` wherever its ``applies`` says so; set by ``quantize.quantize_lm_w8a8``
-        self.fused = None
 
     def allocate_cache(
         self,
         batch_size: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        cache_type: type[KVCache] = KVCache,
     ) -> KVCache:
-        return KVCache.allocate(
+        return cache_type.allocate(
             len(self.layers), batch_size, self.num_heads, self.head_dim, self.context, device, dtype
         )
 
@@ -314,15 +294,23 @@ class Transformer(nn.Module):
         # see ring entry 0 instead (finite: zeros or an old key); its output is ignored.
         mask[:, :, :, 0] |= ~active[:, None, None]
         rot = rope_rotation(query_positions, self.head_dim, self.max_period)
-        if self.fused is not None and self.fused.applies(x, cache):
-            x = self.fused(x, cache, write_index, rot, mask)
-        else:
-            for i, layer in enumerate(self.layers):
-                attn = layer.self_attn.step(
-                    layer.attn_input(x), i, cache, (slots, write_index), rot, mask
-                )
-                x = layer.finish(x + layer.scale_attn(attn))
+        x = self.layers_step(x, cache, (slots, write_index), rot, mask)
         cache.positions.add_(active.long() * T)
+        return x
+
+    def layers_step(
+        self,
+        x: Tensor,
+        cache: KVCache,
+        write_at: tuple[Tensor, Tensor],
+        rot: tuple[Tensor, Tensor],
+        mask: Tensor,
+    ) -> Tensor:
+        """Every layer on ``x`` [B, T, D], with the ring indices, RoPE and mask ``step``
+        computed once for all layers (a subclass may run the stack some other way)."""
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn.step(layer.attn_input(x), i, cache, write_at, rot, mask)
+            x = layer.finish(x + layer.scale_attn(attn))
         return x
 
     @staticmethod

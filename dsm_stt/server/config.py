@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import EngineConfig
+from ..loading import ModelFiles
 from ..model.config import (
     DEFAULT_MODEL,
     PRESETS,
@@ -56,20 +57,6 @@ _ASR_TYPES = ("BatchedAsr", "Asr")
 
 class ServerConfigError(ConfigError):
     """A server setting or a moshi-server TOML file is invalid; the message names the key."""
-
-
-@dataclass(frozen=True)
-class ModelFiles:
-    """A checkpoint given file by file, as moshi-server's TOML does.
-
-    The references are kept as written (``hf://owner/repo/file`` or a path, ``$VAR`` already
-    expanded) and resolved when the model is loaded.
-    """
-
-    config: ModelConfig
-    lm: str
-    mimi: str
-    tokenizer: str
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .protocol import Error
 from .runner import Dropped
 
 if TYPE_CHECKING:
-    from .app import ServerContext
+    from .context import ServerContext
 
 
 def _context(request: Request) -> ServerContext:

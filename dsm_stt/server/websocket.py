@@ -44,7 +44,7 @@ from .protocol import (
 from .runner import Channel, Dropped
 
 if TYPE_CHECKING:
-    from .app import ServerContext
+    from .context import ServerContext
 
 log = logging.getLogger(__name__)
 

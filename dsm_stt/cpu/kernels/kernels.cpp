@@ -1,5 +1,5 @@
-// Compiled CPU kernels of dsm-stt: see kernels.py, which builds this file on first use with
-// PyTorch's C++ extension loader (-O3 -march=native -fopenmp) and documents each function.
+// Compiled CPU kernels of dsm-stt: build.py (next to this file) builds it on first use with
+// PyTorch's C++ extension loader (-O3 -march=native -fopenmp); ops.py documents each function.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #if defined(__linux__)

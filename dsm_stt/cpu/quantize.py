@@ -1,4 +1,4 @@
-"""int8 quantization of the LM's transformer projections.
+"""int8 quantization of the LM's transformer projections (weight-only, or weights and activations).
 
 Owns two linear forms and the functions that swap every projection of every LM layer (fused
 QKV, attention output, gated FFN in and out) for one of them, in place:
@@ -18,8 +18,8 @@ bytes read per step and the heads decide the tokens.
 Why: one LM step at small batch reads every weight once, so it is bound by memory bandwidth;
 int8 halves the bytes of bf16. At larger batch the products become compute-bound: weight-only
 int8 then loses to bf16 matrix units, while w8a8 runs on the integer units (AMX tiles with
-oneDNN). Both move the logits a little (``bench/agreement.py``), so they are options, not
-defaults. Quantization is symmetric per output row: ``w ≈ scale[n] * q[n, k]`` with
+oneDNN). Both move the logits a little (``bench/agreement.py``): ``plan.py`` picks w8a8 for
+``auto`` on CPUs where it was measured fastest, and ``--exact`` keeps the float path. Quantization is symmetric per output row: ``w ≈ scale[n] * q[n, k]`` with
 ``scale = max|w[n]| / 127``.
 """
 
@@ -31,15 +31,9 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from .fused import FusedLayers
-from .kernels import (
-    amx_int8_problem,
-    amx_linear,
-    amx_pack,
-    vnni_int8_problem,
-    vnni_linear,
-)
-from .lm import LM
+from ..model.lm import LM
+from .features import CpuFeatures, detect
+from .kernels.ops import amx_linear, amx_pack, amx_problem, vnni_linear, vnni_problem
 
 
 class Int8Linear(nn.Module):
@@ -86,7 +80,8 @@ class W8A8Linear(nn.Module):
     Each row of ``x`` is divided by its largest magnitude ``m``, quantized on the fixed grid
     ``[-1, 1]`` (``2 ** bits - 1`` levels, zero point in the middle), multiplied with the int8
     weights in integer arithmetic, and the result multiplied back by ``m``. ``bits=7`` keeps the
-    pairwise products of CPUs without VNNI (``vpmaddubsw``) from saturating.
+    pairwise products of CPUs without VNNI (``vpmaddubsw``) from saturating; the default is
+    what ``activation_bits`` says ``kernel`` computes exactly on this CPU.
 
     Four CPU kernels compute the integer product: ``fbgemm`` (PyTorch's quantized linear,
     which also quantizes the input), ``onednn`` (oneDNN's int8 GEMM, which uses AMX tiles from
@@ -98,8 +93,9 @@ class W8A8Linear(nn.Module):
     same int8 weights and the same activation grid; ``amx`` and ``vnni`` give identical results.
     """
 
-    def __init__(self, weight: Tensor, bits: int = 8, kernel: str = "fbgemm") -> None:
+    def __init__(self, weight: Tensor, bits: int | None = None, kernel: str = "fbgemm") -> None:
         super().__init__()
+        bits = activation_bits(kernel) if bits is None else bits
         if bits not in (7, 8):
             raise ValueError(f"activation bits must be 7 or 8, got {bits}")
         if kernel not in W8A8_KERNELS:
@@ -119,7 +115,7 @@ class W8A8Linear(nn.Module):
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
         if kernel in OWN_KERNELS:
-            problem = amx_int8_problem() if kernel == "amx" else vnni_int8_problem()
+            problem = amx_problem() if kernel == "amx" else vnni_problem()
             if problem is not None:
                 raise RuntimeError(f"w8a8 kernel {kernel}: {problem}")
             # the AMX tiles' packing serves both, and the column sums are the VNNI product's
@@ -178,6 +174,21 @@ class W8A8Linear(nn.Module):
         return y.mul_(m)
 
 
+def activation_bits(kernel: str, features: CpuFeatures | None = None) -> int:
+    """The activation grid ``kernel`` computes without saturating on this CPU: 8 bits where
+    the integer products accumulate u8 x s8 pairs in 32 bits (``vpdpbusd``: this package's
+    ``amx`` and ``vnni`` kernels always; fbgemm and oneDNN on AVX512-VNNI, where they use it),
+    else 7. Without VNNI both libraries use ``vpmaddubsw``, which adds two u8 x s8 products
+    into a saturating int16: 2 x 255 x 127 = 64770 overflows 32767, while 7-bit activations
+    (at most 2 x 127 x 127 = 32258) never do."""
+    features = detect() if features is None else features
+    if kernel in OWN_KERNELS or features.vnni:
+        return 8
+    if kernel == "onednn" and features.has("avx_vnni"):
+        return 8
+    return 7
+
+
 def int8_supported(device_type: str) -> bool:
     """Whether this PyTorch build has the weight-only int8 kernel for ``device_type``
     (CPU and MPS builds do; CUDA has none, and bf16 is the better choice there anyway)."""
@@ -186,22 +197,33 @@ def int8_supported(device_type: str) -> bool:
     return key is not None and has_kernel("aten::_weight_int8pack_mm", key)
 
 
+def w8a8_kernels(own: bool = True) -> tuple[str, ...]:
+    """The ``W8A8Linear`` kernels that run here; ``own=False`` leaves this package's compiled
+    kernels out, so nothing gets built."""
+    return tuple(
+        k for k in W8A8_KERNELS if (own or k not in OWN_KERNELS) and w8a8_kernel_problem(k) is None
+    )
+
+
 @functools.cache
-def w8a8_kernels() -> tuple[str, ...]:
-    """The ``W8A8Linear`` kernels this PyTorch build can run (tried once, on a tiny product)."""
-    found = []
-    for kernel in W8A8_KERNELS:
-        try:
-            W8A8Linear(torch.ones(2, 8), kernel=kernel)(torch.ones(1, 8))
-        except (RuntimeError, AttributeError, NotImplementedError):
-            continue
-        found.append(kernel)
-    return tuple(found)
+def w8a8_kernel_problem(kernel: str) -> str | None:
+    """None when ``kernel`` runs here (tried once, on a tiny product; this package's kernels
+    are built for it), else why not."""
+    if kernel == "amx" or kernel == "vnni":
+        problem = amx_problem() if kernel == "amx" else vnni_problem()
+        if problem is not None:
+            return problem
+    try:
+        W8A8Linear(torch.ones(2, 8), kernel=kernel)(torch.ones(1, 8))
+    except (RuntimeError, AttributeError, NotImplementedError) as exc:
+        return f"the {kernel} kernel does not run in this PyTorch build ({str(exc)[:200]})"
+    return None
 
 
 def w8a8_available() -> bool:
-    """Whether this PyTorch build has any of the CPU int8 kernels ``W8A8Linear`` needs."""
-    return bool(w8a8_kernels())
+    """Whether this PyTorch build has one of the CPU int8 kernels ``W8A8Linear`` needs
+    (fbgemm or oneDNN; this package's own kernels are not tried)."""
+    return bool(w8a8_kernels(own=False))
 
 
 def _swap_projections(lm: LM, make) -> LM:
@@ -232,15 +254,17 @@ def quantize_lm_int8(lm: LM) -> LM:
     return _swap_projections(lm, Int8Linear.from_float)
 
 
-def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
+def quantize_lm_w8a8(lm: LM, bits: int | None = None, kernel: str | None = None) -> LM:
     """Replace the LM layers' projections by ``W8A8Linear`` with ``bits``-bit activations
     computed by ``kernel`` (default: the first of ``w8a8_kernels()``), in place; returns
     ``lm``. The LM must be on the CPU; one that is already w8a8 with these settings is returned
-    as it is (with others, refused: the float weights are gone)."""
+    as it is (with others, refused: the float weights are gone). ``activation_bits`` says
+    which ``bits`` a kernel computes exactly on this CPU."""
     done = [m for m in lm.modules() if isinstance(m, W8A8Linear)]
     if done:
         have = (done[0].bits, done[0].kernel)
-        if have == (bits, kernel or have[1]):  # no kernel asked for: any will do
+        # no bits or kernel asked for: any will do
+        if have == (bits or have[0], kernel or have[1]):
             return lm
         raise ValueError(
             f"the LM is already quantized (w8a8, {have[0]}-bit activations, {have[1]} kernel)"
@@ -249,15 +273,20 @@ def quantize_lm_w8a8(lm: LM, bits: int = 8, kernel: str | None = None) -> LM:
         raise ValueError("the LM is already quantized (int8)")
     if lm.device.type != "cpu":
         raise ValueError(f"quantize w8a8 runs on CPU only, not {lm.device.type}")
-    available = w8a8_kernels()
-    if not available:
-        raise ValueError("quantize w8a8: this PyTorch build has no fbgemm or oneDNN int8 kernels")
-    kernel = available[0] if kernel is None else kernel
-    if kernel not in available:
-        raise ValueError(f"quantize w8a8: this PyTorch build cannot run the {kernel} kernel")
+    if kernel is None:
+        available = w8a8_kernels(own=False)
+        if not available:
+            raise ValueError(
+                "quantize w8a8: this PyTorch build has no fbgemm or oneDNN int8 kernels"
+            )
+        kernel = available[0]
+    if kernel not in W8A8_KERNELS:
+        raise ValueError(f"w8a8 kernel must be one of {', '.join(W8A8_KERNELS)}, got {kernel!r}")
+    problem = w8a8_kernel_problem(kernel)
+    if problem is not None:
+        raise ValueError(f"quantize w8a8: {problem}")
+    bits = activation_bits(kernel) if bits is None else bits
     _swap_projections(lm, lambda w: W8A8Linear(w, bits, kernel))
-    if kernel in OWN_KERNELS:  # one compiled call per layer for the int8-ring decode step
-        lm.transformer.fused = FusedLayers(lm.transformer.layers)
     return lm
 
 

@@ -1,130 +1,40 @@
-"""Compiled CPU kernels, built on first use by PyTorch's C++ extension loader.
+"""Python signatures of the compiled CPU kernels (``kernels.cpp``): what each takes and returns.
 
-Owns ``int8_attention``: the attention of a few new queries over a KV ring stored as int8 with
-one float32 scale per (slot, head, entry), for the LM's ``--kv-cache int8``. Reading the ring
-is what a CPU step at many slots spends most of its time on once sessions are past their first
-minute (the keys and values of 750 positions, 16 layers, per slot and step); int8 halves those
-bytes, and PyTorch's attention takes float tensors only, so the int8 entries are converted on
-the fly inside this kernel, a cache line at a time, never materialized.
-
-Owns ``amx_linear``: ``W8A8Linear``'s int8 product on the AMX tiles of CPUs that have them
-(Sapphire Rapids and later): int8 weights packed once into the tiles' layout (``amx_pack``),
-each activation row quantized on ``W8A8Linear``'s grid inside the call, 32 output columns per
-pass so the weights stream from memory once per call. At the LM's shapes it reads the weights
-at close to the memory bandwidth, where oneDNN's GEMM reaches about half of it at 32 rows.
-``vnni_linear`` is the same product on AVX512-VNNI for CPUs without the tiles (same packing,
-same integer sums); ``lm_layer_step`` runs a whole LM layer's decode step on either
-(``fused.FusedLayers``); ``vq_encode`` is Mimi's codebook search in one call.
-
-The C++ source (``kernels.cpp``, next to this module) is compiled once per machine for its own
-CPU (``-march=native``: AVX-512 where the CPU has it, plain loops the compiler vectorizes
-otherwise) and cached by PyTorch under ``~/.cache/torch_extensions`` (``TORCH_EXTENSIONS_DIR``
-moves it). It needs a C++ compiler and the ``ninja`` package; ``int8_kv_problem()`` says in
-words why the kernel cannot be built.
+Owns the thin wrappers over the compiled module: ``int8_attention`` (attention of new queries
+over an int8 KV ring, for ``kvcache.Int8KVCache``), ``amx_pack`` / ``amx_linear`` /
+``vnni_linear`` (the int8 products of ``quantize.W8A8Linear`` on AMX tiles or AVX512-VNNI),
+``lm_layer_step`` (a whole LM layer's decode step, for ``fused.FusedTransformer``) and
+``vq_encode`` (Mimi's codebook search in one call, for ``codebook.CompiledResidualVQ``). Each
+call builds the module on first use (``build.module``); none is called unless the installed
+plan runs it. ``quantize_rows`` is the pure-PyTorch int8 row quantization the ring shares.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import platform
-import shutil
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from ..config import cpu_flags
-
-# the C++ source, next to this file (its text is part of the build cache key)
-_SOURCE = (Path(__file__).parent / "kernels.cpp").read_text(encoding="utf-8")
-
-_FLAGS = ["-O3", "-march=native", "-fopenmp"]
+from .build import module
 
 
-class KernelUnavailable(RuntimeError):
-    """The compiled kernel cannot be built or loaded on this machine."""
+def amx_problem() -> str | None:
+    """None when ``amx_linear`` can run here (the kernels built now if need be), else why not."""
+    return _problem("amx_problem")
 
 
-def _build_name() -> str:
-    # one build per source, flags, PyTorch and CPU: ``-march=native`` code may not run on
-    # another CPU sharing the same cache directory
-    cpu = platform.machine() + cpu_flags()
-    key = "\n".join([_SOURCE, " ".join(_FLAGS), torch.__version__, cpu])
-    return "dsm_stt_kv_int8_" + hashlib.sha256(key.encode()).hexdigest()[:12]
+def vnni_problem() -> str | None:
+    """None when ``vnni_linear`` can run here (the kernels built now if need be), else why not."""
+    return _problem("vnni_problem")
 
 
-def _missing_tools() -> str | None:
-    from torch.utils import cpp_extension
+def _problem(check: str) -> str | None:
+    from .build import KernelUnavailable
 
     try:
-        import ninja  # noqa: F401
-    except ImportError:
-        return "the 'ninja' package is not installed (pip install ninja)"
-    compiler = cpp_extension.get_cxx_compiler()
-    if shutil.which(compiler) is None:
-        return f"no C++ compiler ({compiler}) on the PATH"
-    return None
-
-
-@functools.cache
-def _build():
-    """The loaded extension module, or the ``KernelUnavailable`` that says why there is none
-    (kept, so a failed build is not retried at every call)."""
-    problem = _missing_tools()
-    if problem is not None:
-        return KernelUnavailable(f"the compiled CPU kernels cannot be built: {problem}")
-    from torch.utils.cpp_extension import load_inline
-
-    try:
-        return load_inline(
-            _build_name(),
-            cpp_sources=_SOURCE,
-            functions=[
-                "attend",
-                "paths",
-                "amx_problem",
-                "vnni_problem",
-                "int8_linear",
-                "lm_layer_step",
-                "vq_encode",
-            ],
-            extra_cflags=_FLAGS,
-            extra_ldflags=["-fopenmp"],
-        )
-    except (RuntimeError, OSError, ImportError) as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()]
-        detail = (errors or lines or [type(exc).__name__])[-1][:400]
-        return KernelUnavailable(f"the compiled CPU kernels failed to build: {detail}")
-
-
-def _module():
-    built = _build()
-    if isinstance(built, KernelUnavailable):
-        raise built
-    return built
-
-
-def loaded() -> bool:
-    """Whether this process has the compiled module already (built or loaded earlier, e.g.
-    by an int8 KV ring or the AMX kernel); never starts a build."""
-    return _build.cache_info().currsize > 0 and not isinstance(_build(), KernelUnavailable)
-
-
-def _build_problem(check: str | None = None) -> str | None:
-    # None when the module is built (now if need be) and has the code the module function
-    # ``check`` asks about, else why not
-    try:
-        module = _module()
+        built = module()
     except KernelUnavailable as exc:
         return str(exc)
-    return (getattr(module, check)() if check else "") or None
-
-
-def int8_kv_problem() -> str | None:
-    """None when the int8 KV attention kernel is ready (built now if need be), else why not."""
-    return _build_problem()
+    return getattr(built, check)() or None
 
 
 _PATHS = {"best": 0, "vnni": 1, "avx512": 2, "generic": 3}
@@ -135,7 +45,7 @@ def kernel_paths() -> list[str]:
     AVX512-VNNI), ``avx512`` (int8 converted to float32 in registers), ``generic`` (plain
     loops). The first is what ``int8_attention`` takes by default for head sizes 64, 128 and
     256; other head sizes take ``generic``."""
-    return list(_module().paths())
+    return list(module().paths())
 
 
 def int8_attention(
@@ -158,19 +68,9 @@ def int8_attention(
     if path not in _PATHS:
         raise ValueError(f"unknown kernel path {path!r}: expected one of {sorted(_PATHS)}")
     scale = q.shape[-1] ** -0.5
-    return _module().attend(
+    return module().attend(
         q.float().contiguous(), keys, key_scales, values, value_scales, mask, scale, _PATHS[path]
     )
-
-
-def amx_int8_problem() -> str | None:
-    """None when ``amx_linear`` can run here (the kernel built now if need be), else why not."""
-    return _build_problem("amx_problem")
-
-
-def vnni_int8_problem() -> str | None:
-    """None when ``vnni_linear`` can run here (the kernel built now if need be), else why not."""
-    return _build_problem("vnni_problem")
 
 
 def amx_pack(weight: Tensor) -> Tensor:
@@ -203,7 +103,7 @@ def amx_linear(
     ``column_sums`` (see ``vnni_linear``) a single row takes the VNNI product, which streams
     the weights faster than the tiles (16 rows each, whatever the count): same results."""
     sums = torch.empty(0, dtype=torch.int32) if column_sums is None else column_sums
-    return _module().int8_linear(
+    return module().int8_linear(
         x.float().contiguous(), packed, scales, out_features, float(levels), sums, True
     )
 
@@ -220,7 +120,7 @@ def vnni_linear(
     weights, plus their int32 ``column_sums`` [N] (``weight.sum(1)``: the activations enter
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
-    return _module().int8_linear(
+    return module().int8_linear(
         x.float().contiguous(), packed, scales, out_features, float(levels), column_sums, False
     )
 
@@ -262,7 +162,7 @@ def lm_layer_step(
     slot attends.
     Returns the layer's output [B, D] in ``x``'s dtype."""
     packed, scales, sizes, sums = zip(*projections, strict=True)
-    return _module().lm_layer_step(
+    return module().lm_layer_step(
         x,
         norms[0],
         norms[1],
@@ -287,4 +187,4 @@ def vq_encode(residual: Tensor, augmented: list[Tensor], books: list[Tensor]) ->
     """Mimi's residual codebook search (``mimi.ResidualVQ.encode`` after its input
     projection) in one compiled call: the same PyTorch operations in the same order, so the
     same codes bit for bit, without returning to Python between the stages."""
-    return _module().vq_encode(residual, augmented, books)
+    return module().vq_encode(residual, augmented, books)

@@ -1,0 +1,166 @@
+"""What the routes of one server app share: ``ServerContext``, and how its engine is loaded.
+
+Owns ``ServerContext`` (config, metrics, the engine and its runner, the open sessions, the
+accepting / ready flags and the API-key check; its lifespan: load, warm up, start, drain,
+stop), ``load_engine`` (the engine a ``ServerConfig`` describes, through
+``loading.load_engine``) and ``warm_up``. The routes (``websocket.py``, ``http.py``) and the
+app factory (``app.py``) import it; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from ..engine.scheduler import Scheduler
+from .config import ServerConfig
+from .metrics import ServerMetrics
+from .runner import Runner, engine_thread
+
+if TYPE_CHECKING:
+    from ..engine.engine import Engine
+
+log = logging.getLogger("dsm_stt.server.app")
+
+
+class Session(Protocol):
+    """An open session as the context sees it (``websocket.Session``, the POST route's)."""
+
+    def finish(self) -> None: ...
+
+
+class ServerContext:
+    """What the routes of one app share. Lives on the event loop; ``runner`` owns the model."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        engine: Engine | None = None,
+        metrics: ServerMetrics | None = None,
+        torch_thread: Executor | None = None,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        # the one thread that loads, warms up and steps the engine (``runner.engine_thread``);
+        # pass the one that built ``engine``
+        self.torch_thread = torch_thread or engine_thread()
+        self.metrics = metrics or ServerMetrics()
+        self.runner: Runner = None  # type: ignore[assignment]  # set by start()
+        self.sessions: set[Session] = set()
+        self.accepting = False  # new sessions are welcome
+        self.ready = False  # warmed up and not draining: what /health reports
+        self._keys = tuple(key.encode() for key in config.api_keys)
+        self._no_sessions: asyncio.Event | None = None
+        self._drained = False
+        self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app
+
+    # -- model facts -------------------------------------------------------------------------
+
+    @property
+    def sample_rate(self) -> float:
+        return self.runner.sample_rate
+
+    @property
+    def prefix_seconds(self) -> float:
+        """Leading silence the checkpoint wants (spec §4.4); added by the POST route only."""
+        assert self.engine is not None
+        return float(self.engine.model.config.stt.audio_silence_prefix_seconds)
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    def authorized(self, key: str | None) -> bool:
+        """No configured keys: open server. Otherwise the key must be one of them."""
+        if not self._keys:
+            return True
+        if key is None:
+            return False
+        given = key.encode()
+        # Compare against every key (no early exit), in constant time per key.
+        return any([hmac.compare_digest(given, k) for k in self._keys])
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def register(self, session: Session) -> None:
+        self.sessions.add(session)
+        if self._no_sessions is not None:
+            self._no_sessions.clear()
+
+    def unregister(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if not self.sessions and self._no_sessions is not None:
+            self._no_sessions.set()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load (if needed) and warm up the model, then start the runner."""
+        self.loop = asyncio.get_running_loop()
+        self._no_sessions = asyncio.Event()
+        self._no_sessions.set()
+        torch_thread = self.torch_thread
+        if self.engine is None:
+            self.engine = await self.loop.run_in_executor(torch_thread, load_engine, self.config)
+        engine = self.engine
+        await self.loop.run_in_executor(torch_thread, warm_up, engine, self.config.warmup_steps)
+        cfg = engine.model.config
+        scheduler = Scheduler(
+            engine, cfg.stt.asr_delay_in_tokens, engine.decode, frame_rate=cfg.mimi.frame_rate
+        )
+        self.runner = Runner(scheduler, self.metrics)
+        self.runner.start(torch_thread)
+        self.accepting = self.ready = True
+        log.info(
+            "model %s ready: %d slots, %s",
+            engine.name,
+            engine.batch_size,
+            engine.plan.describe(),
+        )
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Stop accepting; every open session gets its last words and is closed."""
+        self.accepting = self.ready = False
+        if self._drained or self.runner is None:
+            return
+        self._drained = True
+        for session in list(self.sessions):
+            session.finish()
+        if self.sessions and self._no_sessions is not None:
+            wait = self.config.shutdown_timeout if timeout is None else timeout
+            try:
+                await asyncio.wait_for(self._no_sessions.wait(), wait)
+            except asyncio.TimeoutError:
+                log.warning("%d session(s) still open after %.0f s", len(self.sessions), wait)
+
+    async def stop(self) -> None:
+        await self.drain()
+        if self.runner is not None:
+            await asyncio.to_thread(self.runner.stop)
+        self.torch_thread.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+def load_engine(config: ServerConfig) -> Engine:
+    """The engine ``config`` describes: a checkpoint by name or directory, the files of a
+    moshi-server TOML, or (``random_weights``) either architecture with random weights."""
+    from ..loading import load_engine as load
+
+    source = config.model if config.model_files is None else config.model_files
+    return load(source, config.engine, config.random_weights, announce=log.info)
+
+
+def warm_up(engine: Engine, steps: int) -> None:
+    """Run a few steps on silence over every slot (allocations, kernels, caches); every
+    stream resets its slot when it starts, so this leaves no trace."""
+    B, F = engine.batch_size, engine.frame_size
+    pcm = np.zeros((B, F), dtype=np.float32)
+    everything = np.ones(B, dtype=bool)
+    for _ in range(steps):
+        engine.step(pcm, everything, everything)

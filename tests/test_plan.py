@@ -1,0 +1,166 @@
+"""Tests of dsm_stt.cpu.plan and dsm_stt.cpu.install: what ``auto`` picks per CPU family, the
+fallbacks when the compiled kernels cannot be had (and that nothing is built for a path that
+does not run them), explicit values kept, and what installing a plan swaps into a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from engine_support import needs_kernels
+
+from dsm_stt.config import EngineConfig
+from dsm_stt.cpu.codebook import CompiledResidualVQ
+from dsm_stt.cpu.features import CpuFeatures
+from dsm_stt.cpu.fused import FusedTransformer
+from dsm_stt.cpu.install import install
+from dsm_stt.cpu.kvcache import Int8KVCache
+from dsm_stt.cpu.plan import AUTO, choose, exact_plan
+from dsm_stt.cpu.quantize import W8A8Linear, w8a8_kernels
+from dsm_stt.model.synthetic import random_model
+from dsm_stt.model.transformer import KVCache
+
+X86 = {"avx2", "fma", "f16c"}
+FAMILY_FLAGS = {
+    "amx": X86 | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_tile"},
+    "avx512_vnni": X86 | {"avx512f", "avx512bw", "avx512_vnni"},
+    "avx512": X86 | {"avx512f", "avx512bw"},
+    "avx2": X86,
+}
+needs_torch_w8a8 = pytest.mark.skipif(
+    not w8a8_kernels(own=False), reason="this PyTorch build has no fbgemm / oneDNN int8 kernel"
+)
+
+
+def cpu(family: str) -> CpuFeatures:
+    if family == "aarch64":
+        return CpuFeatures("aarch64", frozenset({"asimd"}))
+    return CpuFeatures("x86_64", frozenset(FAMILY_FLAGS[family]))
+
+
+class Kernels:
+    """A stand-in for ``build.problem`` that counts how often a plan asks for the kernels."""
+
+    def __init__(self, problem: str | None = None) -> None:
+        self.problem, self.asked = problem, 0
+
+    def __call__(self) -> str | None:
+        self.asked += 1
+        return self.problem
+
+
+def plan(family: str, kernels: Kernels | None = None, **settings):
+    config = EngineConfig(**({"batch_size": 1, "device": "cpu"} | settings))
+    return choose(config, cpu(family), kernels or Kernels())
+
+
+@needs_torch_w8a8
+@pytest.mark.parametrize(
+    ("family", "kernel", "bits", "fused"),
+    [
+        ("amx", "amx", 8, True),
+        ("avx512_vnni", "vnni", 8, True),
+        ("avx512", "fbgemm", 7, False),
+        ("avx2", "fbgemm", 7, False),
+    ],
+)
+def test_auto_on_x86_is_w8a8_with_an_int8_ring(
+    family: str, kernel: str, bits: int, fused: bool
+) -> None:
+    got = plan(family)
+    assert (got.quantize, got.kv_cache, got.dtype) == ("w8a8", "int8", torch.bfloat16)
+    assert (got.w8a8_kernel, got.w8a8_bits, got.fused_layers) == (kernel, bits, fused)
+    assert got.compiled_codebooks and got.needs_kernels and got.family == family
+    assert AUTO[family].measured in got.reason and "auto (dtype, quantize, kv_cache)" in got.reason
+    assert got.describe().startswith(f"cpu ({family}), bfloat16, w8a8 on {kernel}")
+
+
+@needs_torch_w8a8
+@pytest.mark.parametrize("family", ["amx", "avx2"])
+def test_without_the_kernels_auto_falls_back_to_plain_pytorch(family: str) -> None:
+    kernels = Kernels("no C++ compiler (c++) on the PATH")
+    got = plan(family, kernels)
+    assert got.kv_cache == "float" and got.w8a8_kernel in ("fbgemm", "onednn")
+    assert not (got.fused_layers or got.compiled_codebooks or got.needs_kernels)
+    assert "without the compiled kernels (no C++ compiler (c++) on the PATH)" in got.reason
+    assert kernels.asked == 1
+    with pytest.raises(ValueError, match="kv cache int8: no C\\+\\+ compiler"):
+        plan(family, kernels, kv_cache="int8")  # asked for explicitly: refused, with why
+
+
+@needs_torch_w8a8
+def test_onednn_from_eight_slots_with_amx_tiles_when_the_own_kernels_are_missing() -> None:
+    if "onednn" not in w8a8_kernels(own=False):
+        pytest.skip("no oneDNN int8 kernel in this PyTorch build")
+    off = Kernels("off")
+    assert plan("amx", off, batch_size=8).w8a8_kernel == "onednn"
+    assert plan("amx", off, batch_size=1).w8a8_kernel == w8a8_kernels(own=False)[0]
+    assert plan("avx2", off, batch_size=8).w8a8_kernel == w8a8_kernels(own=False)[0]
+
+
+@pytest.mark.parametrize("family", ["amx", "avx2", "aarch64"])
+def test_paths_that_run_no_kernel_never_ask_for_them(family: str) -> None:
+    kernels = Kernels()
+    exact = plan(family, kernels, dtype="float32", quantize="none", kv_cache="float")
+    assert exact.exact and not exact.needs_kernels and kernels.asked == 0
+    assert exact.reason == "the float path, as asked"
+    if family == "aarch64":  # auto there is the float path (untested family)
+        auto = plan(family, kernels)
+        assert auto.exact and kernels.asked == 0 and "untested" in auto.reason
+
+
+@needs_torch_w8a8
+def test_explicit_values_are_kept_and_the_rest_is_auto() -> None:
+    kernels = Kernels()
+    got = plan("avx2", kernels, quantize="w8a8", kv_cache="float")
+    assert (got.quantize, got.kv_cache, got.w8a8_kernel, got.w8a8_bits) == (
+        "w8a8",
+        "float",
+        "fbgemm",
+        7,
+    )
+    assert kernels.asked == 0  # fbgemm on a float ring: nothing to build on AVX2
+    assert "auto (dtype)" in got.reason
+    got = plan("amx", kernels, quantize="int8", dtype="float32", kv_cache="float")
+    assert (got.quantize, got.dtype, got.w8a8_kernel) == ("int8", torch.float32, None)
+    assert got.reason == "as asked"
+
+
+def test_the_exact_plan_is_float32_on_the_configs_device() -> None:
+    got = exact_plan(EngineConfig(batch_size=2, device="cpu"))
+    assert (got.device, got.dtype, got.quantize, got.kv_cache) == (
+        "cpu",
+        torch.float32,
+        "none",
+        "float",
+    )
+    assert got.exact
+
+
+def test_installing_nothing_leaves_the_model_as_it_is() -> None:
+    model = random_model("tiny", seed=0)
+    before = {k: v.clone() for k, v in model.lm.state_dict().items()}
+    transformer, quantizer = model.lm.transformer, model.mimi.quantizer.rvq_rest
+    cache_type = install(model.lm, model.mimi, exact_plan(EngineConfig(device="cpu")))
+    assert cache_type is KVCache
+    assert model.lm.transformer is transformer and model.mimi.quantizer.rvq_rest is quantizer
+    after = model.lm.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@needs_kernels
+@needs_torch_w8a8
+def test_installing_the_auto_plan_swaps_each_piece_once() -> None:
+    model = random_model("tiny", seed=0)
+    mimi_keys = set(model.mimi.state_dict())
+    got = choose(EngineConfig(batch_size=1, device="cpu", dtype="bfloat16"))
+    lm = model.lm.to(got.dtype)
+    cache_type = install(lm, model.mimi, got)
+    assert cache_type is (Int8KVCache if got.kv_cache == "int8" else KVCache)
+    assert isinstance(lm.transformer.layers[0].gating.linear_in, W8A8Linear)
+    assert isinstance(lm.transformer, FusedTransformer) == got.fused_layers
+    assert isinstance(model.mimi.quantizer.rvq_first, CompiledResidualVQ) == got.compiled_codebooks
+    assert set(model.mimi.state_dict()) == mimi_keys  # the checkpoint's names stay
+    transformer = lm.transformer
+    assert install(lm, model.mimi, got) is cache_type  # a second time changes nothing
+    assert lm.transformer is transformer
