@@ -9,8 +9,12 @@ reference profits from it too). dsm-stt's caches start full (``--context-fill``,
 session past its first minute), as a step of the reference reads its whole ring at any fill.
 Prints medians and the ratios.
 
+dsm-stt runs what ``dsm-stt bench`` would with the same flags (``auto`` by default: the
+plan ``dsm-stt doctor`` names); the reference runs in ``--reference-dtype`` (float32 by
+default, its CPU path).
+
     python bench/compare_reference.py --model kyutai/stt-1b-en_fr-candle --batch-size 1 \
-        --dtype float32 --steps 10 --rounds 3
+        --steps 10 --rounds 3
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from reference import official_tensors, reference_lm, reference_mimi
 
 from dsm_stt.benchmark import assume_history
-from dsm_stt.config import DTYPES, KV_CACHES, QUANTIZE
-from dsm_stt.engine.engine import Engine
+from dsm_stt.config import DTYPE_CHOICES, DTYPES, KV_CACHES, QUANTIZE, EngineConfig
+from dsm_stt.loading import build_engine, plan_for
 from dsm_stt.model.checkpoint import SttModel, load_lm, load_mimi
 from dsm_stt.model.config import preset
 from dsm_stt.model.tokenizer import PlaceholderTokenizer
@@ -40,19 +44,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="kyutai/stt-1b-en_fr-candle")
     parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="dsm-stt's dtype")
+    parser.add_argument(
+        "--reference-dtype", default="float32", choices=sorted(DTYPES), help="the reference's"
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument(
         "--quantize",
-        default="none",
+        default="auto",
         choices=QUANTIZE,
         help="dsm-stt's LM projections",
     )
     parser.add_argument(
         "--kv-cache",
-        default="float",
+        default="auto",
         choices=KV_CACHES,
         help="dsm-stt's LM attention cache (int8: CPU, builds a small C++ kernel)",
     )
@@ -65,9 +72,16 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
     cfg = preset(args.model)
     B = args.batch_size
+    config = EngineConfig(
+        batch_size=B,
+        device="cpu",
+        dtype=args.dtype,
+        quantize=args.quantize,
+        kv_cache=args.kv_cache,
+    )
+    plan = plan_for(config)
     torch.manual_seed(0)
 
     from moshi.models.lm import LMGen
@@ -76,20 +90,20 @@ def main() -> int:
     ref_lm = reference_lm(cfg.lm)
     lm_tensors = official_tensors(ref_lm, torch.bfloat16)
     ref_lm.load_state_dict({k: v.float() for k, v in lm_tensors.items()})
-    ref_lm = ref_lm.to(dtype)
+    ref_lm = ref_lm.to(DTYPES[args.reference_dtype])
     gen = LMGen(ref_lm, use_sampling=False, temp=0.0, temp_text=0.0)
     model = SttModel(
         args.model,
         cfg,
-        load_lm(lm_tensors, cfg.lm, dtype),
+        load_lm(lm_tensors, cfg.lm, plan.dtype),
         load_mimi(official_tensors(ref_mimi), cfg.mimi),
         PlaceholderTokenizer(cfg.lm.text_card),
     )
     del lm_tensors
-    engine = Engine(model, B, dtype=dtype, quantize=args.quantize, kv_cache=args.kv_cache)
+    engine = build_engine(model, config, plan, announce=lambda line: None)
 
     rng = np.random.default_rng(0)
-    pcm = (0.1 * rng.standard_normal((B, 1920))).astype(np.float32)
+    pcm = (0.1 * rng.standard_normal((B, cfg.mimi.frame_size))).astype(np.float32)
     pcm_t = torch.from_numpy(pcm)[:, None]
     active, no_reset = np.ones(B, bool), np.zeros(B, bool)
 
@@ -120,12 +134,10 @@ def main() -> int:
                     out.append((time.perf_counter() - t0) * 1e3)
     o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
     print(
-        f"{args.model}, batch {B}, {args.dtype}"
-        f"{f' (dsm-stt with {args.quantize} LM)' if args.quantize != 'none' else ''}"
-        f"{' (dsm-stt with an int8 KV cache)' if args.kv_cache == 'int8' else ''}, "
-        f"{torch.get_num_threads()} threads, context fill {args.context_fill}, "
-        f"{args.rounds}x{args.steps} interleaved steps each"
+        f"{args.model}, batch {B}, {torch.get_num_threads()} threads, context fill "
+        f"{args.context_fill}, {args.rounds}x{args.steps} interleaved steps each"
     )
+    print(f"reference: {args.reference_dtype}; dsm-stt: {plan.describe()}")
     print(f"reference (moshi 0.2.13): {ref:8.1f} ms/step -> {B * 80 / ref:6.2f} real-time streams")
     print(f"dsm-stt:                  {o:8.1f} ms/step -> {B * 80 / o:6.2f} real-time streams")
     print(f"speed-up: {ref / o:.2f}x")

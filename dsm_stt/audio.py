@@ -24,8 +24,7 @@ import av
 import numpy as np
 import soxr
 
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # one model step: 80 ms at 24 kHz (spec §3.1)
+from .model.config import FRAME_SIZE, SAMPLE_RATE
 
 # Sources accepted by ``load_audio`` / ``iter_audio``: a path, the encoded bytes, or an open
 # binary file (an HTTP upload).

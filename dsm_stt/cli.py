@@ -300,7 +300,9 @@ def cmd_stream(args: argparse.Namespace) -> int:
         pcm = load_audio(args.audio)
     except AudioDecodeError as exc:
         return _fail(str(exc))
-    prefix = np.zeros(round(args.prefix * 24000), dtype=np.float32)
+    from .model.config import SAMPLE_RATE
+
+    prefix = np.zeros(round(args.prefix * SAMPLE_RATE), dtype=np.float32)
     pcm = np.concatenate([prefix, pcm])
 
     async def run() -> None:

@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import numpy as np
 import websockets
 
+from .model.config import FRAME_SIZE, SAMPLE_RATE
 from .server.protocol import (
     Audio,
     EndWord,
@@ -39,8 +40,6 @@ from .server.protocol import (
 )
 
 DEFAULT_URL = "ws://127.0.0.1:8080/api/asr-streaming"
-SAMPLE_RATE = 24000
-FRAME_SIZE = 1920  # 80 ms: the size of one model step, what Kyutai's clients send
 END_OF_TURN_HEAD = 2  # VAD head whose class-0 probability > 0.5 means "end of turn" (spec §4.6)
 
 

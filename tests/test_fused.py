@@ -175,7 +175,7 @@ def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
         rot=(torch.ones(2, half), torch.zeros(2, half)),
         mask=torch.ones(2, 3, dtype=torch.bool),
         num_heads=TINY.num_heads,
-        amx=fused.kernel == "amx",
+        product=fused.kernel,
     )
     assert lm_layer_step(**good).shape == (2, TINY.dim)
     bad = {
@@ -190,3 +190,5 @@ def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
     for message, change in bad.items():
         with pytest.raises(RuntimeError, match=message):
             lm_layer_step(**{**good, **change})
+    with pytest.raises(ValueError, match="product must be one of vnni, amx, got 'tiles'"):
+        lm_layer_step(**{**good, "product": "tiles"})

@@ -103,7 +103,7 @@ class FusedTransformer(Transformer):
                 (cos, sin),
                 span,
                 layer.self_attn.num_heads,
-                self.kernel == "amx",
+                self.kernel,
             )
         return h[:, None]
 

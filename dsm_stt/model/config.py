@@ -19,12 +19,18 @@ class ConfigError(ValueError):
     """A configuration value is missing or invalid; the message names the key."""
 
 
+# The audio format of every published Mimi, written once: what the server's wire, the
+# decoders and the clients speak (a checkpoint's own ``MimiConfig`` may still say otherwise).
+SAMPLE_RATE = 24000  # Hz, mono
+FRAME_SIZE = 1920  # samples per model step: 80 ms at 24 kHz (spec §3.1)
+
+
 @dataclass(frozen=True)
 class MimiConfig:
     """Mimi encoder hyper-parameters (spec §1.3). Defaults are the published codec."""
 
-    sample_rate: int = 24000
-    frame_rate: float = 12.5
+    sample_rate: int = SAMPLE_RATE
+    frame_rate: float = SAMPLE_RATE / FRAME_SIZE
     channels: int = 1
     # SEANet encoder
     dimension: int = 512

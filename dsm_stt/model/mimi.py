@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .config import MimiConfig
+from .config import SAMPLE_RATE, MimiConfig
 from .transformer import KVCache, MimiLayer, Transformer
 
 
@@ -417,7 +417,7 @@ class MimiEncoder(nn.Module):
         frames = pcm.split(self.frame_size, dim=-1)
         return torch.stack([self.step(frame, state, active) for frame in frames], dim=-1)
 
-    def encode(self, pcm: Tensor, sample_rate: int = 24000) -> Tensor:
+    def encode(self, pcm: Tensor, sample_rate: int = SAMPLE_RATE) -> Tensor:
         """Encode whole signals → codes [B, K, T] with ``T = ceil(N / frame_size)``.
 
         ``pcm`` is [B, 1, N], [B, N] or [N] float audio at ``cfg.sample_rate``. The tail is

@@ -46,6 +46,7 @@ import msgpack
 import numpy as np
 
 from dsm_stt.engine.events import EndWord, Marker, Step, Word
+from dsm_stt.model.config import SAMPLE_RATE
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
@@ -72,7 +73,7 @@ __all__ = [
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 """Default limit on one incoming frame; bounds the objects the unpacker can build."""
-MAX_PCM_SAMPLES = 60 * 24_000
+MAX_PCM_SAMPLES = 60 * SAMPLE_RATE
 """Default limit on one Audio message: a minute at 24 kHz (fits 8 MiB as float32)."""
 
 _INT64_MIN = -(2**63)

@@ -19,6 +19,15 @@ namespace {
 
 enum Path : int64_t { PATH_BEST = 0, PATH_VNNI = 1, PATH_AVX512 = 2, PATH_GENERIC = 3 };
 
+// The int8 products of the W8A8 projections, by the index ops.PRODUCTS gives them (a new one
+// is a new value here, a branch in int8_product and a name there).
+enum Product : int64_t { PRODUCT_VNNI = 0, PRODUCT_AMX = 1, PRODUCT_COUNT = 2 };
+
+inline bool uses_tiles(int64_t product) {
+  TORCH_CHECK(product >= 0 && product < PRODUCT_COUNT, "unknown int8 product ", product);
+  return product == PRODUCT_AMX;
+}
+
 struct Views {
   const float* q; float* out;
   const int8_t* k; const int8_t* v; const float* ks; const float* vs; const bool* mask;
@@ -668,7 +677,8 @@ torch::Tensor linear(torch::Tensor x, const Projection& proj, double levels) {
 // a single row goes to the VNNI product where ``column_sums`` are given) or with AVX512-VNNI
 // (which needs ``column_sums``, int32 [N], the sums of w's rows; empty: none).
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
-                          double levels, torch::Tensor column_sums, bool amx) {
+                          double levels, torch::Tensor column_sums, int64_t product) {
+  const bool amx = uses_tiles(product);
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
   return linear(x, Projection(packed, scales, column_sums, N, x.size(1), amx), levels);
@@ -790,7 +800,8 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
                             torch::Tensor values, torch::Tensor value_scales, int64_t layer,
                             torch::Tensor write_index, torch::Tensor cos, torch::Tensor sin,
                             torch::Tensor mask, int64_t num_heads,
-                            std::vector<torch::Tensor> column_sums, bool amx) {
+                            std::vector<torch::Tensor> column_sums, int64_t product) {
+  const bool amx = uses_tiles(product);
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat ||
                                x.scalar_type() == torch::kBFloat16),

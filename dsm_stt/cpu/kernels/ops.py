@@ -16,6 +16,8 @@ from torch import Tensor
 
 from .build import module
 
+PRODUCTS = ("vnni", "amx")  # the compiled int8 products, by their index in kernels.cpp
+
 
 def amx_problem() -> str | None:
     """None when ``amx_linear`` can run here (the kernels built now if need be), else why not."""
@@ -104,7 +106,13 @@ def amx_linear(
     the weights faster than the tiles (16 rows each, whatever the count): same results."""
     sums = torch.empty(0, dtype=torch.int32) if column_sums is None else column_sums
     return module().int8_linear(
-        x.float().contiguous(), packed, scales, out_features, float(levels), sums, True
+        x.float().contiguous(),
+        packed,
+        scales,
+        out_features,
+        float(levels),
+        sums,
+        PRODUCTS.index("amx"),
     )
 
 
@@ -121,7 +129,13 @@ def vnni_linear(
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
     return module().int8_linear(
-        x.float().contiguous(), packed, scales, out_features, float(levels), column_sums, False
+        x.float().contiguous(),
+        packed,
+        scales,
+        out_features,
+        float(levels),
+        column_sums,
+        PRODUCTS.index("vnni"),
     )
 
 
@@ -146,10 +160,10 @@ def lm_layer_step(
     rot: tuple[Tensor, Tensor],
     mask: Tensor,
     num_heads: int,
-    amx: bool = True,
+    product: str = "amx",
 ) -> Tensor:
     """One decode position of an LM layer (``LMLayer``) for every slot in one compiled call:
-    norms, the four ``W8A8Linear`` products (AMX tiles with ``amx``, else AVX512-VNNI), RoPE,
+    norms, the four ``W8A8Linear`` products (``product``: one of ``PRODUCTS``), RoPE,
     the new key and value quantized into the int8 ring, the attention, the gated FFN and both
     residuals, with the roundings of the module path (to bfloat16 wherever the modules store
     bfloat16).
@@ -161,6 +175,8 @@ def lm_layer_step(
     slot's new row; ``rot`` the RoPE cos / sin [B, hd / 2]; ``mask`` [B, S] the entries each
     slot attends.
     Returns the layer's output [B, D] in ``x``'s dtype."""
+    if product not in PRODUCTS:
+        raise ValueError(f"product must be one of {', '.join(PRODUCTS)}, got {product!r}")
     packed, scales, sizes, sums = zip(*projections, strict=True)
     return module().lm_layer_step(
         x,
@@ -179,7 +195,7 @@ def lm_layer_step(
         mask,
         num_heads,
         list(sums),
-        amx,
+        PRODUCTS.index(product),
     )
 
 
