@@ -587,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help=f"the model whose expected speed is shown (default {DEFAULT_MODEL})",
+        help=f"the model whose presence in the cache is reported (default {DEFAULT_MODEL})",
     )
     p.set_defaults(func=cmd_doctor)
     return parser

@@ -21,7 +21,7 @@ from . import __version__
 from .config import EngineConfig
 from .cpu.features import FAMILY_ENV, KERNELS_ENV, detect
 from .cpu.kernels import build
-from .cpu.plan import AUTO, choose
+from .cpu.plan import choose
 
 _PACKAGES = (
     "numpy",
@@ -55,8 +55,8 @@ def report(model: str) -> str:
     for name in (KERNELS_ENV, FAMILY_ENV):
         if os.environ.get(name):
             lines.append(f"{name}={os.environ[name]}")
-    lines += _auto(model)
-    lines += _hub_cache()
+    lines += _auto()
+    lines += _hub_cache(model)
     return "\n".join(lines)
 
 
@@ -91,20 +91,19 @@ def _compiler() -> str:
     return f"{path} ({first})"
 
 
-def _auto(model: str) -> list[str]:
-    """The plan ``auto`` picks for one slot and for eight, without building anything."""
-    lines = []
+def _auto() -> list[str]:
+    """The plan ``auto`` picks for one slot and for eight, and why, without building anything."""
+    lines, reasons = [], []
     for batch in (1, 8):
-        config = EngineConfig(batch_size=batch)
         try:
-            plan = choose(config, kernels_problem=_no_build)
+            plan = choose(EngineConfig(batch_size=batch), kernels_problem=_no_build)
         except ValueError as exc:
             lines.append(f"auto at {batch} slot(s): refused: {exc}")
             continue
-        lines.append(f"auto at {batch} slot(s): {plan.describe()}")
-    device = EngineConfig().torch_device().type
-    if device == "cpu":
-        lines.append(f"expected on this family ({model}): {AUTO[detect().family.name].measured}")
+        lines.append(f"auto at {batch} slot(s): {plan.describe(reason=False)}")
+        if plan.reason not in reasons:
+            reasons.append(plan.reason)
+    lines += [f"  why: {reason}" for reason in reasons]
     return lines
 
 
@@ -113,19 +112,22 @@ def _no_build() -> str | None:
     return build.missing_tools()
 
 
-def _hub_cache() -> list[str]:
+def _hub_cache(model: str) -> list[str]:
     try:
         from huggingface_hub import constants, scan_cache_dir
     except ImportError:
         return ["Hugging Face cache: huggingface_hub is not installed"]
     lines = [f"Hugging Face cache: {constants.HF_HUB_CACHE}"]
     try:
-        info = scan_cache_dir()
+        repos = sorted(scan_cache_dir().repos, key=lambda r: r.repo_id)
     except Exception as exc:  # no cache directory yet, or an unreadable one
-        return [*lines, f"  (nothing cached: {str(exc).splitlines()[0]})"]
-    repos = sorted(info.repos, key=lambda r: r.repo_id)
-    if not repos:
+        lines.append(f"  (nothing cached: {str(exc).splitlines()[0]})")
+        repos = []
+    if not repos and len(lines) == 1:
         lines.append("  (no checkpoints)")
     for repo in repos:
         lines.append(f"  {repo.repo_type} {repo.repo_id}: {repo.size_on_disk_str}")
+    cached = any(repo.repo_id == model for repo in repos)
+    where = "in the cache" if cached else "not in the cache (downloaded on first use)"
+    lines.append(f"model {model}: {where}")
     return lines

@@ -51,7 +51,11 @@ def test_doctor_reports_what_a_bug_report_needs(
         f"Hugging Face cache: {tmp_path}",
     ):
         assert part in out, part
-    assert "model kyutai/stt-1b-en_fr-candle: " in out
+    assert "model kyutai/stt-1b-en_fr-candle: " in out  # the cache listing
+    assert "model kyutai/stt-1b-en_fr-candle: in the cache" in out
+    assert "  why: " in out
+    assert main(["doctor", "--model", "kyutai/stt-2.6b-en"]) == 0
+    assert "model kyutai/stt-2.6b-en: not in the cache" in capsys.readouterr().out
 
 
 def test_doctor_in_the_no_kernel_mode(

@@ -38,14 +38,14 @@ AUTO: dict[str, Choice] = {
         "bfloat16",
         "w8a8",
         "int8",
-        "51.7 ms/step at 1 slot, 6.20 real-time streams at 8 (2-core Xeon VM with AMX)",
+        "stt-1b 51.7 ms/step at 1 slot, 6.20 real-time streams at 8 (2-core Xeon VM with AMX)",
     ),
     "avx512_vnni": Choice(
         "bfloat16",
         "w8a8",
         "int8",
-        "51.9 ms/step at 1 slot on the AMX VM made to use the vnni kernel (no VNNI-only CPU "
-        "measured)",
+        "stt-1b 51.9 ms/step at 1 slot on the AMX VM made to use the vnni kernel (no VNNI-only "
+        "CPU measured)",
     ),
     "avx512": Choice(
         "bfloat16",
@@ -57,7 +57,8 @@ AUTO: dict[str, Choice] = {
         "bfloat16",
         "w8a8",
         "int8",
-        "103.7 ms/step at 1 slot against 294.8 ms with the float path (2-core AMD EPYC, AVX2)",
+        "stt-1b 103.7 ms/step at 1 slot against 294.8 ms on the float path (2-core AMD EPYC, "
+        "AVX2 only)",
     ),
     "aarch64": Choice(
         "auto", "none", "float", "untested: no ARM machine was measured; the float path"
@@ -96,8 +97,8 @@ class Plan:
         """The float path: nothing quantized, nothing compiled (same results as the model)."""
         return self.quantize == "none" and self.kv_cache == "float" and not self.needs_kernels
 
-    def describe(self) -> str:
-        """One line: the chosen path and why."""
+    def describe(self, reason: bool = True) -> str:
+        """One line: the chosen path and (``reason``) why."""
         parts = [self.device + (f" ({self.family})" if self.family else ""), _dtype(self.dtype)]
         if self.quantize == "int8":
             parts.append("int8 weights")
@@ -109,7 +110,7 @@ class Plan:
             parts.append("fused layer step")
         if self.compiled_codebooks:
             parts.append("compiled codebook search")
-        return ", ".join(parts) + (f"; {self.reason}" if self.reason else "")
+        return ", ".join(parts) + (f"; {self.reason}" if reason and self.reason else "")
 
 
 def exact_plan(config: EngineConfig) -> Plan:

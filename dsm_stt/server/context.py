@@ -118,7 +118,7 @@ class ServerContext:
             "model %s ready: %d slots, %s",
             engine.name,
             engine.batch_size,
-            engine.plan.describe(),
+            engine.plan.describe(reason=False),
         )
 
     async def drain(self, timeout: float | None = None) -> None:
