@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cpu.features import detect
+from .cpu.features import CpuFeatures, detect
 
 # the choices of each setting, written once (the CLI's flags take theirs from here)
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -38,11 +38,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto``: bf16 on CUDA and on CPUs with native bf16 arithmetic (the dtype the models
-    were trained in, and half the bytes to read per step); float32 elsewhere."""
+def resolve_dtype(
+    name: str, device: torch.device, features: CpuFeatures | None = None
+) -> torch.dtype:
+    """``auto`` for the model's dtype alone: bf16 on CUDA and on CPUs with native bf16
+    arithmetic (``features``, default this CPU's), float32 elsewhere. (The CPU plan's ``auto``
+    may pick bf16 on other CPUs too, where it was measured faster: ``cpu.plan.AUTO``.)"""
     if name == "auto":
-        if device.type == "cuda" or (device.type == "cpu" and detect().native_bf16):
+        features = detect() if features is None else features
+        if device.type == "cuda" or (device.type == "cpu" and features.native_bf16):
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:
@@ -95,6 +99,3 @@ class EngineConfig:
 
     def torch_device(self) -> torch.device:
         return resolve_device(self.device)
-
-    def torch_dtype(self) -> torch.dtype:
-        return resolve_dtype(self.dtype, self.torch_device())

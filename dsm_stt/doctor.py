@@ -21,7 +21,7 @@ from . import __version__
 from .config import EngineConfig
 from .cpu.features import FAMILY_ENV, KERNELS_ENV, detect
 from .cpu.kernels import build
-from .cpu.plan import choose
+from .cpu.plan import choose, kernels_problem
 
 _PACKAGES = (
     "numpy",
@@ -107,8 +107,11 @@ def _auto() -> list[str]:
     return lines
 
 
-def _no_build() -> str | None:
-    # what ``choose`` would hear, without starting a build: a missing tool, else nothing
+def _no_build(product: str | None = None) -> str | None:
+    # what ``choose`` would hear, without compiling: a build already in the cache is loaded
+    # and asked; otherwise only a missing tool counts
+    if build.loaded() or build.cached():
+        return kernels_problem(product)
     return build.missing_tools()
 
 

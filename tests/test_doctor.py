@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsm_stt.cli import main
+from dsm_stt.config import EngineConfig
 from dsm_stt.cpu.features import detect
 from dsm_stt.cpu.kernels import build
 
@@ -35,10 +36,13 @@ def test_doctor_reports_what_a_bug_report_needs(
 
     fake_hub_cache(tmp_path, "kyutai/stt-1b-en_fr-candle")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    # nothing built or cached: the doctor must not compile (it loads a cached build only)
     monkeypatch.setattr(build, "_compile", lambda progress: pytest.fail("doctor built"))
     monkeypatch.setattr(build, "_built", [])
+    monkeypatch.setattr(build, "cached", lambda: False)
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
+    device = EngineConfig().torch_device().type
     for part in (
         "dsm-stt 0.1.0",
         "torch ",
@@ -46,7 +50,7 @@ def test_doctor_reports_what_a_bug_report_needs(
         f"CPU family: {detect().family.name}",
         "C++ compiler: ",
         "CPU kernels: ",
-        "auto at 1 slot(s): cpu (",
+        f"auto at 1 slot(s): {device} (",
         "auto at 8 slot(s): ",
         f"Hugging Face cache: {tmp_path}",
     ):

@@ -18,7 +18,8 @@ def test_auto_dtype_on_cpu_follows_native_bf16(
     monkeypatch.setattr(config, "detect", lambda: CpuFeatures("x86_64", frozenset(flags)))
     expected = torch.bfloat16 if native else torch.float32
     assert resolve_dtype("auto", torch.device("cpu")) == expected
-    assert EngineConfig(device="cpu").torch_dtype() == expected
+    cpu = CpuFeatures("x86_64", frozenset(flags))
+    assert resolve_dtype("auto", torch.device("cpu"), cpu) == expected
     assert resolve_dtype("float32", torch.device("cpu")) == torch.float32
 
 

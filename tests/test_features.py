@@ -27,6 +27,14 @@ def test_each_cpu_gets_the_first_family_it_meets(arch: str, flags: set, expected
     assert cpu.family.name == expected
 
 
+def test_x86_flags_count_on_x86_only() -> None:
+    """Under an emulator /proc/cpuinfo is the host's: an aarch64 process may read x86 flags."""
+    arm = CpuFeatures("aarch64", frozenset(AMX))
+    assert not (arm.amx or arm.vnni or arm.native_bf16) and arm.family.name == "aarch64"
+    assert CpuFeatures("aarch64", frozenset({"asimd", "bf16"})).native_bf16
+    assert arm.restricted_to("generic").family.name == "generic"
+
+
 def test_features_say_what_the_kernels_need() -> None:
     amx = CpuFeatures("x86_64", frozenset(AMX))
     assert amx.amx and amx.vnni and amx.native_bf16

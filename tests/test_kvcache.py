@@ -18,10 +18,10 @@ from dsm_stt.cpu.kernels.ops import int8_attention, kernel_paths, quantize_rows
 from dsm_stt.cpu.kvcache import Int8KVCache
 from dsm_stt.model.transformer import Attention, KVCache
 
-pytestmark = needs_kernels
 PATHS = kernel_paths() if problem() is None else []
 
 
+@needs_kernels
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("dim", "heads"), [(DIM, HEADS), (256, 2)], ids=["hd8", "hd128"])
 def test_an_int8_ring_equals_a_float_ring_holding_the_rounded_rows(
@@ -85,8 +85,10 @@ def test_int8_cache_views_moves_and_size() -> None:
     assert cache.nbytes_per_slot() - entries * 12 == floats.nbytes_per_slot() - entries * 16
     head = cache.prefix(2)
     assert isinstance(head, Int8KVCache)
+    assert head.key_scales.shape == head.value_scales.shape == (2, 2, 4, CONTEXT + 1)
     head.key_scales[1].fill_(0.5)  # a view: writes land in the cache
     assert (cache.key_scales[1, 1] == 0.5).all() and (cache.key_scales[0, 1] == 1).all()
+    assert (cache.key_scales[1, 2] == 1).all()  # past the prefix: untouched
     cache.keys[:, 2] = 7
     cache.key_scales[:, 2] = 3.0
     cache.value_scales[:, 2] = 2.0

@@ -38,14 +38,15 @@ def cpu(family: str) -> CpuFeatures:
 
 
 class Kernels:
-    """A stand-in for ``build.problem`` that counts how often a plan asks for the kernels."""
+    """A stand-in for ``plan.kernels_problem``: the build's answer (``problem``) and each int8
+    product's (``refused``), with what a plan asked, in order."""
 
-    def __init__(self, problem: str | None = None) -> None:
-        self.problem, self.asked = problem, 0
+    def __init__(self, problem: str | None = None, refused: dict[str, str] | None = None) -> None:
+        self.problem, self.refused, self.asked = problem, refused or {}, []
 
-    def __call__(self) -> str | None:
-        self.asked += 1
-        return self.problem
+    def __call__(self, product: str | None = None) -> str | None:
+        self.asked.append(product)
+        return self.problem or (self.refused.get(product) if product else None)
 
 
 def plan(family: str, kernels: Kernels | None = None, **settings):
@@ -82,9 +83,33 @@ def test_without_the_kernels_auto_falls_back_to_plain_pytorch(family: str) -> No
     assert got.kv_cache == "float" and got.w8a8_kernel in ("fbgemm", "onednn")
     assert not (got.fused_layers or got.compiled_codebooks or got.needs_kernels)
     assert "without the compiled kernels (no C++ compiler (c++) on the PATH)" in got.reason
-    assert kernels.asked == 1
+    assert kernels.asked == [None]
     with pytest.raises(ValueError, match="kv cache int8: no C\\+\\+ compiler"):
         plan(family, kernels, kv_cache="int8")  # asked for explicitly: refused, with why
+
+
+@needs_torch_w8a8
+def test_a_product_the_machine_refuses_gives_way_to_the_next() -> None:
+    """A build can succeed where the OS refuses the AMX tiles (or the compiler lacks them):
+    the plan then takes the VNNI product, and without that PyTorch's, keeping the int8 ring."""
+    tiles = Kernels(refused={"amx": "the OS refuses the AMX tiles"})
+    got = plan("amx", tiles)
+    assert (got.w8a8_kernel, got.fused_layers, got.kv_cache) == ("vnni", True, "int8")
+    assert "not the amx kernel (the OS refuses the AMX tiles)" in got.reason
+    assert tiles.asked == [None, "amx", "vnni"]
+    neither = Kernels(refused={"amx": "no tiles", "vnni": "no vnni"})
+    got = plan("amx", neither)
+    assert got.w8a8_kernel in ("fbgemm", "onednn") and not got.fused_layers
+    assert got.kv_cache == "int8" and got.compiled_codebooks  # the build itself is fine
+    assert got.w8a8_bits == 8  # fbgemm and oneDNN use VNNI on this CPU
+
+
+@needs_torch_w8a8
+def test_fused_layers_only_in_the_dtypes_they_compute() -> None:
+    assert plan("amx", dtype="bfloat16").fused_layers
+    assert plan("amx", dtype="float32").fused_layers
+    half = plan("amx", dtype="float16")  # from a moshi-server TOML: the module path
+    assert half.w8a8_kernel == "amx" and not half.fused_layers
 
 
 @needs_torch_w8a8
@@ -101,11 +126,11 @@ def test_onednn_from_eight_slots_with_amx_tiles_when_the_own_kernels_are_missing
 def test_paths_that_run_no_kernel_never_ask_for_them(family: str) -> None:
     kernels = Kernels()
     exact = plan(family, kernels, dtype="float32", quantize="none", kv_cache="float")
-    assert exact.exact and not exact.needs_kernels and kernels.asked == 0
+    assert exact.exact and not exact.needs_kernels and kernels.asked == []
     assert exact.reason == "the float path, as asked"
     if family == "aarch64":  # auto there is the float path (untested family)
         auto = plan(family, kernels)
-        assert auto.exact and kernels.asked == 0 and "untested" in auto.reason
+        assert auto.exact and kernels.asked == [] and "untested" in auto.reason
 
 
 @needs_torch_w8a8
@@ -118,7 +143,7 @@ def test_explicit_values_are_kept_and_the_rest_is_auto() -> None:
         "fbgemm",
         7,
     )
-    assert kernels.asked == 0  # fbgemm on a float ring: nothing to build on AVX2
+    assert kernels.asked == []  # fbgemm on a float ring: nothing to build on AVX2
     assert "auto (dtype)" in got.reason
     got = plan("amx", kernels, quantize="int8", dtype="float32", kv_cache="float")
     assert (got.quantize, got.dtype, got.w8a8_kernel) == ("int8", torch.float32, None)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,8 @@ class CpuFeatures:
 
     @property
     def family(self) -> Family:
+        if self.emulated:  # what DSM_STT_CPU_FAMILY asked for (its flags are a subset)
+            return family(self.emulated)
         for f in FAMILIES:
             if f.arch and f.arch != self.arch:
                 continue
@@ -106,7 +110,10 @@ class CpuFeatures:
         return FAMILIES[-1]
 
     def has(self, flag: str) -> bool:
-        return flag in self.flags
+        """Whether the CPU has ``flag`` (x86 flag names count on x86-64 only: an emulator
+        may show the host's /proc/cpuinfo)."""
+        x86 = flag.startswith(("avx", "amx", "fma", "f16c"))
+        return flag in self.flags and (self.arch == "x86_64" or not x86)
 
     @property
     def vnni(self) -> bool:
@@ -120,11 +127,15 @@ class CpuFeatures:
     @property
     def native_bf16(self) -> bool:
         """bf16 arithmetic in hardware (AVX512-BF16 or AMX-BF16; ARM's BF16 extension)."""
-        return bool(self.flags & {"avx512_bf16", "amx_bf16", "bf16"})
+        if self.arch == "x86_64":
+            return self.has("avx512_bf16") or self.has("amx_bf16")
+        return self.arch == "aarch64" and "bf16" in self.flags
 
     def restricted_to(self, name: str) -> CpuFeatures:
         """These features cut down to those of family ``name`` (which this CPU must reach)."""
         target = family(name)
+        if name == self.family.name:  # nothing to remove
+            return CpuFeatures(self.arch, self.flags, self.model, emulated=name)
         if target.arch and target.arch != self.arch:
             raise ValueError(f"{FAMILY_ENV}={name}: this CPU is {self.arch}, not {target.arch}")
         order = [f.name for f in FAMILIES if not f.arch or f.arch == self.arch]
@@ -172,10 +183,33 @@ def detect() -> CpuFeatures:
     arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(arch, arch)
     flags, model = _read_flags()
     if arch == "aarch64" and not flags and platform.system() == "Darwin":
-        flags = frozenset({"asimd", "bf16"} if "M1" not in platform.processor() else {"asimd"})
+        flags = _apple_flags()
     features = CpuFeatures(arch, flags, model)
     wanted = os.environ.get(FAMILY_ENV, "").strip()
-    return features.restricted_to(wanted) if wanted else features
+    if not wanted:
+        return features
+    try:
+        return features.restricted_to(wanted)
+    except ValueError as exc:
+        warnings.warn(f"{exc}; {FAMILY_ENV} is ignored", stacklevel=2)
+        return features
+
+
+def _apple_flags() -> frozenset[str]:
+    # macOS has no /proc/cpuinfo: sysctl says which Arm features the chip has (M1 lacks BF16)
+    flags = {"asimd"}
+    try:
+        out = subprocess.run(
+            ["sysctl", "-n", "hw.optional.arm.FEAT_BF16"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+        if out.stdout.strip() == "1":
+            flags.add("bf16")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return frozenset(flags)
 
 
 def kernels_enabled() -> bool:

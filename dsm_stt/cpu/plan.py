@@ -120,15 +120,28 @@ def exact_plan(config: EngineConfig) -> Plan:
     return Plan(device.type, dtype, "none", "float", reason="the float path")
 
 
+def kernels_problem(product: str | None = None) -> str | None:
+    """None when the compiled kernels are ready (built now if need be) and, with ``product``
+    (``amx`` or ``vnni``), when that int8 product runs here (the OS may refuse the AMX tiles,
+    a compiler may lack them); else why not."""
+    from .kernels.build import problem
+    from .kernels.ops import amx_problem, vnni_problem
+
+    reason = problem()
+    if reason is None and product is not None:
+        reason = {"amx": amx_problem, "vnni": vnni_problem}[product]()
+    return reason
+
+
 def choose(
     config: EngineConfig,
     features: CpuFeatures | None = None,
-    kernels_problem: Callable[[], str | None] | None = None,
+    kernels_problem: Callable[[str | None], str | None] = kernels_problem,
 ) -> Plan:
     """``config`` with every ``auto`` resolved. On CPU, ``AUTO`` says what the family gets;
-    ``kernels_problem`` (default: build them now, ``kernels.build.problem``) is asked only
-    where a chosen path runs the compiled kernels, and the plan falls back to plain PyTorch
-    where it answers a reason."""
+    ``kernels_problem`` (by default builds them now) is asked only where a chosen path runs
+    the compiled kernels, and the plan falls back to plain PyTorch (or from the ``amx`` to the
+    ``vnni`` product) where it answers a reason."""
     device = config.torch_device()
     if device.type != "cpu":
         quantize = "none" if config.quantize == "auto" else config.quantize
@@ -146,13 +159,11 @@ def choose(
         why = "auto: bf16 on CUDA" if device.type == "cuda" else "auto: the float path"
         return Plan(device.type, dtype, quantize, kv, reason=why if config.dtype == "auto" else "")
     features = detect() if features is None else features
-    if kernels_problem is None:
-        from .kernels.build import problem as kernels_problem
     family = features.family.name
     choice = AUTO[family]
     auto = [name for name in ("dtype", "quantize", "kv_cache") if getattr(config, name) == "auto"]
     dtype_name = choice.dtype if config.dtype == "auto" else config.dtype
-    dtype = resolve_dtype(dtype_name, device)
+    dtype = resolve_dtype(dtype_name, device, features)
     quantize = choice.quantize if config.quantize == "auto" else config.quantize
     kv = choice.kv_cache if config.kv_cache == "auto" else config.kv_cache
     if quantize == "w8a8" and not w8a8_kernels(own=False) and config.quantize == "auto":
@@ -162,15 +173,22 @@ def choose(
     reasons = []
     if auto:
         reasons.append(f"auto ({', '.join(auto)}): {choice.measured}")
-    own = _own_kernel(features) if quantize == "w8a8" else None
-    wants_kernels = kv == "int8" or own is not None
-    problem = kernels_problem() if wants_kernels else None
+    candidates = _own_kernels(features) if quantize == "w8a8" else []
+    wants_kernels = kv == "int8" or bool(candidates)
+    problem = kernels_problem(None) if wants_kernels else None
+    own = None
     if problem is not None:
         if config.kv_cache == "int8":
             raise ValueError(f"kv cache int8: {problem}")
         reasons.append(f"without the compiled kernels ({problem})")
         kv = "float" if kv == "int8" else kv
-        own = None
+    else:
+        for candidate in candidates:
+            refused = kernels_problem(candidate)
+            if refused is None:
+                own = candidate
+                break
+            reasons.append(f"not the {candidate} kernel ({refused})")
     kernel = bits = None
     if quantize == "w8a8":
         kernel = own or _torch_kernel(features, config.batch_size)
@@ -190,21 +208,20 @@ def choose(
         kv,
         kernel,
         bits,
-        fused_layers=own is not None and kv == "int8",
+        fused_layers=own is not None and kv == "int8" and dtype in _FUSED_DTYPES,
         compiled_codebooks=kernels,
         family=family,
         reason="; ".join(reasons),
     )
 
 
-def _own_kernel(features: CpuFeatures) -> str | None:
-    """This package's w8a8 kernel for the CPU: ``amx`` with AMX tiles, ``vnni`` with
-    AVX512-VNNI (both need the compiled kernels), else None."""
-    if features.amx:
-        return "amx"
-    if features.vnni:
-        return "vnni"
-    return None
+_FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the fused layer step computes in
+
+
+def _own_kernels(features: CpuFeatures) -> list[str]:
+    """This package's w8a8 kernels the CPU has, fastest first: ``amx`` with AMX tiles, then
+    ``vnni`` with AVX512-VNNI (AMX CPUs have both; both need the compiled kernels)."""
+    return [k for k, has in (("amx", features.amx), ("vnni", features.vnni)) if has]
 
 
 def _torch_kernel(features: CpuFeatures, batch_size: int) -> str | None:

@@ -60,6 +60,11 @@ class Engine:
                     "with dsm_stt.loading.build_engine, which installs them"
                 )
             plan = exact_plan(config)
+        if (cache_type is not KVCache) != (plan.kv_cache == "int8"):
+            raise ValueError(
+                f"the plan's {plan.kv_cache} KV cache needs the cache type its install returned, "
+                f"not {cache_type.__name__}"
+            )
         self.config = config
         self.plan = plan
         self.device = torch.device(plan.device)
@@ -155,6 +160,7 @@ class Engine:
     def capture_steps(self, capture: Capture | None = None) -> bool:
         """Replay captured steps from now on (``graphs.StepGraphs``): CUDA graphs by default.
         On CUDA, a capture that fails leaves the engine eager with a warning (False)."""
+        self.end_step()  # a pending Mimi half runs eagerly, before the captures take over
         if capture is not None:
             self.graphs = StepGraphs(self, capture)
             return True

@@ -1,9 +1,8 @@
 """The server application: app factory, lifespan, auth, graceful shutdown, and ``serve``.
 
-Owns ``ServerContext`` (the state one app shares between its routes: config, metrics, the
-engine and its runner, open sessions, the accepting/ready flags and the API-key check),
-``create_app`` (a Starlette app whose lifespan loads the model if it was not given one, warms
-it up with a few steps, starts the runner, and at the end drains and stops it), and ``serve``,
+Owns ``create_app`` (a Starlette app whose lifespan loads the model if it was not given one,
+warms it up with a few steps, starts the runner, and at the end drains and stops it, through
+the ``ServerContext`` of ``context.py`` that its routes share), and ``serve``,
 which runs the app under uvicorn with the shutdown moshi-server users expect: on SIGTERM or
 SIGINT stop accepting, let every open session receive its last words, close, exit (a second
 SIGINT exits at once).

@@ -41,6 +41,7 @@ _NARROWING = {
     "avx512f": ["-mno-avx512f"],
     "avx512_vnni": ["-mno-avx512vnni", "-mno-avxvnni"],
     "amx_int8": ["-mno-amx-tile", "-mno-amx-int8", "-mno-amx-bf16"],
+    "avx2": ["-mno-avx2", "-mno-fma"],
 }
 
 
