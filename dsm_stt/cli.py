@@ -322,8 +322,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if not args.timestamps:
             print()
 
+    from websockets.exceptions import ConnectionClosed
+
     try:
         asyncio.run(run())
+    except ConnectionClosed as exc:  # the server went away or closed the session
+        return _fail(f"the server closed the connection: {exc}")
     except (ServerError, TimeoutError, OSError) as exc:
         return _fail(str(exc))
     except KeyboardInterrupt:

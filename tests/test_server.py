@@ -569,3 +569,47 @@ def test_a_client_that_stops_reading_is_dropped_and_its_neighbour_goes_on(
             await ctx.stop()
 
     run(main())
+
+
+class SlowEngine:
+    """``engine`` with every step ``delay`` seconds longer: a server that cannot keep up."""
+
+    def __init__(self, engine: Engine, delay: float) -> None:
+        self._engine, self._delay = engine, delay
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def begin_step(self, *args: object, **kwargs: object) -> object:
+        time.sleep(self._delay)
+        return self._engine.begin_step(*args, **kwargs)
+
+
+def test_a_client_sending_faster_than_the_engine_is_never_timed_out(
+    engine: Engine, checkpoint: Path, tmp_path: Path
+) -> None:
+    """Kyutai's file client at ``--rtf 1000``: all its audio at once, far more than a session
+    may queue, so the server stops reading the socket and the client's pongs wait unread
+    behind its audio. Pings every 0.2 s with 0.3 s to answer, 0.5 s of audio queued at most
+    and an engine slowed to 20 ms a step: the 9 s of audio take over 2 s, many keep-alive
+    deadlines, and the session runs to the end with every word (moshi-server's rule: a
+    client that is sending is alive)."""
+    pcm = np.concatenate([silence(1.0), speechlike(8.0, seed=7)])
+    (expected,) = reference_words(checkpoint, [write_wav(tmp_path / "fast.wav", pcm)], 4)
+    assert len(expected) >= 5
+    config = ServerConfig(ping_interval=0.2, idle_timeout=0.3, max_buffered_seconds=0.5)
+    with threaded_server(config, SlowEngine(engine, 0.02)) as server:
+        start = time.monotonic()
+        words = run(transcribe_session(server.url, pcm))
+        assert time.monotonic() - start > 4 * (config.ping_interval + config.idle_timeout)
+        assert words == expected
+        assert server.used_slots() == 0 or _eventually(lambda: server.used_slots() == 0)
+
+
+def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True

@@ -30,6 +30,7 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from . import http
 from .config import ServerConfig
 from .context import ServerContext, load_engine, warm_up
+from .liveness import protocol_class
 from .metrics import ServerMetrics
 from .websocket import asr_streaming
 
@@ -90,7 +91,7 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         app,
         host=config.host,
         port=config.port,
-        ws="websockets-sansio",
+        ws=protocol_class(),  # keep-alive that never drops a client that is sending
         ws_ping_interval=config.ping_interval or None,
         ws_ping_timeout=config.idle_timeout or None,
         # Frames up to twice our message limit reach the protocol and get an Error back;
