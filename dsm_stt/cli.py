@@ -240,8 +240,8 @@ def _server_config(args: argparse.Namespace):
     }
     if args.model is not None:
         changes |= {"model": args.model, "model_files": None}
-    if args.api_key:
-        changes["api_keys"] = tuple(args.api_key)
+    if args.api_key:  # added to the TOML's authorized_ids, not instead of them
+        changes["api_keys"] = tuple(dict.fromkeys((*config.api_keys, *args.api_key)))
     for flag in ("queue_timeout", "idle_timeout", "audio_timeout", "path"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
@@ -498,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="KEY",
         help="accept this key (kyutai-api-key header or ?auth_id=); repeat for "
-        "several; none = open server",
+        "several; added to a --config file's authorized_ids; none = open server",
     )
     p.add_argument(
         "--queue-timeout",

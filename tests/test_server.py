@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import logging
 import re
 import threading
 import time
@@ -142,6 +143,7 @@ def test_api_keys_header_query_and_401_before_any_slot(engine: Engine) -> None:
         assert post_q.status_code == 401
         ok = server.post(config.path, content=wav.getvalue(), headers={"kyutai-api-key": "k2"})
         assert ok.status_code == 200
+        assert "asr_connect_total 3.0" in server.get("/metrics").text  # the POST counts too
 
 
 def write_wav_to(buffer: io.BytesIO, pcm: np.ndarray) -> None:
@@ -613,3 +615,34 @@ def _eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+def test_keys_never_reach_the_request_logs(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``?auth_id=`` (right or wrong) is masked in uvicorn's WebSocket and HTTP lines."""
+    from dsm_stt.server import redaction
+
+    config = ServerConfig(api_keys=("s3cret-key",))
+    with threaded_server(config, engine) as server:
+        loggers = [logging.getLogger(name) for name in redaction.LOGGERS]
+        for logger in loggers:  # uvicorn's loggers do not propagate: listen to them directly
+            logger.setLevel(logging.INFO)
+            logger.addHandler(caplog.handler)
+        try:
+            for key in ("s3cret-key", "wr0ng-key"):
+                with contextlib.suppress(Exception):
+                    run(_open_and_close(f"{server.url}?auth_id={key}&x=1"))
+            httpx.get(f"{server.http}/health?auth_id=s3cret-key", timeout=10)
+        finally:
+            for logger in loggers:
+                logger.removeHandler(caplog.handler)
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("uvicorn")]
+    assert sum("auth_id=***" in line and "x=1" in line for line in lines) >= 2  # masked, kept
+    assert any("/health?auth_id=***" in line for line in lines)
+    assert not any("s3cret-key" in line or "wr0ng-key" in line for line in lines)
+
+
+async def _open_and_close(url: str) -> None:
+    async with await connect(url) as ws:
+        assert (await recv(ws))["type"] == "Ready"

@@ -236,7 +236,7 @@ def test_serve_flags_override_the_file(tmp_path: Path) -> None:
     cfg = _server_config(args)
     assert (cfg.engine.batch_size, cfg.api_keys, cfg.queue_timeout, cfg.port) == (
         3,
-        ("a", "b"),
+        ("public_token", "a", "b"),  # --api-key adds to the file's authorized_ids
         2.5,
         9999,
     )

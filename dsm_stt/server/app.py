@@ -27,7 +27,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import http
+from . import http, redaction
 from .config import ServerConfig
 from .context import ServerContext, load_engine, warm_up
 from .liveness import protocol_class
@@ -86,8 +86,9 @@ def create_app(
 
 
 def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
-    """How uvicorn runs ``app``: keep-alive pings and frame limits come from ``config``."""
-    return uvicorn.Config(
+    """How uvicorn runs ``app``: keep-alive pings and frame limits come from ``config``; its
+    request lines never show a key."""
+    settings = uvicorn.Config(
         app,
         host=config.host,
         port=config.port,
@@ -101,6 +102,8 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         lifespan="on",
         timeout_graceful_shutdown=5,
     )
+    redaction.install()  # after uvicorn.Config, which configures its loggers
+    return settings
 
 
 def serve(

@@ -60,6 +60,7 @@ async def asr_post(request: Request) -> Response:
     if not admitted:
         ctx.metrics.reject("no_free_channels")
         return JSONResponse({"error": "no free channels"}, 503)
+    ctx.metrics.connect.inc()  # a session, like a WebSocket's
     max_backlog = round(ctx.config.max_buffered_seconds * runner.sample_rate)
     finished = False
     try:
