@@ -646,3 +646,36 @@ def test_keys_never_reach_the_request_logs(
 async def _open_and_close(url: str) -> None:
     async with await connect(url) as ws:
         assert (await recv(ws))["type"] == "Ready"
+
+
+def test_a_marker_flood_gets_an_error_and_a_reader_never_overflows(engine: Engine) -> None:
+    """Markers wait for their audio, so a flood of them is answered all in one step: over
+    the limit of waiting Markers the session ends with an Error naming it (policy close 1008),
+    while a client within the limit gets every echo although they exceed, together, what a
+    session may have unsent (here 64 waiting at most, 100 unsent)."""
+    config = ServerConfig(max_pending_markers=64, max_outbound_messages=100)
+
+    async def main(url: str, markers: int) -> tuple[list[dict], int | None]:
+        async with await connect(url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            for i in range(markers):
+                await ws.send(pack({"type": "Marker", "id": i}))
+            await send_frames(ws, silence(2.0))  # the D frames after them, as clients do
+            msgs, code = [], None
+            try:
+                while len([m for m in msgs if m["type"] == "Marker"]) < markers:
+                    msgs.append(await recv(ws))
+            except websockets.ConnectionClosed as closed:
+                code = closed.rcvd.code if closed.rcvd else None
+            return msgs, code
+
+    with threaded_server(config, engine) as server:
+        within, code = run(main(server.url, 64))
+        assert code is None
+        assert [m["id"] for m in within if m["type"] == "Marker"] == list(range(64))
+        assert not [m for m in within if m["type"] == "Error"]
+        flood, code = run(main(server.url, 500))
+        errors = [m["message"] for m in flood if m["type"] == "Error"]
+        assert errors == ["more than 64 Markers / Flushes waiting for their answer: closing"]
+        assert code == 1008
+        assert _eventually(lambda: server.used_slots() == 0)

@@ -87,6 +87,10 @@ class ServerConfig:
     warmup_steps: int = 3
     max_buffered_seconds: float = 10.0  # audio queued per session before we stop reading
     max_outbound_messages: int = 20_000  # unsent messages per session before it is dropped
+    # Markers and Flushes a session may have waiting for their answer: one more is a flood,
+    # closed with an Error naming the limit (1008), so one step's echoes stay far below
+    # max_outbound_messages for a client that reads them
+    max_pending_markers: int = 256
     max_message_bytes: int = MAX_MESSAGE_BYTES
     shutdown_timeout: float = 30.0  # graceful drain on SIGTERM/SIGINT
     static_dir: str | None = None
@@ -113,8 +117,10 @@ class ServerConfig:
             raise ServerConfigError("audio_timeout and max_buffered_seconds must be > 0")
         if self.warmup_steps < 0:
             raise ServerConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.max_outbound_messages < 1 or self.max_message_bytes < 1:
-            raise ServerConfigError("max_outbound_messages and max_message_bytes must be >= 1")
+        if min(self.max_outbound_messages, self.max_message_bytes, self.max_pending_markers) < 1:
+            raise ServerConfigError(
+                "max_outbound_messages, max_message_bytes and max_pending_markers must be >= 1"
+            )
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ServerConfigError("api keys must be non-empty strings")
 

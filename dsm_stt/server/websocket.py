@@ -33,6 +33,7 @@ from .protocol import (
     ClientMessage,
     Error,
     Flush,
+    Flushed,
     Init,
     Marker,
     OggOpus,
@@ -107,6 +108,9 @@ class Session:
         self._opus: OggOpusStreamDecoder | None = None
         self._max_backlog = round(self.config.max_buffered_seconds * server.sample_rate)
         self._dropped = False
+        # Markers and Flushes read but not answered yet (at most ``max_pending_markers``)
+        self._unanswered = 0
+        self._flooded = False  # the session ends: the receive loop reads no more
 
     def _move(self, state: SessionState) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -227,6 +231,8 @@ class Session:
                 self._post(Error(str(exc)))
                 continue
             await self._handle(msg)
+            if self._flooded:
+                return "flood"
 
     async def _handle(self, msg: ClientMessage) -> None:
         runner, channel = self.server.runner, self.channel
@@ -247,6 +253,8 @@ class Session:
             if pcm.size:
                 await channel.wait_for_room(self._max_backlog)
                 runner.feed(channel, pcm)
+        elif isinstance(msg, Marker | Flush) and not self._count_question():
+            return
         elif isinstance(msg, Marker):
             runner.marker(channel, msg.id)
         elif isinstance(msg, Flush):
@@ -259,6 +267,19 @@ class Session:
         elif isinstance(msg, Init):
             self._opus = None
             runner.reset(channel)
+
+    def _count_question(self) -> bool:
+        """Count one more Marker or Flush; past the limit, end the session as a flood."""
+        limit = self.config.max_pending_markers
+        if self._unanswered >= limit:
+            self._post(
+                Error(f"more than {limit} Markers / Flushes waiting for their answer: closing"),
+                _CloseRequest(1008, "marker flood"),
+            )
+            self._flooded = True
+            return False
+        self._unanswered += 1
+        return True
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -279,6 +300,8 @@ class Session:
                         await ws.close(item.code, item.reason)
                         return
                     await ws.send_bytes(encode_server_message(item))  # type: ignore[arg-type]
+                    if isinstance(item, Marker | Flushed):
+                        self._unanswered -= 1
         except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the client went away
             log.debug("send failed: %s", exc)
 
