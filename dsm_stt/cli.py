@@ -242,7 +242,7 @@ def _server_config(args: argparse.Namespace):
         changes |= {"model": args.model, "model_files": None}
     if args.api_key:  # added to the TOML's authorized_ids, not instead of them
         changes["api_keys"] = tuple(dict.fromkeys((*config.api_keys, *args.api_key)))
-    for flag in ("queue_timeout", "idle_timeout", "audio_timeout", "path"):
+    for flag in ("queue_timeout", "idle_timeout", "audio_timeout", "path", "max_upload_mb"):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     return config.replace(**changes)
@@ -521,6 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="close a session that sends no audio for S seconds (default 120)",
+    )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="largest POST body accepted, in MiB (default 1024; 413 beyond)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -679,3 +679,41 @@ def test_a_marker_flood_gets_an_error_and_a_reader_never_overflows(engine: Engin
         assert errors == ["more than 64 Markers / Flushes waiting for their answer: closing"]
         assert code == 1008
         assert _eventually(lambda: server.used_slots() == 0)
+
+
+def test_post_bodies_over_the_limit_get_413_and_an_abandoned_post_frees_its_slot(
+    engine: Engine, tmp_path: Path
+) -> None:
+    """``--max-upload-mb``: a 413 naming the limit, from the declared length or while the
+    body streams; a POST whose client leaves stops transcribing and frees its slot at once
+    (the engine is slowed to 20 ms a step: the 20 s file alone would hold it 5 s)."""
+    import socket
+
+    wav = io.BytesIO()
+    write_wav_to(wav, speechlike(20.0, seed=3))
+    data = wav.getvalue()
+    config = ServerConfig(max_upload_mb=0.5)
+    with threaded_server(config, SlowEngine(engine, 0.02)) as server:
+        big = server.post(config.path, content=data)
+        assert big.status_code == 413
+        assert big.json()["error"] == (
+            "request body over the upload limit of 0.5 MiB (--max-upload-mb)"
+        )
+        chunks = server.post(config.path, content=iter([data[:400_000], data[400_000:]]))
+        assert chunks.status_code == 413  # no length declared: stopped while streaming
+        small = data[:400_000]  # 8 s of 24 kHz 16-bit audio, within the limit
+        sock = socket.create_connection(("127.0.0.1", server.config.port), timeout=5)
+        sock.sendall(
+            (
+                f"POST {config.path} HTTP/1.1\r\nHost: x\r\nContent-Type: audio/wav\r\n"
+                f"Content-Length: {len(small)}\r\n\r\n"
+            ).encode()
+            + small
+        )
+        assert _eventually(lambda: server.used_slots() == 1), "the POST never took a slot"
+        sock.close()  # the client leaves mid-transcription
+        start = time.monotonic()
+        assert _eventually(lambda: server.used_slots() == 0, timeout=3.0)
+        assert time.monotonic() - start < 1.0
+        ok = server.post(config.path, content=data[:100_000])  # the server goes on
+        assert ok.status_code == 200

@@ -92,6 +92,7 @@ class ServerConfig:
     # max_outbound_messages for a client that reads them
     max_pending_markers: int = 256
     max_message_bytes: int = MAX_MESSAGE_BYTES
+    max_upload_mb: float = 1024.0  # POST bodies over this get 413
     shutdown_timeout: float = 30.0  # graceful drain on SIGTERM/SIGINT
     static_dir: str | None = None
     log_level: str = "info"
@@ -109,6 +110,7 @@ class ServerConfig:
             "audio_timeout",
             "max_buffered_seconds",
             "shutdown_timeout",
+            "max_upload_mb",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
@@ -123,6 +125,10 @@ class ServerConfig:
             )
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ServerConfigError("api keys must be non-empty strings")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return round(self.max_upload_mb * 2**20)
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)

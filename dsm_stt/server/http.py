@@ -5,9 +5,11 @@ Owns the request handlers next to the WebSocket endpoint (spec §5.1, §5.7, §5
 * ``POST /api/asr-streaming`` — the body is an audio file in any format FFmpeg reads; the answer
   is moshi-server's: a JSON list of ``{"type": "Word", "text", "start_time"}`` and
   ``{"type": "EndWord", "stop_time"}`` objects. Header auth only (``kyutai-api-key``), as
-  moshi-server. Unlike moshi-server there is no 2 MB body limit: the file is decoded
+  moshi-server. Unlike moshi-server's 2 MB, the body limit is ``--max-upload-mb`` (413 beyond):
+  the body is spooled (to a temporary file past 16 MiB, never whole in memory), decoded
   progressively and fed to the stream at the model's pace, and the trailing silence is the
-  scheduler's close padding rather than 10 s of zeros. The checkpoint's silence prefix (1 s for
+  scheduler's close padding rather than 10 s of zeros. A client that disconnects stops its
+  transcription and frees its slot at once. The checkpoint's silence prefix (1 s for
   the 2.6B) is added and subtracted again, so times are in file time.
 * ``GET /api/build_info``, ``GET /api/modules_info`` (slot usage, moshi-server's field names,
   values as strings), ``GET /health`` (200 only once the model is warmed up and while the
@@ -16,10 +18,13 @@ Owns the request handlers next to the WebSocket endpoint (spec §5.1, §5.7, §5
 
 from __future__ import annotations
 
+import asyncio
 import platform
 import sys
+import tempfile
+from collections.abc import Awaitable
 from importlib import metadata
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -35,9 +40,16 @@ from .runner import Dropped
 if TYPE_CHECKING:
     from .context import ServerContext
 
+T = TypeVar("T")
+_IN_MEMORY = 16 * 2**20  # an upload past this spills to a temporary file
+
 
 def _context(request: Request) -> ServerContext:
     return request.app.state.server
+
+
+class _ClientGone(Exception):
+    """The client of a POST disconnected: stop, free the slot, answer nobody."""
 
 
 async def asr_post(request: Request) -> Response:
@@ -48,14 +60,36 @@ async def asr_post(request: Request) -> Response:
         return PlainTextResponse("unauthorized: missing or unknown API key", 401)
     if not ctx.accepting:
         return JSONResponse({"error": "the server is shutting down"}, 503)
-    body = await request.body()
-    if not body:
-        return JSONResponse({"error": "empty request body: POST an audio file"}, 400)
+    limit = ctx.config.max_upload_bytes
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return _too_large(limit)
+    # spooled, never held whole in memory
+    with tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY) as body:
+        size = 0
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                return _too_large(limit)
+            await run_in_threadpool(body.write, part)
+        if size == 0:
+            return JSONResponse({"error": "empty request body: POST an audio file"}, 400)
+        body.seek(0)
+        gone = asyncio.ensure_future(_disconnect(request))
+        try:
+            return await _transcribe(ctx, body, gone)
+        except _ClientGone:
+            return Response(status_code=499)  # nobody reads it: the slot is free already
+        finally:
+            gone.cancel()
+
+
+async def _transcribe(ctx: ServerContext, body: BinaryIO, gone: asyncio.Future) -> Response:
     runner = ctx.runner
     channel = runner.channel(max_pending=sys.maxsize)
     prefix = ctx.prefix_seconds
-    admitted = await runner.admit(
-        channel, timeout=ctx.config.post_queue_timeout, time_offset=prefix
+    admitted = await _unless_gone(
+        gone, runner.admit(channel, timeout=ctx.config.post_queue_timeout, time_offset=prefix)
     )
     if not admitted:
         ctx.metrics.reject("no_free_channels")
@@ -69,17 +103,17 @@ async def asr_post(request: Request) -> Response:
         chunks = iter_audio(body)
         while True:
             try:
-                chunk = await run_in_threadpool(next, chunks, None)
+                chunk = await _unless_gone(gone, run_in_threadpool(next, chunks, None))
             except AudioDecodeError as exc:
                 return JSONResponse({"error": str(exc)}, 400)
             if chunk is None:
                 break
-            await channel.wait_for_room(max_backlog)
+            await _unless_gone(gone, channel.wait_for_room(max_backlog))
             runner.feed(channel, chunk)
         runner.close(channel)
         words: list[dict[str, object]] = []
         while True:
-            for item in await channel.get():
+            for item in await _unless_gone(gone, channel.get()):
                 if isinstance(item, Word):
                     words.append({"type": "Word", "text": item.text, "start_time": item.start_time})
                 elif isinstance(item, EndWord):
@@ -95,6 +129,29 @@ async def asr_post(request: Request) -> Response:
     finally:
         if not finished:
             runner.remove(channel)
+
+
+def _too_large(limit: int) -> Response:
+    return JSONResponse(
+        {"error": f"request body over the upload limit of {limit / 2**20:g} MiB (--max-upload-mb)"},
+        413,
+    )
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client of ``request`` (whose body was read) disconnects."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_gone(gone: asyncio.Future, awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, or ``_ClientGone`` as soon as ``gone`` is done."""
+    task = asyncio.ensure_future(awaitable)
+    await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        return task.result()
+    task.cancel()
+    raise _ClientGone
 
 
 async def build_info(request: Request) -> Response:
