@@ -53,15 +53,28 @@ class GatedFFN(nn.Module):
         return self.linear_out(F.silu(a) * b)
 
 
+# Past this position a float32 angle ``position * freq`` (and its cos / sin) has lost more
+# than 2^-8 rad: an LM hour-long session is at 45,000, Mimi's at 90,000.
+_EXACT_POSITIONS = 2**16
+
+
 def rope_rotation(positions: Tensor, head_dim: int, max_period: float) -> tuple[Tensor, Tensor]:
     """cos and sin of the RoPE angles for ``positions`` [B, T], shape [B, 1, T, head_dim // 2].
 
-    Frequencies are ``max_period ** (-2i / head_dim)``; everything in float32. Computed once per
+    Frequencies are ``max_period ** (-2i / head_dim)``; float32, as the reference computes
+    them, for positions below 2^16. A session's positions grow without bound, and a float32
+    angle ``p * f`` is off by up to half its ulp (0.03 rad at hour 24 of an LM stream), so from
+    2^16 on the angle is formed in float64 and reduced modulo 2π before its float32 cos / sin:
+    as exact at hour 24 as at hour 0 (except on MPS, which has no float64). Computed once per
     step and shared by every layer (all layers of a stack have the same head_dim).
     """
     ds = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
     angle = positions.float()[:, None, :, None] * freqs
+    if positions.device.type != "mps":
+        far = positions[:, None, :, None] >= _EXACT_POSITIONS
+        reduced = (positions.double()[:, None, :, None] * freqs.double()).remainder_(2 * math.pi)
+        angle = torch.where(far, reduced.float(), angle)
     return torch.cos(angle), torch.sin(angle)
 
 
