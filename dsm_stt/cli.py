@@ -242,7 +242,15 @@ def _server_config(args: argparse.Namespace):
         changes |= {"model": args.model, "model_files": None}
     if args.api_key:  # added to the TOML's authorized_ids, not instead of them
         changes["api_keys"] = tuple(dict.fromkeys((*config.api_keys, *args.api_key)))
-    for flag in ("queue_timeout", "idle_timeout", "audio_timeout", "path", "max_upload_mb"):
+    flags = (
+        "queue_timeout",
+        "idle_timeout",
+        "audio_timeout",
+        "path",
+        "max_upload_mb",
+        "max_connections",
+    )
+    for flag in flags:
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     return config.replace(**changes)
@@ -528,6 +536,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MB",
         help="largest POST body accepted, in MiB (default 1024; 413 beyond)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="open connections of any kind before newcomers get 503 (default 1000)",
     )
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

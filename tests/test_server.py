@@ -717,3 +717,20 @@ def test_post_bodies_over_the_limit_get_413_and_an_abandoned_post_frees_its_slot
         assert time.monotonic() - start < 1.0
         ok = server.post(config.path, content=data[:100_000])  # the server goes on
         assert ok.status_code == 200
+
+
+def test_connections_past_the_cap_get_503(engine: Engine) -> None:
+    """``--max-connections``: sockets that go nowhere count, and a newcomer past the cap gets
+    a clean 503 instead of piling up until the open-files limit."""
+    import socket
+
+    config = ServerConfig(max_connections=3)
+    with threaded_server(config, engine) as server:
+        idle = [socket.create_connection(("127.0.0.1", server.config.port)) for _ in range(3)]
+        try:
+            time.sleep(0.2)
+            assert server.get("/health").status_code == 503
+        finally:
+            for sock in idle:
+                sock.close()
+        assert _eventually(lambda: server.get("/health").status_code == 200)

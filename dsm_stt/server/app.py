@@ -101,6 +101,8 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         log_level=config.log_level,
         lifespan="on",
         timeout_graceful_shutdown=5,
+        # every open connection counts (idle sockets too): newcomers past it get 503
+        limit_concurrency=config.max_connections,
     )
     redaction.install()  # after uvicorn.Config, which configures its loggers
     return settings

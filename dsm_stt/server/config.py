@@ -93,6 +93,7 @@ class ServerConfig:
     max_pending_markers: int = 256
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_upload_mb: float = 1024.0  # POST bodies over this get 413
+    max_connections: int = 1000  # open connections (any kind) before newcomers get 503
     shutdown_timeout: float = 30.0  # graceful drain on SIGTERM/SIGINT
     static_dir: str | None = None
     log_level: str = "info"
@@ -119,10 +120,17 @@ class ServerConfig:
             raise ServerConfigError("audio_timeout and max_buffered_seconds must be > 0")
         if self.warmup_steps < 0:
             raise ServerConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if min(self.max_outbound_messages, self.max_message_bytes, self.max_pending_markers) < 1:
-            raise ServerConfigError(
-                "max_outbound_messages, max_message_bytes and max_pending_markers must be >= 1"
-            )
+        limits = (
+            "max_outbound_messages",
+            "max_message_bytes",
+            "max_pending_markers",
+            "max_connections",
+        )
+        for name in limits:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ServerConfigError(
+                    f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
+                )
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ServerConfigError("api keys must be non-empty strings")
 
