@@ -734,3 +734,60 @@ def test_connections_past_the_cap_get_503(engine: Engine) -> None:
             for sock in idle:
                 sock.close()
         assert _eventually(lambda: server.get("/health").status_code == 200)
+
+
+def _opus_silence(seconds: float) -> bytes:
+    """Ogg/Opus silence at 6 kb/s: about 380 bytes a second of audio, a decompression bomb."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="ogg") as out:
+        stream = out.add_stream("libopus", rate=48000, layout="mono")
+        stream.bit_rate = 6000
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, round(48000 * seconds)), np.float32), format="flt", layout="mono"
+        )
+        frame.sample_rate, frame.pts = 48000, 0
+        for packet in (*stream.encode(frame), *stream.encode(None)):
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def test_an_ogg_opus_bomb_is_throttled_like_a_fast_sender(engine: Engine) -> None:
+    """30 s of audio in 12 kB of Opus, one message: decoded off the event loop a slice at a
+    time, so the session never holds much more than its audio bound (1 s here) plus one
+    slice, where it used to queue all 30 s at once; and every frame is still transcribed."""
+    bomb = _opus_silence(30.0)
+    assert len(bomb) < 20_000
+    config = ServerConfig(max_buffered_seconds=1.0)
+    with threaded_server(config, SlowEngine(engine, 0.005)) as server:
+
+        async def main() -> int:
+            async with await connect(server.url) as ws:
+                assert (await recv(ws))["type"] == "Ready"
+                await ws.send(pack({"type": "OggOpus", "data": bomb}))
+                await ws.send(pack({"type": "Flush", "id": 1}))
+                msgs = await recv_until(ws, "Flushed", timeout=60, id=1)
+                return len([m for m in msgs if m["type"] == "Step"])
+
+        peak = 0
+        stop = threading.Event()
+
+        def watch() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                for session in list(server.context.sessions):
+                    channel = getattr(session, "channel", None)
+                    if channel is not None:
+                        peak = max(peak, channel.backlog())
+                time.sleep(0.005)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            steps = run(main())
+        finally:
+            stop.set()
+            watcher.join()
+    assert steps >= 30 * 12.5  # the whole 30 s was transcribed
+    assert 0 < peak < 10 * SAMPLE_RATE  # bound (1 s) + one 2 kB slice (~6 s of silence)

@@ -74,6 +74,11 @@ class SessionStateError(RuntimeError):
     """An internal lifecycle transition that is not allowed (a bug, never a client error)."""
 
 
+# Ogg/Opus bytes decoded at once: 2 kB of Opus silence (about 3 bytes per 20 ms packet) is
+# some 14 s of audio, so a decompression bomb never decodes far past the session's bound
+_OPUS_SLICE = 2048
+
+
 @dataclass(frozen=True, slots=True)
 class _CloseRequest:
     """Sender instruction: close the socket after what was queued before."""
@@ -244,15 +249,22 @@ class Session:
         elif isinstance(msg, OggOpus):
             if self._opus is None:
                 self._opus = OggOpusStreamDecoder(round(self.server.sample_rate))
-            try:
-                pcm = self._opus.feed(msg.data)
-            except AudioDecodeError as exc:
-                self._opus = None  # the next OggOpus message must start a new stream
-                self._post(Error(f"OggOpus: {exc}"))
-                return
-            if pcm.size:
-                await channel.wait_for_room(self._max_backlog)
-                runner.feed(channel, pcm)
+            # Decoded off the event loop and a slice at a time, each waiting for room in the
+            # session's audio bound: a few kB of Opus silence can decode to an hour of audio,
+            # which is then throttled like a fast sender instead of queued at once.
+            data = memoryview(msg.data)
+            for start in range(0, len(data), _OPUS_SLICE):
+                try:
+                    pcm = await asyncio.to_thread(
+                        self._opus.feed, data[start : start + _OPUS_SLICE]
+                    )
+                except AudioDecodeError as exc:
+                    self._opus = None  # the next OggOpus message must start a new stream
+                    self._post(Error(f"OggOpus: {exc}"))
+                    return
+                if pcm.size:
+                    await channel.wait_for_room(self._max_backlog)
+                    runner.feed(channel, pcm)
         elif isinstance(msg, Marker | Flush) and not self._count_question():
             return
         elif isinstance(msg, Marker):
