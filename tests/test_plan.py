@@ -29,6 +29,8 @@ FAMILY_FLAGS = {
 needs_torch_w8a8 = pytest.mark.skipif(
     not w8a8_kernels(own=False), reason="this PyTorch build has no fbgemm / oneDNN int8 kernel"
 )
+# PyTorch's w8a8 kernel of this build at one slot: fbgemm on x86-64, oneDNN on aarch64
+TORCH_KERNEL = (w8a8_kernels(own=False) or ("none",))[0]
 
 
 def cpu(family: str) -> CpuFeatures:
@@ -60,8 +62,8 @@ def plan(family: str, kernels: Kernels | None = None, **settings):
     [
         ("amx", "amx", 8, True),
         ("avx512_vnni", "vnni", 8, True),
-        ("avx512", "fbgemm", 7, False),
-        ("avx2", "fbgemm", 7, False),
+        ("avx512", TORCH_KERNEL, 7, False),
+        ("avx2", TORCH_KERNEL, 7, False),
     ],
 )
 def test_auto_on_x86_is_w8a8_with_an_int8_ring(
@@ -140,10 +142,10 @@ def test_explicit_values_are_kept_and_the_rest_is_auto() -> None:
     assert (got.quantize, got.kv_cache, got.w8a8_kernel, got.w8a8_bits) == (
         "w8a8",
         "float",
-        "fbgemm",
+        TORCH_KERNEL,
         7,
     )
-    assert kernels.asked == []  # fbgemm on a float ring: nothing to build on AVX2
+    assert kernels.asked == []  # PyTorch's kernel on a float ring: nothing to build on AVX2
     assert "auto (dtype)" in got.reason
     got = plan("amx", kernels, quantize="int8", dtype="float32", kv_cache="float")
     assert (got.quantize, got.dtype, got.w8a8_kernel) == ("int8", torch.float32, None)

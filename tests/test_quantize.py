@@ -205,7 +205,7 @@ def test_w8a8_kernels_share_weights_and_grid(bits: int) -> None:
 def test_w8a8_keeps_the_activation_dtype_and_shape() -> None:
     torch.manual_seed(4)
     w = torch.randn(24, 40)
-    q = W8A8Linear(w.bfloat16())
+    q = W8A8Linear(w.bfloat16(), kernel=w8a8_kernels(own=False)[0])
     x = torch.randn(2, 3, 40).bfloat16()
     y = q(x)
     assert y.shape == (2, 3, 24) and y.dtype == torch.bfloat16
@@ -285,9 +285,9 @@ def test_engine_quantizes_with_the_kernel_of_its_plan() -> None:
     # scales stay float32 and the steps give the same tokens
     again = build_engine(model, config, plan, announce=lambda line: None)
     assert again.step(pcm, np.ones(8, bool), np.ones(8, bool)).tokens == out.tokens
-    # another kernel on the same model is refused: its float weights are gone
+    # another grid on the same model is refused: its float weights are gone
     with pytest.raises(ValueError, match=r"already quantized \(w8a8, .* onednn kernel"):
-        make_engine(engine.model, 1, quantize="w8a8")
+        quantize_lm_w8a8(engine.lm, 15 - plan.w8a8_bits, "onednn")
 
 
 def test_int8_is_refused_where_the_build_has_no_kernel() -> None:
