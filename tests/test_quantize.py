@@ -123,8 +123,8 @@ def needs_exact_grid(kernel: str, bits: int) -> None:
     """Skip, naming the feature, where ``kernel`` saturates on ``bits``-bit activations."""
     if activation_bits(kernel) < bits:
         pytest.skip(
-            f"{bits}-bit activations on {kernel} need AVX512-VNNI (this CPU's vpmaddubsw "
-            "saturates its int16 pair sums)"
+            f"{bits}-bit activations on {kernel} need 32-bit integer dot products (AVX512-VNNI "
+            "on x86-64; without them vpmaddubsw saturates its int16 pair sums)"
         )
 
 
