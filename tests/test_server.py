@@ -791,3 +791,35 @@ def test_an_ogg_opus_bomb_is_throttled_like_a_fast_sender(engine: Engine) -> Non
             watcher.join()
     assert steps >= 30 * 12.5  # the whole 30 s was transcribed
     assert 0 < peak < 10 * SAMPLE_RATE  # bound (1 s) + one 2 kB slice (~6 s of silence)
+
+
+def test_a_ping_flood_that_never_reads_its_pongs_is_closed(engine: Engine) -> None:
+    """Pings are answered without flow control, so a client that floods them and never reads
+    the pongs would grow the server's memory and hold its slot: past 100 pings a second the
+    connection is aborted (1008) and the slot is free at once."""
+    import base64
+    import os
+    import socket
+
+    config = ServerConfig()
+    with threaded_server(config, engine) as server:
+        sock = socket.create_connection(("127.0.0.1", server.config.port), timeout=5)
+        key = base64.b64encode(os.urandom(16)).decode()
+        sock.sendall(
+            (
+                f"GET {config.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n"
+            ).encode()
+        )
+        received = b""
+        while b"\r\n\r\n" not in received:
+            received += sock.recv(4096)
+        assert _eventually(lambda: server.used_slots() == 1)
+        ping = b"\x89\x80" + os.urandom(4)  # FIN + ping, masked, no payload
+        with contextlib.suppress(OSError):
+            for _ in range(50):
+                sock.sendall(ping * 20)  # 1000 pings, none of whose pongs is read
+        assert _eventually(lambda: server.used_slots() == 0, timeout=3.0)
+        sock.close()
+        assert run(transcribe_session(server.url, SPEECH[1][: 10 * FRAME])) is not None

@@ -11,6 +11,11 @@ along: what Kyutai's file client at ``--rtf 1000`` met. A client that dies while
 found once its backlog is read: it then stays quiet, its ping goes unanswered and the
 connection closes within ``idle_timeout``.
 
+Control frames are bounded too: more than ``MAX_PINGS_PER_SECOND`` pings in a second, or a
+ping while more than ``MAX_UNREAD_BYTES`` the client has not read wait in the socket (pongs
+to a client that never reads them), is a flood: the connection is aborted with 1008 and its
+slot freed at once.
+
 ``protocol_class()`` returns it, or uvicorn's own class where this uvicorn has no sans-I/O
 implementation with the attributes it relies on (then the stock keep-alive applies).
 """
@@ -20,6 +25,9 @@ from __future__ import annotations
 import logging
 
 log = logging.getLogger(__name__)
+
+MAX_PINGS_PER_SECOND = 100  # a client's keep-alive pings once every few seconds
+MAX_UNREAD_BYTES = 4 * 2**20  # written to the socket and not read by the client
 
 
 def protocol_class() -> type | str:
@@ -43,6 +51,23 @@ def _liveness(base: type) -> type:
         """Pings after a quiet spell only; no timeout while the server holds the client back."""
 
         last_heard = 0.0
+        _ping_window = 0.0  # start of the second whose pings are counted
+        _pings = 0
+
+        def handle_ping(self) -> None:
+            now = self.loop.time()
+            if now - self._ping_window >= 1.0:
+                self._ping_window, self._pings = now, 0
+            self._pings += 1
+            unread = self.transport.get_write_buffer_size()
+            if self._pings > MAX_PINGS_PER_SECOND or unread > MAX_UNREAD_BYTES:
+                log.warning("closing a connection that floods pings (policy 1008)")
+                self.conn.fail(1008, "ping flood")
+                self.transport.write(b"".join(self.conn.data_to_send()))
+                self.close_sent = True
+                self.transport.abort()  # a client that does not read would hold close()
+                return
+            super().handle_ping()
 
         def data_received(self, data: bytes) -> None:
             self.last_heard = self.loop.time()
