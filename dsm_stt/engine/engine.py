@@ -183,7 +183,8 @@ class Engine:
         if self.temperature <= 0:
             return logits.argmax(dim=-1)
         u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
-        gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
+        # Gumbel noise -log(-log u), both logs of clamped positive values (u in (0, 1))
+        gumbel = -(-u.clamp_min(1e-20).log()).clamp_min(1e-20).log()
         return (logits / self.temperature + gumbel).argmax(dim=-1)
 
     def step(
