@@ -182,6 +182,51 @@ def engine_thread() -> EngineThread:
     return EngineThread()
 
 
+@dataclass(frozen=True, slots=True)
+class _Admit:
+    channel: Channel
+    future: concurrent.futures.Future[bool]
+    deadline: float  # time.monotonic() until which the channel may wait for a slot
+    time_offset: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Feed:
+    channel: Channel
+    pcm: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class _Marker:
+    channel: Channel
+    marker_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Flush:
+    channel: Channel
+    flush_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Reset:
+    channel: Channel
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    channel: Channel
+
+
+@dataclass(frozen=True, slots=True)
+class _Remove:
+    channel: Channel
+
+
+# What a session asks of the worker, queued in order and applied on the worker thread
+_Command = _Admit | _Feed | _Marker | _Flush | _Reset | _Close | _Remove
+
+
 class Runner:
     """Owns the scheduler on a worker thread; sessions drive it with non-blocking commands."""
 
@@ -194,7 +239,7 @@ class Runner:
         self.used_slots = 0  # written by the worker
         self.iterations = 0  # worker loop passes (tests check that an idle runner sleeps)
         self._cond = threading.Condition()
-        self._commands: deque[tuple[str, Channel, object]] = deque()
+        self._commands: deque[_Command] = deque()
         self._stopping = False
         self._executor: concurrent.futures.Executor | None = None
         self._owns_executor = False
@@ -247,7 +292,7 @@ class Runner:
     ) -> bool:
         """Give ``channel`` a slot; wait up to ``timeout`` seconds for one. False if none."""
         future: concurrent.futures.Future[bool] = concurrent.futures.Future()
-        self._submit("admit", channel, (future, time.monotonic() + timeout, time_offset))
+        self._submit(_Admit(channel, future, time.monotonic() + timeout, time_offset))
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -257,32 +302,32 @@ class Runner:
     def feed(self, channel: Channel, pcm: np.ndarray) -> None:
         with self._cond:
             channel.inflight += int(pcm.size)
-            self._commands.append(("feed", channel, pcm))
+            self._commands.append(_Feed(channel, pcm))
             self._cond.notify()
 
     def marker(self, channel: Channel, marker_id: int) -> None:
-        self._submit("marker", channel, marker_id)
+        self._submit(_Marker(channel, marker_id))
 
     def flush(self, channel: Channel, flush_id: int) -> None:
-        self._submit("flush", channel, flush_id)
+        self._submit(_Flush(channel, flush_id))
 
     def reset(self, channel: Channel) -> None:
-        self._submit("reset", channel, None)
+        self._submit(_Reset(channel))
 
     def close(self, channel: Channel) -> None:
         """Finish the stream: its last words, pending markers, then ``Closed``."""
-        self._submit("close", channel, None)
+        self._submit(_Close(channel))
 
     def remove(self, channel: Channel) -> None:
         """Drop the stream at once (client gone); frees its slot or its place in the queue."""
-        self._submit("remove", channel, None)
+        self._submit(_Remove(channel))
 
-    def _submit(self, op: str, channel: Channel, arg: object) -> None:
+    def _submit(self, command: _Command) -> None:
         with self._cond:
-            if self._stopping and op == "admit":
-                _resolve(arg[0], False)  # type: ignore[index]
+            if self._stopping and isinstance(command, _Admit):
+                _resolve(command.future, False)
                 return
-            self._commands.append((op, channel, arg))
+            self._commands.append(command)
             self._cond.notify()
 
     # -- the worker ------------------------------------------------------------------------------
@@ -294,15 +339,15 @@ class Runner:
                     self._cond.wait(self._wait_timeout())
                 commands, self._commands = self._commands, deque()
                 stopping = self._stopping
-                for op, channel, arg in commands:
-                    if op == "feed":  # moved from "on its way" to "queued" (updated below)
-                        channel.inflight -= int(arg.size)  # type: ignore[attr-defined]
-                        channel.buffered += int(arg.size)  # type: ignore[attr-defined]
+                for command in commands:
+                    if isinstance(command, _Feed):  # "on its way" -> "queued" (updated below)
+                        command.channel.inflight -= int(command.pcm.size)
+                        command.channel.buffered += int(command.pcm.size)
             self.iterations += 1
             out: dict[Channel, list[Outbound]] = {}
             try:
-                for op, channel, arg in commands:
-                    self._apply(op, channel, arg, out)
+                for command in commands:
+                    self._apply(command, out)
                 self._expire_waiters()
                 if self.scheduler.has_work():
                     self._tick(out)
@@ -325,48 +370,47 @@ class Runner:
             return None
         return max(0.0, min(deadline for _, _, deadline, _ in self._waiting) - time.monotonic())
 
-    def _apply(self, op: str, ch: Channel, arg: object, out: dict[Channel, list[Outbound]]) -> None:
-        sched = self.scheduler
-        if op == "admit":
-            future, deadline, offset = arg  # type: ignore[misc]
-            if ch.admitted or ch.done:  # a channel is admitted once
-                _resolve(future, False)
-            elif self._try_admit(ch, offset):
-                _resolve(future, True)
-            elif deadline > time.monotonic():
-                self._waiting.append((ch, future, deadline, offset))
-            else:
-                _resolve(future, False)
-            return
-        if op == "remove":
-            for entry in [w for w in self._waiting if w[0] is ch]:
-                self._waiting.remove(entry)
-                _resolve(entry[1], False)
-            if ch.admitted and not ch.done:
-                steps = sched.steps(ch.id)
-                sched.remove(ch.id)
-                self._release(ch, steps)
-            return
+    def _apply(self, command: _Command, out: dict[Channel, list[Outbound]]) -> None:
+        sched, ch = self.scheduler, command.channel
+        match command:
+            case _Admit(future=future, deadline=deadline, time_offset=offset):
+                if ch.admitted or ch.done:  # a channel is admitted once
+                    _resolve(future, False)
+                elif self._try_admit(ch, offset):
+                    _resolve(future, True)
+                elif deadline > time.monotonic():
+                    self._waiting.append((ch, future, deadline, offset))
+                else:
+                    _resolve(future, False)
+                return
+            case _Remove():
+                for entry in [w for w in self._waiting if w[0] is ch]:
+                    self._waiting.remove(entry)
+                    _resolve(entry[1], False)
+                if ch.admitted and not ch.done:
+                    steps = sched.steps(ch.id)
+                    sched.remove(ch.id)
+                    self._release(ch, steps)
+                return
         if not ch.admitted or ch.done:
             return  # a command racing with the end of its stream
         try:
-            if op == "feed":
-                sched.feed(ch.id, arg)  # type: ignore[arg-type]
-            elif op == "marker":
-                sched.marker(ch.id, arg)  # type: ignore[arg-type]
-            elif op == "flush":
-                sched.flush(ch.id)
-                queued = -(-sched.buffered_samples(ch.id) // self.frame_size)
-                ch.flushes.append((sched.steps(ch.id) + queued, arg))  # type: ignore[arg-type]
-            elif op == "reset":
-                sched.reset(ch.id)
-                ch.after.extend(Flushed(i) for _, i in ch.flushes)
-                ch.flushes.clear()
-                ch.after.append(Ready())
-            elif op == "close":
-                sched.close(ch.id)
-            else:  # pragma: no cover - internal misuse
-                raise ValueError(f"unknown runner command {op!r}")
+            match command:
+                case _Feed(pcm=pcm):
+                    sched.feed(ch.id, pcm)
+                case _Marker(marker_id=marker_id):
+                    sched.marker(ch.id, marker_id)
+                case _Flush(flush_id=flush_id):
+                    sched.flush(ch.id)
+                    queued = -(-sched.buffered_samples(ch.id) // self.frame_size)
+                    ch.flushes.append((sched.steps(ch.id) + queued, flush_id))
+                case _Reset():
+                    sched.reset(ch.id)
+                    ch.after.extend(Flushed(i) for _, i in ch.flushes)
+                    ch.flushes.clear()
+                    ch.after.append(Ready())
+                case _Close():
+                    sched.close(ch.id)
         except SchedulerError as exc:
             out.setdefault(ch, []).append(Error(str(exc)))
 
