@@ -823,3 +823,55 @@ def test_a_ping_flood_that_never_reads_its_pongs_is_closed(engine: Engine) -> No
         assert _eventually(lambda: server.used_slots() == 0, timeout=3.0)
         sock.close()
         assert run(transcribe_session(server.url, SPEECH[1][: 10 * FRAME])) is not None
+
+
+def _closed_by_server(sock: object, within: float) -> bool:
+    """Whether the server closes ``sock`` (reads EOF) within ``within`` seconds."""
+    sock.settimeout(within)  # type: ignore[attr-defined]
+    try:
+        while sock.recv(4096):  # type: ignore[attr-defined]
+            pass
+    except TimeoutError:
+        return False
+    except OSError:  # reset: closed too
+        return True
+    return True
+
+
+def test_connections_that_go_nowhere_are_closed(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A socket that sends nothing, slowloris' headers a byte at a time, and a POST whose
+    body stalls are closed at their deadline (0.5 s here for the head, 0.5 s of silence in a
+    body), with no traceback; a stalled POST frees its slot; a normal request still works."""
+    import socket
+
+    config = ServerConfig(header_timeout=0.5, body_timeout=0.5)
+    with threaded_server(config, engine) as server:
+        port = server.config.port
+        silent = socket.create_connection(("127.0.0.1", port))
+        start = time.monotonic()
+        assert _closed_by_server(silent, 3.0)
+        assert 0.4 < time.monotonic() - start < 2.0
+        slow = socket.create_connection(("127.0.0.1", port))
+        start = time.monotonic()
+        closed = False
+        for byte in b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 40:
+            try:
+                slow.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.05)  # a byte every 50 ms: each resets nothing
+        assert closed or _closed_by_server(slow, 2.0)
+        assert time.monotonic() - start < 2.5
+        stalled = socket.create_connection(("127.0.0.1", port))
+        stalled.sendall(
+            f"POST {config.path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n".encode()
+            + b"RIFF" * 10
+        )
+        assert _closed_by_server(stalled, 3.0)
+        assert server.used_slots() == 0
+        assert server.get("/health").status_code == 200  # kept-alive clients are unaffected
+        assert run(transcribe_session(server.url, SPEECH[1][: 5 * FRAME])) is not None
+    assert "Exception in ASGI application" not in caplog.text

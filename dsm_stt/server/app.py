@@ -27,7 +27,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import http, redaction
+from . import deadlines, http, redaction
 from .config import ServerConfig
 from .context import ServerContext, load_engine, warm_up
 from .liveness import protocol_class
@@ -93,6 +93,7 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         host=config.host,
         port=config.port,
         ws=protocol_class(),  # keep-alive that never drops a client that is sending
+        http=deadlines.protocol_class(config.header_timeout, config.body_timeout),
         ws_ping_interval=config.ping_interval or None,
         ws_ping_timeout=config.idle_timeout or None,
         # Frames up to twice our message limit reach the protocol and get an Error back;

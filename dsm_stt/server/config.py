@@ -94,6 +94,8 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_upload_mb: float = 1024.0  # POST bodies over this get 413
     max_connections: int = 1000  # open connections (any kind) before newcomers get 503
+    header_timeout: float = 10.0  # a connection's request head (or upgrade) must be in by then
+    body_timeout: float = 30.0  # the longest gap in a request body
     shutdown_timeout: float = 30.0  # graceful drain on SIGTERM/SIGINT
     static_dir: str | None = None
     log_level: str = "info"
@@ -112,6 +114,8 @@ class ServerConfig:
             "max_buffered_seconds",
             "shutdown_timeout",
             "max_upload_mb",
+            "header_timeout",
+            "body_timeout",
         ):
             value = getattr(self, name)
             if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):

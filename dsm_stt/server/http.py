@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from .. import __version__
@@ -67,11 +67,14 @@ async def asr_post(request: Request) -> Response:
     # spooled, never held whole in memory
     with tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY) as body:
         size = 0
-        async for part in request.stream():
-            size += len(part)
-            if size > limit:
-                return _too_large(limit)
-            await run_in_threadpool(body.write, part)
+        try:
+            async for part in request.stream():
+                size += len(part)
+                if size > limit:
+                    return _too_large(limit)
+                await run_in_threadpool(body.write, part)
+        except ClientDisconnect:  # the client left (or its body stalled) before the end
+            return Response(status_code=499)
         if size == 0:
             return JSONResponse({"error": "empty request body: POST an audio file"}, 400)
         body.seek(0)
