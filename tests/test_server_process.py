@@ -223,3 +223,41 @@ def test_a_thirty_minute_session_at_accelerated_speed(checkpoint: Path, tmp_path
     )
     assert figures["Step"] >= 30 * minute.size // FRAME
     assert growth < 32 * 1024
+
+
+def test_sigterm_finishes_a_running_post(checkpoint: Path, tmp_path: Path) -> None:
+    """A POST being transcribed when SIGTERM comes gets its whole answer (200, every word
+    of the offline transcription), then the server exits 0; a POST after the signal is
+    refused (503) or finds the server gone."""
+    import threading
+
+    import httpx
+
+    # long enough to outlast uvicorn's own 5 s of graceful shutdown, which used to cancel it
+    pcm = np.concatenate([silence(0.5), speechlike(240.0, 31)])
+    wav = write_wav(tmp_path / "long.wav", pcm)
+    args = ["--model", str(checkpoint), "--exact", "--batch-size", "2"]
+    process = ServerProcess(args, tmp_path / "log")
+    try:
+        answer: dict = {}
+
+        def post() -> None:
+            answer["response"] = httpx.post(
+                f"{process.http}/api/asr-streaming", content=wav.read_bytes(), timeout=120
+            )
+
+        thread = threading.Thread(target=post)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while process.used_slots() == 0:
+            assert time.monotonic() < deadline, "the POST never took a slot"
+            time.sleep(0.01)
+        process.proc.send_signal(signal.SIGTERM)
+        thread.join(120)
+        response = answer["response"]
+        assert response.status_code == 200
+        words = [w for w in response.json() if w["type"] == "Word"]
+        assert len(words) >= 80  # the whole four minutes, not a cut-off part
+        assert process.proc.wait(30) == 0
+    finally:
+        process.stop()

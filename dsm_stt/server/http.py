@@ -52,6 +52,15 @@ class _ClientGone(Exception):
     """The client of a POST disconnected: stop, free the slot, answer nobody."""
 
 
+class _Post:
+    """A running POST as the server's shutdown sees it: drained like a WebSocket session
+    (waited for until it has answered), with nothing to stop, as it reads no more than its
+    body."""
+
+    def finish(self) -> None:
+        pass
+
+
 async def asr_post(request: Request) -> Response:
     """Transcribe a whole audio file sent as the request body."""
     ctx = _context(request)
@@ -60,6 +69,15 @@ async def asr_post(request: Request) -> Response:
         return PlainTextResponse("unauthorized: missing or unknown API key", 401)
     if not ctx.accepting:
         return JSONResponse({"error": "the server is shutting down"}, 503)
+    post = _Post()
+    ctx.register(post)  # SIGTERM waits for this answer, as for WebSocket sessions
+    try:
+        return await _receive_and_transcribe(ctx, request)
+    finally:
+        ctx.unregister(post)
+
+
+async def _receive_and_transcribe(ctx: ServerContext, request: Request) -> Response:
     limit = ctx.config.max_upload_bytes
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
