@@ -296,6 +296,8 @@ def server_figures(
         "engine_ms": None,
         "overhead_ms": None,
         "overhead_us_per_stream": None,
+        "loop_lag_ms": None,
+        "loop_lag_max_ms": None,
     }
     if before is None or after is None:
         return none
@@ -319,6 +321,9 @@ def server_figures(
             out["streams_per_step"] = frames / steps
     out["tick_ms"] = mean_ms("asr_model_step_duration")
     out["engine_ms"] = mean_ms("asr_engine_step_duration")
+    out["loop_lag_ms"] = mean_ms("asr_event_loop_lag")
+    worst = after.get("asr_event_loop_lag_max_seconds")
+    out["loop_lag_max_ms"] = None if worst is None else 1000.0 * worst  # since the server started
     if out["tick_ms"] is not None and out["engine_ms"] is not None:
         out["overhead_ms"] = out["tick_ms"] - out["engine_ms"]
         if out["streams_per_step"]:
@@ -722,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_at_sessions": biggest["sessions"],
         "overhead_ms_per_step": biggest["overhead_ms"],
         "engine_ms_per_step": biggest["engine_ms"],
+        "loop_lag_max_ms": biggest["loop_lag_max_ms"],
         "tick_ms_per_step": biggest["tick_ms"],
     }
     if args.json:
@@ -752,6 +758,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"engine step at N={first['sessions']}: {first['engine_ms']:.2f} ms, at N={n}: "
                 f"{biggest['engine_ms']:.2f} ms"
             )
+    if biggest["loop_lag_max_ms"] is not None:
+        print(
+            f"event-loop lag: mean {_fmt(biggest['loop_lag_ms'], 2)} ms at N={n}, worst "
+            f"{biggest['loop_lag_max_ms']:.1f} ms since the server started"
+        )
     return 0
 
 

@@ -356,6 +356,10 @@ def test_info_routes_health_and_metrics(engine: Engine) -> None:
         assert re.search(r"^asr_connection_num_steps_count 1\.0$", text, re.M)
         assert re.search(r"^asr_open_channels [01]\.0$", text, re.M)
         assert "asr_connect_total 1.0" in text
+        lags = re.search(r"^asr_event_loop_lag_count (\S+)$", text, re.M)
+        assert lags is not None and float(lags.group(1)) > 0  # the loop is watched
+        worst = re.search(r"^asr_event_loop_lag_max_seconds (\S+)$", text, re.M)
+        assert worst is not None and 0 <= float(worst.group(1)) < 1.0
 
 
 def test_unknown_routes_and_methods() -> None:

@@ -58,6 +58,7 @@ class ServerContext:
         self._no_sessions: asyncio.Event | None = None
         self._drained = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app
+        self._lag_watch: asyncio.Future[None] | None = None
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -113,6 +114,7 @@ class ServerContext:
         )
         self.runner = Runner(scheduler, self.metrics)
         self.runner.start(torch_thread)
+        self._lag_watch = asyncio.ensure_future(self._watch_loop_lag())
         self.accepting = self.ready = True
         log.info(
             "model %s ready: %d slots, %s",
@@ -120,6 +122,19 @@ class ServerContext:
             engine.batch_size,
             engine.plan.describe(reason=False),
         )
+
+    async def _watch_loop_lag(self, period: float = 0.05) -> None:
+        """Measure how late the event loop runs a ``period`` timer (``asr_event_loop_lag``):
+        CPU-heavy work on the loop would show here, and stall every session."""
+        loop, worst = asyncio.get_running_loop(), 0.0
+        while True:
+            start = loop.time()
+            await asyncio.sleep(period)
+            lag = max(loop.time() - start - period, 0.0)
+            self.metrics.loop_lag.observe(lag)
+            if lag > worst:
+                worst = lag
+                self.metrics.loop_lag_max.set(lag)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Stop accepting; every open session gets its last words and is closed."""
@@ -138,6 +153,8 @@ class ServerContext:
 
     async def stop(self) -> None:
         await self.drain()
+        if self._lag_watch is not None:
+            self._lag_watch.cancel()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
         self.torch_thread.shutdown(wait=False)

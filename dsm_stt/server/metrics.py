@@ -23,6 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 STEP_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.1, 0.2, 0.5, 1.0)
 SESSION_STEP_BUCKETS = (2, 10, 25, 50, 100, 250, 500, 1000, 2000, 4500, 15000, 45000)
 
+# how late the event loop runs a timer: any lag holds every session's messages back
+LAG_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0)
+
 REJECT_REASONS = ("unauthorized", "no_free_channels", "too_slow", "shutting_down")
 
 
@@ -58,6 +61,15 @@ class ServerMetrics:
             registry=r,
         )
         self.steps = Counter("asr_model_steps", "Batched model steps run", registry=r)
+        self.loop_lag = Histogram(
+            "asr_event_loop_lag",
+            "How late the event loop ran a 50 ms timer, in seconds",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag_max = Gauge(
+            "asr_event_loop_lag_max_seconds", "The worst event-loop lag since start", registry=r
+        )
         self.rejected = Counter(
             "asr_rejected", "Sessions refused or dropped", ["reason"], registry=r
         )
