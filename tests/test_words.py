@@ -15,7 +15,7 @@ import dsm_stt.engine.events as events_module
 import dsm_stt.engine.scheduler as scheduler_module
 import dsm_stt.engine.words as words_module
 from dsm_stt.engine.events import Closed, EndWord, Marker, Step, Word
-from dsm_stt.engine.words import WordAssembler
+from dsm_stt.engine.words import WORD_TOKEN, WordAssembler
 
 VOCAB = {1: "<unk>", 2: "</s>", 10: "hel", 11: "lo", 12: "world", 13: "!"}
 
@@ -266,3 +266,19 @@ def test_engine_bookkeeping_modules_do_not_import_torch() -> None:
             "numpy",
             "dsm_stt",
         }, (module.__name__, roots)
+
+
+@pytest.mark.parametrize("hours", [0, 3, 24])
+def test_timestamps_stay_exact_to_the_frame_for_hours(hours: int) -> None:
+    """Times are step counts over the frame rate in float64: at hour 24 (1,080,000 steps of
+    the 1B) a word's start and end are still the exact frame times, the same steps later."""
+    delay = 6
+    assembler = WordAssembler(delay, decode)
+    start = hours * 3600 * 25 // 2 + 100  # steps of 80 ms: ``hours`` and 8 s in
+    assembler.step_idx = start  # a stream that far in (pushing a day of tokens takes long)
+    events = [e for token in (WORD_TOKEN, 5, 6, WORD_TOKEN) for e in assembler.push(token)]
+    word, end = events
+    assert isinstance(word, Word) and isinstance(end, EndWord)
+    assert word.start_time == (start + 1 - delay) / 12.5
+    assert end.stop_time - word.start_time == pytest.approx(0.24, abs=1e-9)
+    assert round(word.start_time * 12.5) == start + 1 - delay  # on a frame boundary
