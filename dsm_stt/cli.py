@@ -240,6 +240,8 @@ def _server_config(args: argparse.Namespace):
     }
     if args.model is not None:
         changes |= {"model": args.model, "model_files": None}
+    if args.allowed_origin:
+        changes["allowed_origins"] = tuple(o.rstrip("/") for o in args.allowed_origin)
     if args.api_key:  # added to the TOML's authorized_ids, not instead of them
         changes["api_keys"] = tuple(dict.fromkeys((*config.api_keys, *args.api_key)))
     flags = (
@@ -507,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="accept this key (kyutai-api-key header or ?auth_id=); repeat for "
         "several; added to a --config file's authorized_ids; none = open server",
+    )
+    p.add_argument(
+        "--allowed-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser origin (e.g. https://app.example) allowed to open WebSockets; repeat "
+        "for several; default: any (clients without an Origin header are always allowed)",
     )
     p.add_argument(
         "--queue-timeout",

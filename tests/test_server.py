@@ -879,3 +879,21 @@ def test_connections_that_go_nowhere_are_closed(
         assert server.get("/health").status_code == 200  # kept-alive clients are unaffected
         assert run(transcribe_session(server.url, SPEECH[1][: 5 * FRAME])) is not None
     assert "Exception in ASGI application" not in caplog.text
+
+
+def test_only_allowed_browser_origins_open_websockets(engine: Engine) -> None:
+    """``--allowed-origin``: a browser page of another origin gets 403 before the upgrade
+    (no slot taken); allowed origins and clients without an Origin header connect."""
+    config = ServerConfig(allowed_origins=("https://app.example",))
+
+    async def main(url: str) -> None:
+        with pytest.raises(websockets.InvalidStatus) as denied:
+            await connect(url, {"Origin": "https://evil.example"})
+        assert denied.value.response.status_code == 403
+        for headers in ({"Origin": "https://app.example"}, None):
+            async with await connect(url, headers) as ws:
+                assert (await recv(ws))["type"] == "Ready"
+
+    with threaded_server(config, engine) as server:
+        run(main(server.url))
+        assert _eventually(lambda: server.used_slots() == 0)

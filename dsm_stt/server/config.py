@@ -79,6 +79,9 @@ class ServerConfig:
     port: int = 8080
     path: str = DEFAULT_PATH
     api_keys: tuple[str, ...] = ()  # none = open server
+    # browser origins (``Origin`` header, e.g. "https://app.example") allowed to open
+    # WebSockets; empty = any. Clients that send no Origin (scripts, servers) are not browsers
+    allowed_origins: tuple[str, ...] = ()
     queue_timeout: float = 0.0  # how long a WebSocket newcomer waits for a free slot
     post_queue_timeout: float = 100.0  # the same for POST (moshi-server: 1000 × 100 ms)
     ping_interval: float = 10.0  # WebSocket ping after this long

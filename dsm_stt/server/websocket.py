@@ -126,6 +126,13 @@ class Session:
 
     async def run(self) -> None:
         server, ws = self.server, self.ws
+        origin = ws.headers.get("origin")
+        allowed = self.config.allowed_origins
+        if allowed and origin is not None and origin.rstrip("/") not in allowed:
+            server.metrics.reject("unauthorized")
+            self._move(SessionState.CLOSED)
+            await _deny(ws, 403, f"origin not allowed: {origin}")
+            return
         if not server.authorized(request_key(ws.headers, ws.query_params)):
             server.metrics.reject("unauthorized")
             self._move(SessionState.CLOSED)
