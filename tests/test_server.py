@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import av
@@ -21,9 +21,13 @@ import numpy as np
 import pytest
 import websockets
 from engine_support import exact_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from server_support import (
     FRAME,
     SAMPLE_RATE,
+    ThreadedServer,
+    audio_msg,
     connect,
     events,
     pack,
@@ -897,3 +901,51 @@ def test_only_allowed_browser_origins_open_websockets(engine: Engine) -> None:
     with threaded_server(config, engine) as server:
         run(main(server.url))
         assert _eventually(lambda: server.used_slots() == 0)
+
+
+_FIELD_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**63 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.binary(max_size=64),
+    st.lists(st.floats(width=32, allow_nan=True), max_size=50),
+)
+_FUZZ_FRAMES = st.one_of(
+    st.binary(max_size=200),
+    st.builds(
+        lambda kind, fields: msgpack.packb({"type": kind, **fields}),
+        st.sampled_from(["Audio", "OggOpus", "Marker", "Flush", "Init", "Nope", 7, ""]),
+        st.dictionaries(st.sampled_from(["pcm", "data", "id", "extra"]), _FIELD_VALUES, max_size=3),
+    ),
+)
+
+
+@settings(max_examples=15, deadline=None)
+@given(frames=st.lists(_FUZZ_FRAMES, max_size=25))
+def test_a_live_session_survives_any_sequence_of_frames(
+    live_server: ThreadedServer, frames: list[bytes]
+) -> None:
+    """Fuzzed frames on a real socket (random bytes, and MessagePack maps of any type with
+    fields of any kind): each bad one gets an Error and the session goes on, so a valid Audio
+    and Flush afterwards still get their Flushed, and the server stays healthy."""
+
+    async def main() -> list[dict]:
+        async with await connect(live_server.url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            for frame in frames:
+                await ws.send(frame)
+            await ws.send(audio_msg(silence(0.2)))
+            await ws.send(pack({"type": "Flush", "id": 424242}))
+            return await recv_until(ws, "Flushed", id=424242)
+
+    msgs = run(main())
+    assert all(isinstance(m.get("type"), str) for m in msgs)
+    assert live_server.get("/health").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def live_server(engine: Engine) -> Iterator[ThreadedServer]:
+    with threaded_server(ServerConfig(), engine) as server:
+        yield server
