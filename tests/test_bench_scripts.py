@@ -75,3 +75,17 @@ def test_agreement_compares_every_variant_with_float32() -> None:
         assert 0 < result["max_abs_dlogit"] < 1.0
         assert 0 <= result["mean_abs_dlogit"] <= result["max_abs_dlogit"]
         assert 0 <= result["argmax_agreement"] <= 1
+
+
+def test_soak_holds_a_long_session_and_churn() -> None:
+    """The soak script, briefly: a session of 36 s of audio sent as fast as the server takes
+    it, then 4 clients churning for 6 s; nothing lost, every slot back."""
+    report = run_script(
+        "soak.py", "--hours", "0.01", "--churn-minutes", "0.1", "--sessions", "4", "--json"
+    )
+    long = report["long_session"]
+    assert long["error"] is None and long["audio_hours"] == 0.01
+    assert long["words"] > 20 and long["timestamps_monotonic"] and long["within_audio"]
+    churn = report["churn"]
+    assert churn["finished"] > 4 and churn["mismatch"] == 0
+    assert churn["used_slots_after"] == 0

@@ -881,7 +881,15 @@ def test_connections_that_go_nowhere_are_closed(
         assert _closed_by_server(stalled, 3.0)
         assert server.used_slots() == 0
         assert server.get("/health").status_code == 200  # kept-alive clients are unaffected
-        assert run(transcribe_session(server.url, SPEECH[1][: 5 * FRAME])) is not None
+
+        async def long_session() -> list[dict]:  # a WebSocket outlives both deadlines
+            async with await connect(server.url) as ws:
+                assert (await recv(ws))["type"] == "Ready"
+                await send_frames(ws, SPEECH[1][: 20 * FRAME], pace=0.08)  # 1.6 s
+                await ws.send(pack({"type": "Flush", "id": 3}))
+                return await recv_until(ws, "Flushed", id=3)
+
+        assert run(long_session())[-1] == {"type": "Flushed", "id": 3}
     assert "Exception in ASGI application" not in caplog.text
 
 

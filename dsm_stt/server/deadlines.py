@@ -41,6 +41,9 @@ def protocol_class(header_timeout: float, body_timeout: float) -> type | str:
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
+            if self.transport.get_protocol() is not self:  # upgraded: the WebSocket owns it
+                self._disarm()
+                return
             state = self.conn.their_state
             if state is h11.SEND_BODY:  # each byte of a body resets its deadline
                 self._arm(body_timeout, "the request body stalled")

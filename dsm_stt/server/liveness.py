@@ -11,10 +11,11 @@ along: what Kyutai's file client at ``--rtf 1000`` met. A client that dies while
 found once its backlog is read: it then stays quiet, its ping goes unanswered and the
 connection closes within ``idle_timeout``.
 
-Control frames are bounded too: more than ``MAX_PINGS_PER_SECOND`` pings in a second, or a
-ping while more than ``MAX_UNREAD_BYTES`` the client has not read wait in the socket (pongs
-to a client that never reads them), is a flood: the connection is aborted with 1008 and its
-slot freed at once.
+Control frames are bounded too: more than ``MAX_PINGS_PER_SECOND`` pings in a second is a
+flood (pongs are written without flow control, so a client that floods pings and never reads
+would grow the server's memory): the connection is aborted with 1008 and its slot freed at
+once. (How much a client has left unread is no sign of a flood by itself: a client that sends
+audio as fast as it can reads its messages late, and it is alive.)
 
 ``protocol_class()`` returns it, or uvicorn's own class where this uvicorn has no sans-I/O
 implementation with the attributes it relies on (then the stock keep-alive applies).
@@ -27,7 +28,6 @@ import logging
 log = logging.getLogger(__name__)
 
 MAX_PINGS_PER_SECOND = 100  # a client's keep-alive pings once every few seconds
-MAX_UNREAD_BYTES = 4 * 2**20  # written to the socket and not read by the client
 
 
 def protocol_class() -> type | str:
@@ -59,8 +59,7 @@ def _liveness(base: type) -> type:
             if now - self._ping_window >= 1.0:
                 self._ping_window, self._pings = now, 0
             self._pings += 1
-            unread = self.transport.get_write_buffer_size()
-            if self._pings > MAX_PINGS_PER_SECOND or unread > MAX_UNREAD_BYTES:
+            if self._pings > MAX_PINGS_PER_SECOND:
                 log.warning("closing a connection that floods pings (policy 1008)")
                 self.conn.fail(1008, "ping flood")
                 self.transport.write(b"".join(self.conn.data_to_send()))

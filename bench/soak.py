@@ -1,0 +1,185 @@
+"""Long runs through a real ``dsm-stt serve``: one session for hours, and many sessions churning.
+
+* ``--hours H``: one WebSocket session streams H hours of speech-like audio as fast as the server
+  takes it (the model's pace: TCP flow control), reading as it goes. Reports whether it stayed
+  connected, the server's RSS over time, the words received, and whether every word's start
+  time is after the previous one's and within the audio sent.
+* ``--churn-minutes M``: for M minutes, ``--sessions`` clients at once connect, stream a random
+  one of a few test signals, Flush, and disconnect (some midway, some right after connecting),
+  then start again. Every session that finished must report exactly the words of its signal
+  alone, ``/api/modules_info`` must come back to 0 used slots, and the RSS growth is reported.
+
+The model is the tests' talkative checkpoint (a tiny random model whose Mimi codebooks are built
+from the audio, so its words follow the audio: ``tests/server_support.py``), so a session that
+loses audio or words shows it. ``--json`` prints one object.
+
+    python bench/soak.py --hours 3 --churn-minutes 5 --sessions 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from server_support import (
+    FRAME,
+    SAMPLE_RATE,
+    ServerProcess,
+    audio_msg,
+    connect,
+    pack,
+    reference_words,
+    silence,
+    speechlike,
+    transcribe_session,
+    write_talkative_checkpoint,
+    write_wav,
+)
+
+
+async def long_session(server: ServerProcess, hours: float, rss: list[tuple[float, int]]) -> dict:
+    """One session of ``hours`` of audio (a 30 s speech-like loop), sent as fast as taken."""
+    loop_pcm = np.concatenate([silence(1.0), speechlike(29.0, seed=5)])
+    frames = [loop_pcm[i : i + FRAME] for i in range(0, loop_pcm.size, FRAME)]
+    total = round(hours * 3600 * SAMPLE_RATE / FRAME)
+    starts: list[float] = []
+    state = {"sent": 0, "error": None}
+    start = time.monotonic()
+    async with await connect(server.url) as ws:
+        assert (await ws.recv()) is not None  # Ready
+
+        async def send() -> None:
+            for i in range(total):
+                await ws.send(audio_msg(frames[i % len(frames)]))
+                state["sent"] = i + 1
+            await ws.send(pack({"type": "Flush", "id": 1}))
+
+        async def receive() -> None:
+            import msgpack
+
+            while True:
+                msg = msgpack.unpackb(await ws.recv())
+                if msg["type"] == "Word" and msg["text"].strip():
+                    starts.append(msg["start_time"])
+                elif msg["type"] == "Error":
+                    state["error"] = msg["message"]
+                elif msg["type"] == "Flushed":
+                    return
+
+        async def watch() -> None:
+            while True:
+                rss.append((time.monotonic() - start, server.rss_kib()))
+                await asyncio.sleep(30)
+
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await asyncio.gather(send(), receive())
+        except Exception as exc:  # a disconnect is the finding
+            state["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            watcher.cancel()
+    rss.append((time.monotonic() - start, server.rss_kib()))
+    audio_seconds = state["sent"] * FRAME / SAMPLE_RATE
+    monotonic = all(b >= a for a, b in itertools.pairwise(starts))
+    return {
+        "audio_hours": round(audio_seconds / 3600, 3),
+        "wall_minutes": round((time.monotonic() - start) / 60, 1),
+        "error": state["error"],
+        "words": len(starts),
+        "timestamps_monotonic": monotonic,
+        "last_word_s": starts[-1] if starts else None,
+        "within_audio": bool(not starts or starts[-1] <= audio_seconds + 1.0),
+        "rss_mib_first_last_max": [
+            round(rss[0][1] / 1024),
+            round(rss[-1][1] / 1024),
+            round(max(r for _, r in rss) / 1024),
+        ],
+    }
+
+
+async def churn(server: ServerProcess, checkpoint: Path, minutes: float, sessions: int) -> dict:
+    """``sessions`` clients connecting, streaming, flushing and leaving for ``minutes``."""
+    folder = Path(tempfile.mkdtemp())
+    signals = [np.concatenate([silence(0.5), speechlike(3.0, seed)]) for seed in range(4)]
+    files = [write_wav(folder / f"{i}.wav", pcm) for i, pcm in enumerate(signals)]
+    expected = reference_words(checkpoint, files, sessions)
+    rng = random.Random(0)
+    counts = {"finished": 0, "mismatch": 0, "abandoned": 0, "errors": 0}
+    errors: list[str] = []
+    deadline = time.monotonic() + minutes * 60
+    rss_start = server.rss_kib()
+
+    async def client(k: int) -> None:
+        while time.monotonic() < deadline:
+            which = rng.randrange(len(signals))
+            fate = rng.random()
+            try:
+                if fate < 0.15:  # leaves midway
+                    async with await connect(server.url) as ws:
+                        await ws.recv()
+                        pcm = signals[which]
+                        for i in range(0, pcm.size // 2, FRAME):
+                            await ws.send(audio_msg(pcm[i : i + FRAME]))
+                    counts["abandoned"] += 1
+                    continue
+                words = await transcribe_session(server.url, signals[which])
+                counts["finished"] += 1
+                if words != expected[which]:
+                    counts["mismatch"] += 1
+            except Exception as exc:  # reported: a refused or dropped session is a finding
+                counts["errors"] += 1
+                errors.append(f"{type(exc).__name__}: {exc}"[:200])
+                await asyncio.sleep(0.2)
+
+    await asyncio.gather(*(client(k) for k in range(sessions)))
+    await asyncio.sleep(2.0)
+    used = server.used_slots()
+    return counts | {
+        "sessions_at_once": sessions,
+        "minutes": minutes,
+        "used_slots_after": used,
+        "error_kinds": sorted(set(errors))[:5],
+        "rss_mib_start_end": [round(rss_start / 1024), round(server.rss_kib() / 1024)],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hours", type=float, default=0.0, help="one session this long")
+    parser.add_argument("--churn-minutes", type=float, default=0.0)
+    parser.add_argument("--sessions", type=int, default=64, help="churning clients at once")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    checkpoint = write_talkative_checkpoint(Path(tempfile.mkdtemp()) / "ckpt")
+    report: dict = {}
+    serve = ["--model", str(checkpoint), "--exact", "--batch-size", str(max(args.sessions, 2))]
+    server = ServerProcess(serve, Path(tempfile.mkdtemp()) / "server.log")
+    try:
+        if args.hours > 0:
+            rss: list[tuple[float, int]] = []
+            report["long_session"] = asyncio.run(long_session(server, args.hours, rss))
+            if report["long_session"]["error"]:
+                report["server_log_tail"] = server.log()[-1500:]
+        if args.churn_minutes > 0:
+            report["churn"] = asyncio.run(
+                churn(server, checkpoint, args.churn_minutes, args.sessions)
+            )
+    finally:
+        server.stop()
+    print(json.dumps(report) if args.json else json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
