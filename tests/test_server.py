@@ -481,24 +481,10 @@ def test_drain_sends_the_last_words_and_refuses_newcomers(engine: Engine, refere
 def test_a_peer_that_stops_answering_pings_is_dropped(engine: Engine) -> None:
     """The 20 s "no frame" rule: keep-alive pings that are never answered close the
     connection and free the slot (here with 0.2 s / 0.3 s instead of 10 s / 20 s)."""
-    import base64
-    import os
-    import socket
 
     config = ServerConfig(ping_interval=0.2, idle_timeout=0.3)
     with threaded_server(config, engine) as server:
-        sock = socket.create_connection(("127.0.0.1", server.config.port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            (
-                f"GET {config.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += sock.recv(4096)
+        sock, received = _raw_websocket(server.config.port, config.path)
         assert received.startswith(b"HTTP/1.1 101")
         assert server.used_slots() == 1
         # Never answer: the server pings, waits, and gives up.
@@ -512,6 +498,28 @@ def test_a_peer_that_stops_answering_pings_is_dropped(engine: Engine) -> None:
                 chunks.append(chunk)
         sock.close()
         assert b"keepalive ping timeout" in b"".join(chunks)
+
+
+def _raw_websocket(port: int, path: str) -> tuple[object, bytes]:
+    """A WebSocket opened by hand on a plain socket (a client that then does what it likes):
+    the socket and the server's handshake answer."""
+    import base64
+    import os
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    received = b""
+    while b"\r\n\r\n" not in received:
+        received += sock.recv(4096)
+    return sock, received
 
 
 class FakeSocket:
@@ -805,24 +813,11 @@ def test_a_ping_flood_that_never_reads_its_pongs_is_closed(engine: Engine) -> No
     """Pings are answered without flow control, so a client that floods them and never reads
     the pongs would grow the server's memory and hold its slot: past 100 pings a second the
     connection is aborted (1008) and the slot is free at once."""
-    import base64
     import os
-    import socket
 
     config = ServerConfig()
     with threaded_server(config, engine) as server:
-        sock = socket.create_connection(("127.0.0.1", server.config.port), timeout=5)
-        key = base64.b64encode(os.urandom(16)).decode()
-        sock.sendall(
-            (
-                f"GET {config.path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += sock.recv(4096)
+        sock, _ = _raw_websocket(server.config.port, config.path)
         assert _eventually(lambda: server.used_slots() == 1)
         ping = b"\x89\x80" + os.urandom(4)  # FIN + ping, masked, no payload
         with contextlib.suppress(OSError):

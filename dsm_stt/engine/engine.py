@@ -71,9 +71,6 @@ class Engine:
         # compute each slot's next LM position right after its frame's Mimi encode (see
         # begin_step); eager steps only (captured CUDA graphs keep the plain order)
         self.lookahead = config.lookahead
-        self.kv_cache = plan.kv_cache
-        self.quantize = plan.quantize
-        self.w8a8_kernel = plan.w8a8_kernel
         if self.device.type == "cpu":
             reuse_freed_memory()
         self.dtype = plan.dtype
@@ -100,6 +97,18 @@ class Engine:
     @property
     def name(self) -> str:
         return self.model.name
+
+    @property
+    def kv_cache(self) -> str:
+        return self.plan.kv_cache
+
+    @property
+    def quantize(self) -> str:
+        return self.plan.quantize
+
+    @property
+    def w8a8_kernel(self) -> str | None:
+        return self.plan.w8a8_kernel
 
     @property
     def fused_layers(self) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..features import FAMILY_ENV, KERNELS_ENV, CpuFeatures, detect, kernels_enabled
+from ..features import KERNELS_ENV, CpuFeatures, detect, kernels_enabled
 
 SOURCE_FILE = Path(__file__).parent / "kernels.cpp"
 FUNCTIONS = (
@@ -212,4 +212,4 @@ def status() -> str:
     )
 
 
-__all__ = ["FAMILY_ENV", "KernelUnavailable", "cached", "loaded", "module", "problem", "status"]
+__all__ = ["KernelUnavailable", "cached", "loaded", "module", "problem", "status"]

@@ -105,15 +105,7 @@ def amx_linear(
     ``column_sums`` (see ``vnni_linear``) a single row takes the VNNI product, which streams
     the weights faster than the tiles (16 rows each, whatever the count): same results."""
     sums = torch.empty(0, dtype=torch.int32) if column_sums is None else column_sums
-    return module().int8_linear(
-        x.float().contiguous(),
-        packed,
-        scales,
-        out_features,
-        float(levels),
-        sums,
-        PRODUCTS.index("amx"),
-    )
+    return _int8_linear(x, packed, scales, out_features, levels, sums, "amx")
 
 
 def vnni_linear(
@@ -128,6 +120,18 @@ def vnni_linear(
     weights, plus their int32 ``column_sums`` [N] (``weight.sum(1)``: the activations enter
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
+    return _int8_linear(x, packed, scales, out_features, levels, column_sums, "vnni")
+
+
+def _int8_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    out_features: int,
+    levels: int,
+    column_sums: Tensor,
+    product: str,
+) -> Tensor:
     return module().int8_linear(
         x.float().contiguous(),
         packed,
@@ -135,7 +139,7 @@ def vnni_linear(
         out_features,
         float(levels),
         column_sums,
-        PRODUCTS.index("vnni"),
+        PRODUCTS.index(product),
     )
 
 
