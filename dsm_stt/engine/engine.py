@@ -189,12 +189,7 @@ class Engine:
         return time.perf_counter()
 
     def _sample(self, logits: Tensor) -> Tensor:
-        if self.temperature <= 0:
-            return logits.argmax(dim=-1)
-        u = torch.rand(logits.shape, generator=self.generator, device=logits.device)
-        # Gumbel noise -log(-log u), both logs of clamped positive values (u in (0, 1))
-        gumbel = -(-u.clamp_min(1e-20).log()).clamp_min(1e-20).log()
-        return (logits / self.temperature + gumbel).argmax(dim=-1)
+        return sample_tokens(logits, self.temperature, self.generator)
 
     def step(
         self,
@@ -295,3 +290,21 @@ class _MimiHalf:
     pcm: Tensor  # [n, 1, F]
     active: Tensor  # [n]
     state: EngineState  # the engine's state or its first n slots
+
+
+def sample_tokens(
+    logits: Tensor, temperature: float, generator: torch.Generator | None = None
+) -> Tensor:
+    """One token per row of ``logits`` [B, V]: the argmax at temperature 0, else a draw from
+    ``softmax(logits / temperature)`` by the Gumbel-max trick, ``argmax(logits / T + G)`` with
+    ``G = -log(-log U)``, ``U`` uniform from ``generator`` (so a seeded generator gives the same
+    tokens again). One uniform per logit and an argmax: no cumulative sums, the same work for
+    every row, and nothing that waits on the host."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    u = torch.rand(logits.shape, generator=generator, device=logits.device)
+    # torch.rand is in [0, 1): u = 0 is clamped (so the first log is finite) and -log u > 0 is
+    # clamped too (so the second one is, should a backend round it to 0)
+    gumbel = -torch.log(torch.log(u.clamp_min(1e-30)).neg().clamp_min(1e-30))
+    # the division in float32: bf16 logits would round logits / T to 3 significant digits
+    return (logits.float() / temperature + gumbel).argmax(dim=-1)
