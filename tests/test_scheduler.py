@@ -8,7 +8,16 @@ from collections.abc import Hashable
 import numpy as np
 import pytest
 
-from dsm_stt.engine.events import Closed, EndWord, Event, Marker, Step, Word
+from dsm_stt.engine.events import (
+    Closed,
+    EndWord,
+    Event,
+    Flushed,
+    Marker,
+    Restarted,
+    Step,
+    Word,
+)
 from dsm_stt.engine.scheduler import (
     Scheduler,
     SchedulerError,
@@ -388,6 +397,64 @@ def test_flush_ends_the_utterance_and_keeps_the_stream_open() -> None:
     assert len(engine.frames(0)) == 6 + 3
 
 
+def test_flush_ids_are_answered_right_after_the_words_of_their_audio() -> None:
+    delay = 2
+    sched, _ = make(batch_size=2, delay=delay)
+    sched.admit("a")
+    sched.admit("busy")
+    sched.feed("busy", audio([PAD] * 30))  # global steps run ahead of "a"'s own
+    sched.feed("a", audio([WORD, 10, 11]))
+    sched.flush("a", 7)
+    got: list[Event] = []
+    for _ in range(3 + delay):  # the audio and all but the last padding frame
+        got.extend(sched.tick().get("a", []))
+    assert got == [Word("10 11", 0.0, (10, 11))]  # no Flushed before its audio is through
+    assert sched.tick()["a"] == [EndWord(3 / 12.5), Flushed(7)]
+    # A flush with nothing new to pad still answers, once the queued audio is processed.
+    sched.feed("a", audio([WORD, 12]))
+    sched.flush("a", 8)
+    sched.flush("a", 9)  # nothing queued after the padding of 8: waits for the same frame
+    out = drain(sched)["a"]
+    assert out[-2:] == [Flushed(8), Flushed(9)]
+    assert [e for e in out if isinstance(e, Word)] == [Word("12", (6 + 1 - delay) / 12.5, (12,))]
+    sched.flush("a", 10)  # nothing queued at all: answered by the next tick, no engine step
+    assert sched.has_work()
+    assert sched.tick() == {"a": [Flushed(10)]}
+    with pytest.raises(SchedulerError, match="flush id must be an integer"):
+        sched.flush("a", "x")  # type: ignore[arg-type]
+
+
+def test_markers_and_flushes_come_back_in_the_order_their_audio_ends() -> None:
+    sched, _ = make(batch_size=1, delay=2)
+    sched.admit("a")
+    sched.feed("a", audio([WORD, 10]))
+    sched.flush("a", 1)  # padded: audio (2) + D + 1 frames -> target 5
+    sched.marker("a", 2)  # target 5 + 2 = 7
+    sched.flush("a", 3)  # nothing new: target 5, before the marker
+    got = drain(sched)["a"]
+    assert [e for e in got if isinstance(e, Marker | Flushed)] == [Flushed(1), Flushed(3)]
+    sched.feed("a", audio([PAD, PAD]))
+    assert [e for e in drain(sched)["a"] if isinstance(e, Marker)] == [Marker(2)]
+
+
+def test_flushes_pending_at_close_or_reset_are_answered() -> None:
+    sched, _ = make(batch_size=1, delay=2)
+    sched.admit("a")
+    sched.feed("a", audio([WORD, 10, 11]))
+    sched.flush("a", 1)
+    sched.tick()
+    sched.close("a")  # the flush's audio is processed before the stream ends
+    got = drain(sched)["a"]
+    assert got.index(Flushed(1)) < got.index(Closed(6)) == len(got) - 1
+    sched.admit("b")
+    sched.feed("b", audio([WORD, 10, 11]))
+    sched.marker("b", 4)
+    sched.flush("b", 5)
+    sched.tick()
+    sched.reset("b")  # their audio is dropped: answered at once, then Restarted
+    assert sched.tick() == {"b": [Marker(4), Flushed(5), Restarted()]}  # in target order
+
+
 def test_reset_restarts_the_stream_and_echoes_pending_markers() -> None:
     sched, engine = make(batch_size=1, delay=1)
     sched.admit("a")
@@ -397,7 +464,7 @@ def test_reset_restarts_the_stream_and_echoes_pending_markers() -> None:
     sched.marker("a", 9)
     sched.reset("a")
     assert sched.buffered_samples("a") == 0 and sched.steps("a") == 0
-    assert sched.tick() == {"a": [Marker(9)]}  # echoed without an engine step
+    assert sched.tick() == {"a": [Marker(9), Restarted()]}  # echoed without an engine step
     assert len(engine.calls) == 2
     sched.feed("a", audio([COUNT, WORD]))
     got = drain(sched)["a"]

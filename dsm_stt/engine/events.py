@@ -1,4 +1,5 @@
-"""What the engine reports: per stream Word, EndWord, Step, Marker, Closed; per step StepOutput.
+"""What the engine reports: per stream Word, EndWord, Step, Marker, Flushed, Restarted, Closed;
+per step StepOutput.
 
 Plain frozen values shared by the engine (which produces them) and the server (which encodes them
 for the wire, spec §5.2). They carry seconds and ids, never tensors, and know nothing about
@@ -50,6 +51,18 @@ class Marker:
 
 
 @dataclass(frozen=True, slots=True)
+class Flushed:
+    """Answer to a flush: every word of the audio fed before it has been sent."""
+
+    id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Restarted:
+    """Answer to a reset: the stream starts again from scratch, its clock back at 0."""
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """Last event of a stream closed with ``Scheduler.close``: its slot is free again.
 
@@ -60,7 +73,7 @@ class Closed:
 
 
 WordEvent = Word | EndWord
-Event = Word | EndWord | Step | Marker | Closed
+Event = Word | EndWord | Step | Marker | Flushed | Restarted | Closed
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Streams over a fixed batch of slots: admit / feed / marker / flush / close, one tick at a time.
 
 Owns the slot table, each stream's PCM FIFO, its lifecycle, its word assembler and its pending
-markers, and the loop body of the engine: every ``tick`` *schedules* (one 1920-sample frame from
+markers and flushes (answered here, in the stream's own steps), and the loop body of the engine: every ``tick`` *schedules* (one 1920-sample frame from
 every stream that has one, spec §5.3 / §4.7), *executes* (one engine step over all slots with
 an active and a reset mask) and *updates* (tokens → words, VAD steps, markers, closes). The
 step's Mimi half does not change its output, so ``tick`` returns the events before it:
@@ -21,6 +21,7 @@ Differences from moshi-server, on purpose:
 
 from __future__ import annotations
 
+import bisect
 import enum
 import heapq
 import operator
@@ -32,7 +33,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dsm_stt.engine.events import Closed, Event, Marker, Step, StepOutput
+from dsm_stt.engine.events import Closed, Event, Flushed, Marker, Restarted, Step, StepOutput
 from dsm_stt.engine.words import WordAssembler
 
 
@@ -126,6 +127,14 @@ class _PcmQueue:
         self.samples = 0
 
 
+@dataclass(frozen=True, slots=True)
+class _FlushMark:
+    """A flush waiting for its audio: finish the words there (if it padded), then answer."""
+
+    end_time: float | None  # seconds (event clock) where its audio ended; None: nothing new
+    flush_id: int | None  # answered with Flushed(flush_id); None: nothing to answer
+
+
 @dataclass(eq=False)
 class _Stream:
     """Everything the scheduler knows about one admitted stream."""
@@ -140,9 +149,9 @@ class _Stream:
     timeline: int = 0  # samples queued since then, audio and padding: the clock of the events
     audio_end: int = 0  # timeline position where the last audio fed ended
     unpadded: bool = False  # audio was fed since the last flush/close padding
-    # What happens when ``steps`` reaches a target, in target order: echo a Marker, or finish
-    # the words of a flush whose audio ended at the given time (seconds, event clock).
-    milestones: deque[tuple[int, Marker | float]] = field(default_factory=deque)
+    # What happens when ``steps`` reaches a target, in target order (ties in request order):
+    # echo a Marker, or answer a flush.
+    milestones: list[tuple[int, Marker | _FlushMark]] = field(default_factory=list)
     end_time: float | None = None  # set by close(): seconds where the audio ended
     outbox: list[Event] = field(default_factory=list)  # events produced between ticks
 
@@ -254,19 +263,33 @@ class Scheduler:
             ) from None
         queued_frames = -(-stream.queue.samples // self.frame_size)  # a partial frame counts
         target = stream.steps + queued_frames + self.delay_tokens
-        stream.milestones.append((target, Marker(marker_id)))
+        self._add_milestone(stream, target, Marker(marker_id))
 
-    def flush(self, stream_id: Hashable) -> None:
+    def flush(self, stream_id: Hashable, flush_id: int | None = None) -> None:
         """End of utterance: pad with silence so every word spoken so far comes out.
 
         Once the padding is processed the pending word is emitted even if the model has not
         delimited it, and the last word gets its EndWord (``WordAssembler.finish``) at the point
-        where the audio stopped. The stream stays open; later audio follows the padding.
+        where the audio stopped; then ``Flushed(flush_id)`` follows, when an id is given (also
+        when there was nothing new to pad: it comes once the queued audio is processed). The
+        stream stays open; later audio follows the padding.
         """
         stream = self._open(stream_id, "flush")
-        if self._pad(stream):
-            target = stream.steps + stream.queue.samples // self.frame_size
-            stream.milestones.append((target, self._audio_end_time(stream)))
+        if flush_id is not None:
+            try:
+                flush_id = operator.index(flush_id)
+            except TypeError:
+                raise SchedulerError(
+                    f"stream {stream_id!r}: flush id must be an integer, got {flush_id!r}"
+                ) from None
+        end_time = self._audio_end_time(stream) if self._pad(stream) else None
+        if end_time is None and flush_id is None:
+            return
+        if not stream.queue.samples:  # nothing left to transcribe: answer with the next tick
+            stream.outbox.append(Flushed(flush_id))
+            return
+        queued_frames = -(-stream.queue.samples // self.frame_size)
+        self._add_milestone(stream, stream.steps + queued_frames, _FlushMark(end_time, flush_id))
 
     def close(self, stream_id: Hashable) -> None:
         """Finish the stream: pad, transcribe to the end, then emit the last words and Closed.
@@ -280,11 +303,12 @@ class Scheduler:
 
     def reset(self, stream_id: Hashable) -> None:
         """Restart the stream from scratch in its slot: queued audio is dropped, the model state
-        is reset on its next step, timestamps restart at 0. Pending markers are echoed at once
-        (the audio they waited for is gone)."""
+        is reset on its next step, timestamps restart at 0. Pending markers and flushes are
+        answered at once (the audio they waited for is gone), then ``Restarted``."""
         stream = self._open(stream_id, "reset")
         stream.queue.clear()
-        stream.outbox.extend(m for _, m in stream.milestones if isinstance(m, Marker))
+        stream.outbox.extend(self._answers(stream.milestones))
+        stream.outbox.append(Restarted())
         stream.milestones.clear()
         stream.assembler.reset()
         stream.needs_reset = True
@@ -338,7 +362,7 @@ class Scheduler:
         for stream in [s for s in self._streams.values() if self._drained(s)]:
             out = events.setdefault(stream.id, [])
             out.extend(stream.assembler.finish(stream.end_time))
-            out.extend(m for _, m in stream.milestones if isinstance(m, Marker))
+            out.extend(self._answers(stream.milestones))
             out.append(Closed(stream.steps))
             self._release(stream)
         return events
@@ -407,12 +431,20 @@ class Scheduler:
                 out.append(Step(step_idx, prs, stream.queue.samples))
             out.extend(stream.assembler.push(int(output.tokens[stream.slot])))
             stream.steps += 1
-            while stream.milestones and stream.milestones[0][0] <= stream.steps:
-                _, milestone = stream.milestones.popleft()
+            reached = 0
+            for target, milestone in stream.milestones:
+                if target > stream.steps:
+                    break
+                reached += 1
                 if isinstance(milestone, Marker):
                     out.append(milestone)
-                else:
-                    out.extend(stream.assembler.finish(milestone))
+                    continue
+                if milestone.end_time is not None:
+                    out.extend(stream.assembler.finish(milestone.end_time))
+                if milestone.flush_id is not None:
+                    out.append(Flushed(milestone.flush_id))
+            if reached:
+                del stream.milestones[:reached]
 
     # --------------------------------------------------------------------------- helpers
 
@@ -431,6 +463,22 @@ class Scheduler:
                 f"cannot {action} stream {stream_id!r}: it is {stream.state.value}"
             )
         return stream
+
+    @staticmethod
+    def _add_milestone(stream: _Stream, target: int, milestone: Marker | _FlushMark) -> None:
+        """Keep milestones in target order; equal targets stay in request order."""
+        bisect.insort_right(stream.milestones, (target, milestone), key=operator.itemgetter(0))
+
+    @staticmethod
+    def _answers(milestones: list[tuple[int, Marker | _FlushMark]]) -> list[Event]:
+        """What pending milestones answer when their audio will never come (reset, close)."""
+        out: list[Event] = []
+        for _, milestone in milestones:
+            if isinstance(milestone, Marker):
+                out.append(milestone)
+            elif milestone.flush_id is not None:
+                out.append(Flushed(milestone.flush_id))
+        return out
 
     def _drained(self, stream: _Stream) -> bool:
         return stream.state is StreamState.CLOSING and stream.queue.samples == 0

@@ -32,7 +32,7 @@ Server → client: ``Ready``, ``Word{text, start_time}``, ``EndWord{stop_time}``
 ``Step{step_idx, prs, buffered_pcm}``, ``Marker{id}``, ``Error{message}`` and, only in answer to
 a Flush, ``Flushed{id}``. Clients that never send the extension never see it.
 
-``Word``, ``EndWord``, ``Step`` and ``Marker`` are the engine's event values
+``Word``, ``EndWord``, ``Step``, ``Marker`` and ``Flushed`` are the engine's event values
 (:mod:`dsm_stt.engine.events`); ``Marker`` is the same value in both directions.
 """
 
@@ -45,7 +45,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from dsm_stt.engine.events import EndWord, Marker, Step, Word
+from dsm_stt.engine.events import EndWord, Flushed, Marker, Step, Word
 from dsm_stt.model.config import SAMPLE_RATE
 
 __all__ = [
@@ -130,13 +130,6 @@ class Error:
     """Something went wrong; ``message`` says what."""
 
     message: str
-
-
-@dataclass(frozen=True, slots=True)
-class Flushed:
-    """Extension: answer to ``Flush{id}``; every word of the audio before it has been sent."""
-
-    id: int
 
 
 ServerMessage = Ready | Word | EndWord | Step | Marker | Error | Flushed

@@ -25,10 +25,9 @@ cores, GNU OpenMP makes idle workers sleep almost at once, so every parallel reg
 wake-up (a stt-1b batch-1 step measured 99 ms instead of 77 ms when the model was built on
 another thread than the one stepping it).
 
-Protocol extensions handled here because they need the stream's step count: ``flush`` answers
-``Flushed{id}`` right after the words of the flushed audio, ``reset`` answers ``Ready`` after any
-markers it released. Step durations (the whole tick, and the engine call within it) go to the
-metrics from here.
+The scheduler answers flushes (``Flushed``) and resets (``Restarted``, sent as ``Ready``) in
+its streams' own steps; the runner only routes them. Step durations (the whole tick, and the
+engine call within it) go to the metrics from here.
 """
 
 from __future__ import annotations
@@ -49,10 +48,10 @@ from typing import Any
 
 import numpy as np
 
-from ..engine.events import Closed, Event
+from ..engine.events import Closed, Event, Restarted
 from ..engine.scheduler import Scheduler, SchedulerError
 from .metrics import ServerMetrics
-from .protocol import Error, Flushed, Ready
+from .protocol import Error, Ready
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +63,7 @@ class Dropped:
     reason: str
 
 
-Outbound = Event | Ready | Flushed | Error | Dropped
+Outbound = Event | Ready | Error | Dropped
 
 
 class Channel:
@@ -98,8 +97,6 @@ class Channel:
         # Owned by the worker thread.
         self.admitted = False
         self.done = False  # the stream has left the scheduler
-        self.flushes: deque[tuple[int, int]] = deque()  # (target step count, flush id)
-        self.after: list[Outbound] = []  # sent after this round's events (Ready, Flushed)
 
     # -- event-loop side ---------------------------------------------------------------------
 
@@ -236,7 +233,6 @@ class Runner:
         self.total_slots = scheduler.batch_size
         self.frame_size = scheduler.frame_size
         self.sample_rate = scheduler.sample_rate
-        self.used_slots = 0  # written by the worker
         self.iterations = 0  # worker loop passes (tests check that an idle runner sleeps)
         self._cond = threading.Condition()
         self._commands: deque[_Command] = deque()
@@ -271,6 +267,11 @@ class Runner:
             concurrent.futures.wait([self._worker], timeout)
         if self._owns_executor and self._executor is not None:
             self._executor.shutdown(wait=False)
+
+    @property
+    def used_slots(self) -> int:
+        """Slots taken by streams (the scheduler's count; an int read from any thread)."""
+        return self.scheduler.used_slots
 
     @property
     def running(self) -> bool:
@@ -351,7 +352,7 @@ class Runner:
                 self._expire_waiters()
                 if self.scheduler.has_work():
                     self._tick(out)
-                self._finish_round(out)
+                self._note_backlogs()
                 self._deliver(out)
                 out = {}
                 self._settle()
@@ -401,14 +402,9 @@ class Runner:
                 case _Marker(marker_id=marker_id):
                     sched.marker(ch.id, marker_id)
                 case _Flush(flush_id=flush_id):
-                    sched.flush(ch.id)
-                    queued = -(-sched.buffered_samples(ch.id) // self.frame_size)
-                    ch.flushes.append((sched.steps(ch.id) + queued, flush_id))
+                    sched.flush(ch.id, flush_id)
                 case _Reset():
                     sched.reset(ch.id)
-                    ch.after.extend(Flushed(i) for _, i in ch.flushes)
-                    ch.flushes.clear()
-                    ch.after.append(Ready())
                 case _Close():
                     sched.close(ch.id)
         except SchedulerError as exc:
@@ -419,18 +415,16 @@ class Runner:
             return False
         ch.admitted = True
         self._channels[ch.id] = ch
-        self.used_slots = self.scheduler.used_slots
         if self.metrics is not None:
-            self.metrics.open_channels.set(self.used_slots)
+            self.metrics.open_channels.set(self.scheduler.used_slots)
         return True
 
     def _release(self, ch: Channel, steps: int) -> None:
         """The stream left the scheduler: forget it and hand its slot to the first waiter."""
         ch.done = True
         self._channels.pop(ch.id, None)
-        self.used_slots = self.scheduler.used_slots
         if self.metrics is not None:
-            self.metrics.open_channels.set(self.used_slots)
+            self.metrics.open_channels.set(self.scheduler.used_slots)
             self.metrics.connection_steps.observe(steps)
         while self._waiting and self.scheduler.free_slots:
             waiter, future, _, offset = self._waiting.popleft()
@@ -455,13 +449,9 @@ class Runner:
                 continue
             bucket = out.setdefault(ch, [])
             for ev in evs:
+                bucket.append(Ready() if isinstance(ev, Restarted) else ev)
                 if isinstance(ev, Closed):
-                    bucket.extend(Flushed(i) for _, i in ch.flushes)
-                    ch.flushes.clear()
-                    bucket.append(ev)
                     self._release(ch, ev.steps)
-                else:
-                    bucket.append(ev)
 
     def _settle(self) -> None:
         """Finish the step the tick began, then record its durations (the tick and the engine
@@ -475,18 +465,10 @@ class Runner:
             self.metrics.steps.inc()
         self._tick_seconds = None
 
-    def _finish_round(self, out: dict[Channel, list[Outbound]]) -> None:
-        """Answer reached flushes and resets; note each stream's backlog."""
-        sched = self.scheduler
+    def _note_backlogs(self) -> None:
+        """Note each stream's backlog, for ``Channel.wait_for_room``."""
         for ch in self._channels.values():
-            if ch.flushes:
-                steps = sched.steps(ch.id)
-                while ch.flushes and ch.flushes[0][0] <= steps:
-                    out.setdefault(ch, []).append(Flushed(ch.flushes.popleft()[1]))
-            if ch.after:
-                out.setdefault(ch, []).extend(ch.after)
-                ch.after = []
-            ch.buffered = sched.buffered_samples(ch.id)
+            ch.buffered = self.scheduler.buffered_samples(ch.id)
 
     def _drop_all(self, reason: str, out: dict[Channel, list[Outbound]]) -> None:
         for _, future, _, _ in self._waiting:
