@@ -37,6 +37,7 @@ EXACT_HELP = (
     "(the reference's numbers; slower)"
 )
 
+SEED_HELP = "seed of the sampling at --temperature > 0, and of --random-weights"
 CUDA_GRAPHS_HELP = (
     "replay each step as captured CUDA graphs (one per power-of-two slot count): less launch "
     "overhead; CUDA and greedy decoding only"
@@ -67,6 +68,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> 
     p.add_argument(
         "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
     )
+    p.add_argument("--seed", type=int, default=0, help=SEED_HELP + " (default 0)")
     p.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.add_argument("--kv-cache", default="auto", choices=KV_CACHES, help=KV_CACHE_HELP)
@@ -94,6 +96,7 @@ def _engine(args: argparse.Namespace, batch_size: int | None = None, quiet: bool
         batch_size=batch_size or args.batch_size,
         device=args.device,
         temperature=args.temperature,
+        seed=args.seed,
         cuda_graphs=args.cuda_graphs,
         **_exact(args),
     )
@@ -223,6 +226,7 @@ def _server_config(args: argparse.Namespace):
         "batch_size": args.batch_size,
         "device": args.device,
         "temperature": args.temperature,
+        "seed": args.seed,
         "cuda_graphs": args.cuda_graphs,
         **_exact(args),
     }
@@ -497,6 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--temperature", type=float, default=None, help="0 = greedy (default); > 0 samples"
     )
+    p.add_argument("--seed", type=int, default=None, help=SEED_HELP + " (default 0)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument(
         "--cuda-graphs", action="store_const", const=True, default=None, help=CUDA_GRAPHS_HELP
