@@ -16,7 +16,13 @@ use an *effective end* per word::
 
 With the default ``max_word_seconds = 1.0`` a missing last end becomes ``min(start + 1 s,
 duration)``, and a word that "lasts" past a pause stops after a second, which makes the pause
-visible to the cue splitter. The JSON writer reports the times as given.
+visible to the cue splitter. The JSON writer reports the times (and the words) as given.
+
+Cues keep their limits whatever the words: a word is laid out as *pieces* of at most one line
+(its space-separated parts, since a model word can hold several, and a part longer than a line
+cut into line-sized pieces), which share the word's span; a word of n pieces may last up to n
+times ``max_word_seconds``. So no line is longer than ``max_line_chars`` and no cue has more
+than ``max_lines`` lines or lasts longer than ``max_cue_seconds``.
 """
 
 from __future__ import annotations
@@ -119,15 +125,40 @@ class Cue:
 
 @dataclass(frozen=True)
 class _Word:
+    """A unit of layout: a space-free piece of text no longer than a line, with its times."""
+
     text: str
     start: float
     end: float
 
 
+def _pieces(text: str, width: int) -> list[str]:
+    """``text`` cut into pieces of at most ``width`` characters: its space-separated words,
+    and each word longer than a line cut after its last ``-`` or ``/`` within the line (when
+    that keeps at least half a line), else at exactly ``width`` characters. Cutting greedily
+    means two pieces of one word never fit on one line together, so they are never shown
+    with a space between them."""
+    pieces = []
+    for word in text.split():
+        while len(word) > width:
+            head = word[:width]
+            cut = max(head.rfind("-"), head.rfind("/")) + 1
+            cut = cut if cut >= (width + 1) // 2 else width
+            pieces.append(word[:cut])
+            word = word[cut:]
+        pieces.append(word)
+    return pieces
+
+
 def _effective_words(t: Transcript, options: CueOptions) -> list[_Word]:
+    """The layout units of ``t``: each word's pieces (``_pieces``) sharing its effective span
+    equally. A word of n pieces (a model word can hold several space-separated ones) may last
+    up to n times ``max_word_seconds``, and no piece lasts longer than a cue may."""
     words = [w for w in t.words if w.text.strip()]
+    per_piece = min(options.max_word_seconds, options.max_cue_seconds)
     out = []
     for i, w in enumerate(words):
+        pieces = _pieces(w.text, options.max_line_chars)
         following = words[i + 1].start if i + 1 < len(words) else None
         if w.end is not None:
             bound: float = w.end
@@ -135,20 +166,24 @@ def _effective_words(t: Transcript, options: CueOptions) -> list[_Word]:
             bound = following
         else:
             bound = t.duration
-        end = min(bound, w.start + options.max_word_seconds)
+        end = min(bound, w.start + per_piece * len(pieces))
         if following is not None:
             end = min(end, following)
-        out.append(_Word(" ".join(w.text.split()), w.start, max(end, w.start)))
+        step = max(end - w.start, 0.0) / len(pieces)
+        for k, piece in enumerate(pieces):
+            # the last piece ends exactly at the word's end (no rounding drift past it)
+            last = w.start + step * (k + 1) if k + 1 < len(pieces) else max(end, w.start)
+            out.append(_Word(piece, w.start + step * k, last))
     return out
 
 
 def _wrap(texts: Sequence[str], options: CueOptions) -> list[str] | None:
-    """Lay words out in at most ``max_lines`` balanced lines, or None if they do not fit.
-    A single word longer than a line is the one exception: it gets a line of its own."""
+    """Lay pieces out in at most ``max_lines`` balanced lines of at most ``max_line_chars``,
+    or None if they do not fit. One piece always fits (``_pieces`` keeps them that short)."""
     joined = " ".join(texts)
-    if len(joined) <= options.max_line_chars or len(texts) == 1:
+    if len(joined) <= options.max_line_chars:
         return [joined]
-    if options.max_lines < 2:
+    if options.max_lines < 2 or len(texts) == 1:
         return None
     # Choose the split into two lines that keeps the longer line shortest (balanced lines read
     # better than a full line over a short one); more lines use greedy filling.
@@ -216,7 +251,7 @@ def build_cues(t: Transcript, options: CueOptions | None = None) -> list[Cue]:
     cues = []
     for group in groups:
         lines = _wrap([w.text for w in group], options)
-        assert lines is not None  # every group was checked by _fits or is a single word
+        assert lines is not None  # every group was checked by _fits or is a single piece
         cues.append(Cue(group[0].start, group[-1].end, tuple(lines)))
     return cues
 

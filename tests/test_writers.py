@@ -89,19 +89,31 @@ def parse_vtt(text: str) -> list[ParsedCue]:
 
 
 def check_cues(cues: list[ParsedCue], t: Transcript, options: CueOptions = LIMITS) -> None:
-    """The invariants every subtitle file must satisfy."""
-    words = [w.text for w in t.words if w.text.strip()]
-    assert [w for c in cues for line in c.lines for w in line.split(" ")] == words
+    """The invariants every subtitle file must satisfy, whatever the words: at most
+    ``max_lines`` lines of at most ``max_line_chars`` characters, at most ``max_cue_seconds``,
+    no overlap, and every word present once, in order (a word longer than a line as
+    consecutive pieces, each on a line of its own or at a line's end / start)."""
+    expected = [part for w in t.words for part in w.text.split()]
+    pieces = [p for c in cues for line in c.lines for p in line.split(" ")]
+    done, partial = 0, ""
+    for piece in pieces:
+        partial += piece
+        assert done < len(expected) and expected[done].startswith(partial), (piece, partial)
+        if partial == expected[done]:
+            done, partial = done + 1, ""
+    assert (done, partial) == (len(expected), ""), "every word, in order, nothing more"
     for cue in cues:
         assert cue.start <= cue.end
         assert cue.end - cue.start <= options.max_cue_seconds + 1e-3
         assert 1 <= len(cue.lines) <= options.max_lines
         for line in cue.lines:
             assert line == line.strip() and "  " not in line and line
-            if len(line) > options.max_line_chars:  # only a single over-long word may exceed
-                assert len(cue.lines) == 1 and " " not in line
+            assert len(line) <= options.max_line_chars, line
     for a, b in itertools.pairwise(cues):
         assert a.start <= b.start and a.end <= b.start, "cues must not overlap"
+    if cues:
+        assert cues[0].start >= t.words[0].start - 1e-3
+        assert cues[-1].end <= max(t.duration, max(w.end or 0.0 for w in t.words)) + 1e-3
 
 
 def words_at(texts: str, step: float = 0.4, start: float = 0.0) -> list[TimedWord]:
@@ -227,12 +239,88 @@ def test_cue_duration_limit() -> None:
     assert all(c.end - c.start <= 2.0 for c in build_cues(t, short))
 
 
-def test_long_words_get_a_line_of_their_own() -> None:
-    long_word = "Pneumonoultramicroscopicsilicovolcanoconiosis-and-then-some"
+def test_a_word_longer_than_a_line_is_cut_into_line_sized_pieces() -> None:
+    long_word = "Pneumonoultramicroscopicsilicovolcanoconiosis-and-then-some"  # 59 characters
     t = transcript(words_at(f"He said {long_word} twice"))
     cues = build_cues(t)
-    assert [c.lines for c in cues] == [("He said",), (long_word,), ("twice",)]
+    # no hyphen within the first 42 characters: cut at 42; the rest (17) goes on with "twice"
+    assert [c.lines for c in cues] == [
+        ("He said", long_word[:42]),
+        (long_word[42:] + " twice",),
+    ]
+    # the word's two pieces share its span (0.8 s to the next word's start, 1.2 s)
+    assert (cues[0].end, cues[1].start) == (pytest.approx(1.0), pytest.approx(1.0))
     check_cues(parse_srt(render(t, "srt")), t)
+
+
+def test_long_words_are_cut_after_a_hyphen_or_slash_when_one_is_past_half_a_line() -> None:
+    word = "state-of-the-art-speech-recognition-for-everyone-everywhere"
+    (cue,) = build_cues(transcript([TimedWord(word, 0.0, 2.0)]))
+    assert cue.lines == ("state-of-the-art-speech-recognition-for-", "everyone-everywhere")
+    url = "https://example.com/a/very/long/path/to/some/page.html"
+    (cue,) = build_cues(transcript([TimedWord(url, 0.0, 2.0)]))
+    assert cue.lines == ("https://example.com/a/very/long/path/to/", "some/page.html")
+    # a hyphen early in the word would make a short line: cut at the line length instead
+    word = "a-" + "b" * 60
+    (cue,) = build_cues(transcript([TimedWord(word, 0.0, 2.0)]))
+    assert cue.lines == (word[:42], word[42:])
+
+
+def test_a_200_character_word_keeps_every_limit() -> None:
+    word = "x" * 200
+    t = transcript([TimedWord("Then", 0.0, 0.4), TimedWord(word, 0.4, 3.0), TimedWord("end.", 3.0)])
+    cues = build_cues(t)
+    assert [line for c in cues for line in c.lines] == [
+        "Then",
+        "x" * 42,
+        "x" * 42,
+        "x" * 42,
+        "x" * 42,
+        "x" * 32 + " end.",
+    ]
+    assert max(len(c.lines) for c in cues) == 2
+    check_cues(parse_srt(render(t, "srt")), t)
+    check_cues(parse_vtt(render(t, "vtt")), t)
+
+
+def test_a_model_word_of_128_space_separated_pieces_is_laid_out_as_128_words() -> None:
+    # what a random-weight model gives: no word boundary token for 128 pieces, so one Word
+    # whose text holds 128 space-separated parts (the JSON keeps it as the model gave it)
+    text = " ".join(f"pi{i}ece" for i in range(128))
+    t = transcript([TimedWord(text, 1.0, 3.56), TimedWord("after", 3.56)], duration=5.0)
+    assert len(to_json(t)["words"]) == 2
+    cues = build_cues(t)
+    check_cues(parse_srt(render(t, "srt")), t)
+    assert len(cues) > 10 and all(len(line) <= 42 for c in cues for line in c.lines)
+    # the word's pieces share its 2.56 s: the cues cover it in order, one after the other
+    assert cues[0].start == 1.0 and cues[0].end < 1.5
+    assert cues[-1].lines == ("pi125ece pi126ece pi127ece after",)
+    assert cues[-1].end == pytest.approx(4.56)  # "after": 3.56 s + 1 s (no end given)
+
+
+def test_many_tiny_words_zero_durations_and_empty_words() -> None:
+    tiny = [TimedWord("a", i * 0.01, i * 0.01) for i in range(1000)]  # 10 s of zero-length words
+    t = transcript(tiny, duration=10.0)
+    cues = build_cues(t)
+    check_cues(parse_srt(render(t, "srt")), t)
+    assert sum(len(line.split()) for c in cues for line in c.lines) == 1000
+    # every word at the same instant, no durations at all
+    same = [TimedWord(w, 2.0, 2.0) for w in ["", "one", " ", "two.", "\t\n", "three"]]
+    t = transcript(same, duration=2.0)
+    cues = build_cues(t)
+    assert [c.lines for c in cues] == [("one two.",), ("three",)]
+    assert all(c.start == c.end == 2.0 for c in cues)
+    check_cues(parse_vtt(render(t, "vtt")), t)
+    only_empty = transcript([TimedWord("", 0.0, 0.0), TimedWord(" \n ", 0.0, None)])
+    assert build_cues(only_empty) == [] and render(only_empty, "srt") == ""
+
+
+def test_one_character_lines_and_single_line_cues() -> None:
+    narrow = CueOptions(max_line_chars=1, max_lines=1)
+    t = transcript(words_at("ab c def"))
+    cues = build_cues(t, narrow)
+    assert [c.lines for c in cues] == [("a",), ("b",), ("c",), ("d",), ("e",), ("f",)]
+    check_cues(parse_srt(SrtWriter(narrow).render(t)), t, narrow)
 
 
 def test_two_balanced_lines() -> None:
@@ -297,6 +385,49 @@ def test_subtitle_invariants_hold_for_random_transcripts(t: Transcript) -> None:
     check_cues(parse_vtt(render(t, "vtt")), t)
     narrow = CueOptions(max_line_chars=16, max_lines=3, max_cue_seconds=2.5)
     check_cues(parse_srt(SrtWriter(narrow).render(t)), t, narrow)
+
+
+@st.composite
+def pathological_transcripts(draw: st.DrawFn) -> Transcript:
+    """Words of any text: empty, blank, 250 characters without a space, many parts, any
+    unicode and whitespace; zero, tiny and huge gaps; ends missing, zero or past the next."""
+    texts = st.one_of(
+        st.text(max_size=12),
+        st.text(alphabet=st.characters(codec="utf-8"), min_size=40, max_size=250),
+        st.lists(st.text("ab-/.,", min_size=1, max_size=9), max_size=130).map(" ".join),
+        st.sampled_from(["", " ", "\n", "\t \r", "-->", "a", "x" * 200, "-" * 90]),
+    )
+    n = draw(st.integers(0, 40))
+    start, timed = 0.0, []
+    for _ in range(n):
+        start += draw(st.sampled_from([0.0, 0.0, 1e-6, 0.01, 0.3, 2.0, 40.0]))
+        kind = draw(st.sampled_from(["none", "zero", "short", "long"]))
+        end = {"none": None, "zero": start, "short": start + 0.05, "long": start + 9.0}[kind]
+        timed.append(TimedWord(draw(texts), start, end))
+    duration = start + draw(st.sampled_from([0.0, 0.5, 3.0]))
+    return Transcript(" ".join(w.text for w in timed), timed, duration, "m")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pathological_transcripts(),
+    st.integers(1, 60),
+    st.integers(1, 4),
+    st.sampled_from([0.5, 2.5, 6.0]),
+    st.sampled_from([0.2, 1.0, 8.0]),
+)
+def test_cue_limits_hold_whatever_the_words(
+    t: Transcript, chars: int, lines: int, cue_seconds: float, word_seconds: float
+) -> None:
+    options = CueOptions(
+        max_line_chars=chars,
+        max_lines=lines,
+        max_cue_seconds=cue_seconds,
+        max_word_seconds=word_seconds,
+    )
+    check_cues(parse_srt(SrtWriter(options).render(t)), t, options)
+    check_cues(parse_vtt(VttWriter(options).render(t)), t, options)
+    check_cues(parse_srt(render(t, "srt")), t)
 
 
 # --------------------------------------------------------------------------------------------
