@@ -3,8 +3,11 @@
 Owns the conversion of whatever a user sends into what the model eats (spec §3.1, §4.4):
 mono float32 in [-1, 1] at 24 kHz, cut into frames of 1920 samples. Files of any format FFmpeg
 reads are decoded with PyAV and resampled with soxr, streaming, so an hour-long file never
-exists as a Python list of samples. ``OggOpusStreamDecoder`` turns the pieces of one Ogg/Opus
-stream (moshi-server's ``OggOpus{data}`` message, spec §5.2) into samples as they arrive.
+exists as a Python list of samples; ``probe`` checks a file (readable, a container FFmpeg opens,
+an audio stream that decodes; else what the file holds) and reads its duration without decoding
+it, so a command can refuse bad inputs before it loads a model. ``OggOpusStreamDecoder`` turns
+the pieces of one Ogg/Opus stream (moshi-server's ``OggOpus{data}`` message, spec §5.2) into
+samples as they arrive.
 
 It does not know about models, slots or the wire protocol, and it imports no torch: callers
 get numpy arrays.
@@ -17,6 +20,7 @@ import math
 import os
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -154,9 +158,90 @@ def _open(source: AudioSource, name: str) -> av.container.InputContainer:
 
 def _audio_stream(container: av.container.InputContainer, name: str) -> av.audio.AudioStream:
     if not container.streams.audio:
-        kinds = sorted({s.type for s in container.streams}) or ["nothing"]
-        raise AudioDecodeError(f"{name}: no audio stream (the file holds {', '.join(kinds)})")
+        raise AudioDecodeError(f"{name}: no audio stream ({_holdings(container)})")
     return container.streams.best("audio") or container.streams.audio[0]
+
+
+def _holdings(container: av.container.InputContainer) -> str:
+    """What a file holds, for a user: ``the file (MOV) holds 1 video stream (mpeg4)``."""
+    codecs: dict[str, list[str]] = {}
+    for stream in container.streams:
+        context = getattr(stream, "codec_context", None)
+        codec = getattr(context, "name", None) or "unknown codec"
+        codecs.setdefault(stream.type or "data", []).append(codec)
+    kind = (container.format.name or "?").split(",")[0]
+    if kind == "tty":  # FFmpeg shows any text as ANSI art
+        return "it is a text file"
+    if kind == "image2" or kind.endswith("_pipe"):
+        return f"it is an image ({', '.join(codecs.get('video', [kind]))})"
+    kind = kind.upper()
+    if not codecs:
+        return f"the file ({kind}) holds no stream at all"
+    parts = [
+        f"{len(found)} {what} stream{'s' if len(found) > 1 else ''} ({', '.join(found)})"
+        for what, found in sorted(codecs.items())
+    ]
+    return f"the file ({kind}) holds {' and '.join(parts)}"
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What ``probe`` learnt of a file without decoding it whole."""
+
+    source: str
+    duration: float | None  # seconds, when the container says (None: unknown until decoded)
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+_PROBE_PACKETS = 64  # packets tried before the codec is declared undecodable
+
+
+def probe(source: str | os.PathLike) -> AudioInfo:
+    """Check that ``source`` can be transcribed, cheaply: it exists, is a readable file, is a
+    container FFmpeg opens, holds an audio stream (else the error says what it holds) and its
+    first audio packets decode. Raises ``AudioDecodeError`` with one line naming the file and
+    the problem; a file that passes can still fail later (a read error midway)."""
+    name = _describe(source)
+    path = Path(source)
+    if path.is_file() and not os.access(path, os.R_OK):
+        raise AudioDecodeError(f"{name}: not readable (permission denied)")
+    container = _open(source, name)
+    try:
+        stream = _audio_stream(container, name)
+        context = stream.codec_context
+        codec = context.name if context is not None else "unknown"
+        if stream.duration is not None and stream.time_base is not None:
+            duration: float | None = float(stream.duration * stream.time_base)
+        elif container.duration is not None:
+            duration = container.duration / av.time_base
+        else:
+            duration = None
+        first_error: Exception | None = None
+        tried = 0
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                continue  # the demuxer's end-of-stream packet
+            tried += 1
+            try:
+                if packet.decode():
+                    first_error = None
+                    break
+            except av.error.FFmpegError as e:
+                first_error = first_error or e
+            if tried >= _PROBE_PACKETS:
+                break
+        if first_error is not None:
+            raise AudioDecodeError(
+                f"{name}: the {codec} audio stream could not be decoded "
+                f"({getattr(first_error, 'strerror', None) or first_error})"
+            )
+        return AudioInfo(name, duration, codec, context.sample_rate or 0, context.channels or 0)
+    except av.error.FFmpegError as e:
+        raise AudioDecodeError(f"{name}: read error ({e.strerror or e})") from e
+    finally:
+        container.close()
 
 
 def iter_audio(

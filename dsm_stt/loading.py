@@ -2,14 +2,17 @@
 
 Owns ``load_engine`` (a hub repo id or directory, a checkpoint given file by file as
 moshi-server's TOML does, or an architecture with random weights) and ``build_engine`` (an
-already loaded model): ``auto`` resolved by ``cpu.plan.choose``, the model placed on its
-device and dtype, the plan installed (``cpu.install``), the engine built, and one log line
-naming the chosen path and why. The CLI and the server call these and nothing below them.
+already loaded model): the checkpoint's files checked first (a missing or undownloadable
+model is one message at once, before anything long), ``auto`` resolved by ``cpu.plan.choose``,
+the model placed on its device and dtype, the plan installed (``cpu.install``), the engine
+built, and short lines for the user: what is loaded, the chosen path and why, how long it took.
+The CLI and the server call these and nothing below them.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,11 +56,26 @@ def load_engine(
     announce: Any = None,
 ) -> Engine:
     """Load ``model`` (repo id or directory, ``ModelFiles``; with ``random_weights`` any
-    known architecture name) and build its engine as ``config`` says. The device, dtype and
-    kernels are settled before the (long) load, so what cannot run is refused first."""
+    known architecture name) and build its engine as ``config`` says. What cannot be had or
+    cannot run is refused first, in this order: the checkpoint's files (``check_available``:
+    within a second, without downloading), then the device, dtype and kernels; only then the
+    (long) download and load. ``announce`` (default: the ``dsm_stt`` logger at info) hears what
+    is being loaded, the path chosen, and how long it took."""
+    say = announce or log.info
+    start = time.perf_counter()
+    name = str(model.lm) if isinstance(model, ModelFiles) else str(model)
+    cached = True if random_weights else check_model(model)
     plan = plan_for(config)
     device = config.torch_device()
     dtype = plan.dtype
+    if random_weights:
+        say(f"building {name} with random weights on {device}")
+    elif cached:
+        say(f"loading {name} on {device}")
+    else:
+        from .model.checkpoint import hub_cache_dir
+
+        say(f"downloading {name} into {hub_cache_dir()} (once), then loading it on {device}")
     if isinstance(model, ModelFiles):
         stt = _load_files(model, dtype, device, config.seed, random_weights)
     elif random_weights:
@@ -68,7 +86,21 @@ def load_engine(
         from .model.checkpoint import load_model
 
         stt = load_model(model, dtype=dtype, device=device)
-    return build_engine(stt, config, plan, announce)
+    engine = build_engine(stt, config, plan, say)
+    say(f"{name} loaded in {time.perf_counter() - start:.1f} s")
+    return engine
+
+
+def check_model(model: str | ModelFiles) -> bool:
+    """Raise ``CheckpointError`` at once when ``model``'s files cannot be had (missing from a
+    directory, or neither in the Hugging Face cache nor downloadable); True when nothing needs
+    downloading."""
+    from .model.checkpoint import check_available
+
+    if isinstance(model, ModelFiles):
+        refs = (model.lm, model.mimi, model.tokenizer)
+        return all([check_available(ref, is_file=True) for ref in refs])
+    return check_available(model)
 
 
 def build_engine(

@@ -8,6 +8,7 @@ alignment with the original, and channel averaging.
 from __future__ import annotations
 
 import io
+import wave
 from pathlib import Path
 
 import av
@@ -23,6 +24,7 @@ from dsm_stt.audio import (
     iter_audio,
     load_audio,
     pad_for_stream,
+    probe,
     to_frames,
 )
 
@@ -229,8 +231,48 @@ def test_audio_track_of_a_video(container: str, codec: str, tmp_path: Path) -> N
 def test_video_without_audio_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "video.mp4"
     path.write_bytes(encode(np.zeros((1, 0)), 48000, "aac", "mp4", video=True, audio=False))
-    with pytest.raises(AudioDecodeError, match=r"video\.mp4: no audio stream \(.*video\)"):
+    says = r"video\.mp4: no audio stream \(the file \(MOV\) holds 1 video stream \(mpeg4\)\)$"
+    with pytest.raises(AudioDecodeError, match=says):
         load_audio(path)
+    with pytest.raises(AudioDecodeError, match=says):
+        probe(path)
+
+
+def test_probe_reads_the_header_and_first_packets(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mkv"
+    path.write_bytes(encode(make_signal(48000)[None], 48000, "libopus", "matroska", video=True))
+    info = probe(path)
+    assert (info.codec, info.sample_rate, info.channels) == ("opus", 48000, 1)
+    assert info.duration == pytest.approx(DURATION, abs=0.1)  # the video may be longer
+    wav = tmp_path / "tone.wav"
+    wav.write_bytes(encode(make_signal(16000)[None], 16000, "pcm_s16le", "wav"))
+    assert probe(wav).duration == pytest.approx(DURATION, abs=1e-3)
+    # the errors load_audio gives, without decoding anything
+    for bad, says in [
+        (tmp_path / "missing.wav", "no such file"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "empty.wav", "empty file"),
+        (tmp_path / "notes.txt", r"notes\.txt: no audio stream \(it is a text file\)"),
+    ]:
+        if bad.suffix == ".txt":
+            bad.write_text("a shopping list, not a recording\n" * 20)
+        elif bad.name == "empty.wav":
+            bad.write_bytes(b"")
+        with pytest.raises(AudioDecodeError, match=says):
+            probe(bad)
+    # a WAV header over bytes its codec cannot decode
+    broken = tmp_path / "broken.wav"
+    with wave.open(str(broken), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(bytes(2000))
+    header = broken.read_bytes()[:44]  # format tag 1 (PCM) made 0x55 (MP3)
+    broken.write_bytes(header.replace(b"\x01\x00\x01\x00", b"\x55\x00\x01\x00", 1) + b"x" * 4000)
+    with pytest.raises(
+        AudioDecodeError, match=r"broken\.wav: the mp3\w* audio stream could not be"
+    ):
+        probe(broken)
 
 
 def test_bad_inputs_are_clear_errors(tmp_path: Path) -> None:

@@ -13,6 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from dsm_stt.model.checkpoint import (
     CheckpointError,
+    NotCachedError,
+    check_available,
     load_lm,
     load_mimi,
     load_model,
@@ -178,11 +180,29 @@ def _hub_cache(root: Path, repo: str, source: Path) -> None:
     (base / "refs" / "main").write_text("0" * 40)
 
 
-def _run_offline(cache: Path, code: str) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HOME=str(cache))
+def _run(cache: Path, code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    base |= {"HF_HUB_CACHE": str(cache), "HF_HOME": str(cache), **env}
     return subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], env=base, capture_output=True, text=True, timeout=120
     )
+
+
+def _run_offline(cache: Path, code: str) -> subprocess.CompletedProcess[str]:
+    return _run(cache, code, HF_HUB_OFFLINE="1")
+
+
+# the look-up timed in the child, without the interpreter's start and torch's import
+_TIMED_LOAD = (
+    "import time\n"
+    "from dsm_stt.model.checkpoint import CheckpointError, load_model\n"
+    "t = time.perf_counter()\n"
+    "try:\n"
+    "    load_model('kyutai/stt-1b-en_fr-candle')\n"
+    "except CheckpointError as exc:\n"
+    "    print(f'{time.perf_counter() - t:.3f}')\n"
+    "    print(exc)\n"
+)
 
 
 def test_repo_id_from_cache_offline_and_clear_error_without_cache(
@@ -202,16 +222,80 @@ def test_repo_id_from_cache_offline_and_clear_error_without_cache(
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    done = _run_offline(
-        empty,
-        "from dsm_stt.model.checkpoint import load_model\n"
-        "load_model('kyutai/stt-1b-en_fr-candle')\n",
-    )
-    assert done.returncode != 0
-    last = done.stderr.strip().splitlines()[-1]
-    assert "CheckpointError" in last and "kyutai/stt-1b-en_fr-candle" in last
-    assert "huggingface-cli download kyutai/stt-1b-en_fr-candle" in last
-    assert "--model DIR" in last
+    done = _run_offline(empty, _TIMED_LOAD)
+    assert done.returncode == 0, done.stderr
+    seconds, message = done.stdout.strip().split("\n")
+    assert float(seconds) < 1.0
+    assert "kyutai/stt-1b-en_fr-candle" in message and "HF_HUB_OFFLINE is set" in message
+    assert "`hf download kyutai/stt-1b-en_fr-candle`" in message
+    assert f"Hugging Face cache ({empty})" in message
+    assert "--model DIR" in message
+
+
+def test_unreachable_hub_is_one_message_within_a_second(tmp_path: Path) -> None:
+    """Without HF_HUB_OFFLINE and without network, huggingface_hub alone retries for up to a
+    minute; one short request tells, and the message says what to do."""
+    # a loopback port nothing listens on: the connection is refused at once, like a machine
+    # whose DNS has nothing to say
+    done = _run(tmp_path, _TIMED_LOAD, HF_ENDPOINT="http://127.0.0.1:9")
+    assert done.returncode == 0, done.stderr
+    seconds, message = done.stdout.strip().split("\n")
+    assert float(seconds) < 1.0
+    assert "the hub (http://127.0.0.1:9) cannot be reached" in message
+    assert "`hf download kyutai/stt-1b-en_fr-candle`" in message
+
+
+def test_cached_repo_needs_no_request(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a request was made for a cached file")
+
+    _hub_cache(tmp_path, "someone/tiny-stt", tiny_checkpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "get_hf_file_metadata", no_network)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_network)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    check_available("someone/tiny-stt")
+    files = resolve("someone/tiny-stt")
+    assert files.lm_path.parent.name == "0" * 40
+    assert load_model("someone/tiny-stt").config.lm.num_layers == 2
+
+
+def test_check_available_offline(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NotCachedError, match="HF_HUB_OFFLINE is set") as info:
+        check_available("kyutai/stt-2.6b-en")
+    assert "`hf download kyutai/stt-2.6b-en`" in str(info.value)
+    # one file of a TOML (hf://owner/repo/file): the command fetches that file
+    with pytest.raises(NotCachedError) as info:
+        check_available("hf://kyutai/stt-2.6b-en/model.safetensors")
+    assert "`hf download kyutai/stt-2.6b-en model.safetensors`" in str(info.value)
+    # a known repo whose weights are cached without its config.json: its preset, offline
+    snap = tmp_path / "models--kyutai--stt-2.6b-en" / "snapshots" / ("1" * 40)
+    snap.mkdir(parents=True)
+    (snap.parent.parent / "refs").mkdir()
+    (snap.parent.parent / "refs" / "main").write_text("1" * 40)
+    cfg = preset("kyutai/stt-2.6b-en")
+    for name in (cfg.moshi_name, cfg.mimi_name, cfg.tokenizer_name):
+        (snap / name).write_bytes(b"")
+    check_available("kyutai/stt-2.6b-en")
+    assert resolve("kyutai/stt-2.6b-en").config == cfg
+    (snap / cfg.tokenizer_name).unlink()
+    with pytest.raises(NotCachedError, match=cfg.tokenizer_name):
+        check_available("kyutai/stt-2.6b-en")
+    # a local directory: its missing files, without the hub
+    with pytest.raises(CheckpointError, match="model directory not found"):
+        check_available(str(tmp_path / "nope") + "/")
 
 
 def test_official_tensor_helpers_round_trip(tiny_checkpoint: Path) -> None:

@@ -1,9 +1,12 @@
 """Finding and loading Kyutai STT checkpoints, unchanged, as published on the Hugging Face hub.
 
 Owns:
-- resolving a model reference: a hub repo id (downloaded once into the standard HF cache, with
-  huggingface_hub's progress bars; ``HF_HUB_OFFLINE=1`` uses the cache only), an
-  ``hf://owner/repo/file`` path, or a local directory holding the same files;
+- resolving a model reference: a hub repo id (taken from the standard HF cache when it is
+  there, without a request; else downloaded once into it, with huggingface_hub's progress
+  bars), an ``hf://owner/repo/file`` path, or a local directory holding the same files; when a
+  file is neither cached nor downloadable (``HF_HUB_OFFLINE=1``, no network) one message, at
+  once, gives the ``hf download`` command and the cache path (``check_available`` says so
+  before anything long starts);
 - choosing the configuration: the checkpoint's ``config.json`` when present, otherwise the
   built-in preset of the repo (recognised by id, directory name, or tensor shapes);
 - the one table that turns official tensor names into ours (spec §1.5, §1.6), with strict
@@ -72,8 +75,106 @@ class CheckpointFiles:
 _HF_PATH = re.compile(r"^hf://(?P<repo>[^/]+/[^/]+)/(?P<file>.+)$")
 
 
-def hf_download(repo_id: str, filename: str) -> Path:
-    """Download (or find in the HF cache) one file; clear errors when that is impossible."""
+class NotCachedError(CheckpointError):
+    """A hub file that is not in the local cache and cannot be downloaded now (offline, or the
+    hub cannot be reached): the message says how to get it."""
+
+    def __init__(self, message: str, repo_id: str, filename: str) -> None:
+        super().__init__(message)
+        self.repo_id = repo_id
+        self.filename = filename
+
+
+# How long the one request that tells whether the hub answers may take. huggingface_hub alone
+# retries a file that is not cached for up to a minute; a machine without network answers
+# this probe at once (no DNS), so the user hears why within a second instead.
+HUB_PROBE_TIMEOUT = 5.0
+
+
+def hub_cache_dir() -> Path:
+    """Where huggingface_hub keeps downloaded repos (``HF_HUB_CACHE``, ``HF_HOME``)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is set (huggingface_hub's own reading, or the variable now)."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return bool(constants.HF_HUB_OFFLINE) or value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def download_command(repo_id: str, filename: str | None = None) -> str:
+    return f"hf download {repo_id}" + (f" {filename}" if filename else "")
+
+
+def _not_cached(repo_id: str, filename: str, why: str, whole_repo: bool) -> NotCachedError:
+    command = download_command(repo_id, None if whole_repo else filename)
+    cache = hub_cache_dir()
+    return NotCachedError(
+        f"{repo_id}: {filename!r} is not in the Hugging Face cache ({cache}) and {why}. "
+        f"Download it with `{command}` (on a machine with network access, then copy {cache} "
+        f"here or point HF_HUB_CACHE at the copy), or pass a local directory holding the "
+        f"checkpoint files with --model DIR.",
+        repo_id,
+        filename,
+    )
+
+
+def _from_cache(repo_id: str, filename: str) -> Path | None:
+    """The cached file, None when it is not cached; raises when the cache knows the hub has no
+    such file (huggingface_hub records 404s)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, filename)
+    if isinstance(found, str):
+        return Path(found)
+    if found is not None:
+        raise CheckpointError(
+            f"{repo_id}: file {filename!r} not found on the Hugging Face hub (cached answer)"
+        )
+    return None
+
+
+_REACHED: set[str] = set()  # hub endpoints that answered once in this process
+
+
+def _hub_reachable(repo_id: str, filename: str, whole_repo: bool) -> None:
+    """Raise ``NotCachedError`` at once when nothing can be downloaded: ``HF_HUB_OFFLINE`` is
+    set, or one short request gets no answer from the hub."""
+    if hub_offline():
+        raise _not_cached(repo_id, filename, "HF_HUB_OFFLINE is set", whole_repo)
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError
+
+    endpoint = constants.ENDPOINT
+    if endpoint in _REACHED:
+        return
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename), timeout=HUB_PROBE_TIMEOUT)
+    except HfHubHTTPError:
+        pass  # the hub answered (404, 401, ...): the download says what it means
+    except Exception as exc:  # no network, DNS, proxy, timeout
+        why = f"the hub ({endpoint}) cannot be reached ({type(exc).__name__}: {_first_line(exc)})"
+        raise _not_cached(repo_id, filename, why, whole_repo) from exc
+    _REACHED.add(endpoint)
+
+
+def hf_download(
+    repo_id: str, filename: str, download: bool = True, whole_repo: bool = False
+) -> Path:
+    """One file of a hub repo: from the local cache when it is there (no request at all),
+    else downloaded (huggingface_hub's progress bars). Raises ``NotCachedError`` at once when it
+    is not cached and cannot be downloaded (or, with ``download=False``, whenever it is not
+    cached); ``whole_repo`` makes the advice download the whole repo rather than the file."""
+    cached = _from_cache(repo_id, filename)
+    if cached is not None:
+        return cached
+    if not download:
+        raise _not_cached(repo_id, filename, "this look-up downloads nothing", whole_repo)
+    _hub_reachable(repo_id, filename, whole_repo)
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
@@ -83,29 +184,25 @@ def hf_download(repo_id: str, filename: str) -> Path:
 
     try:
         return Path(hf_hub_download(repo_id, filename))
-    except LocalEntryNotFoundError as exc:  # offline (or unreachable hub) and not cached
-        cause = exc
     except (EntryNotFoundError, RepositoryNotFoundError) as exc:
         raise CheckpointError(
             f"{repo_id}: file {filename!r} not found on the Hugging Face hub ({type(exc).__name__})"
         ) from exc
+    except LocalEntryNotFoundError as exc:  # the hub stopped answering midway
+        cause: Exception = exc
     except Exception as exc:  # network errors and the like
         cause = exc
-    raise CheckpointError(
-        f"cannot get {filename!r} of {repo_id!r}: it is not in the Hugging Face cache and "
-        f"could not be downloaded ({type(cause).__name__}: {_first_line(cause)}). "
-        f"Pre-download it on a machine with network access with "
-        f"`huggingface-cli download {repo_id}` (and copy the cache, or set HF_HOME), "
-        f"or pass a local directory holding the checkpoint files with --model DIR."
-    ) from cause
+    why = f"could not be downloaded ({type(cause).__name__}: {_first_line(cause)})"
+    raise _not_cached(repo_id, filename, why, whole_repo) from cause
 
 
-def resolve_path(ref: str | Path) -> Path:
-    """A file reference: ``hf://owner/repo/file``, ``$VAR``-expanded local path."""
+def resolve_path(ref: str | Path, download: bool = True) -> Path:
+    """A file reference: ``hf://owner/repo/file``, ``$VAR``-expanded local path (``download``:
+    see ``hf_download``)."""
     ref = str(ref)
     m = _HF_PATH.match(ref)
     if m:
-        return hf_download(m["repo"], m["file"])
+        return hf_download(m["repo"], m["file"], download)
     path = Path(os.path.expandvars(os.path.expanduser(ref)))
     if not path.exists():
         raise CheckpointError(f"file not found: {path}")
@@ -140,8 +237,10 @@ def _preset_for_directory(path: Path) -> ModelConfig | None:
     return None
 
 
-def resolve(model: str | Path) -> CheckpointFiles:
-    """Locate the files of a checkpoint given a local directory or a hub repo id."""
+def resolve(model: str | Path, download: bool = True) -> CheckpointFiles:
+    """Locate the files of a checkpoint given a local directory or a hub repo id: a repo's
+    files come from the Hugging Face cache when they are there, else are downloaded (with
+    ``download=False``, ``NotCachedError`` names the first one missing from the cache)."""
     path = Path(os.path.expandvars(os.path.expanduser(str(model))))
     if path.is_dir():
         cfg_file = path / CONFIG_NAME
@@ -171,21 +270,50 @@ def resolve(model: str | Path) -> CheckpointFiles:
             f"{repo_id!r} is neither a local directory nor a hub repo id (owner/name)"
         )
     base = PRESETS.get(repo_id)
+
+    def get(filename: str) -> Path:
+        return hf_download(repo_id, filename, download, whole_repo=True)
+
     try:
-        cfg = _read_config(hf_download(repo_id, CONFIG_NAME), base)
+        cfg = _read_config(get(CONFIG_NAME), base)
+    except NotCachedError as exc:
+        if base is None:
+            raise
+        try:  # a known repo whose weights are cached without its config.json works offline
+            get(base.moshi_name)
+        except NotCachedError:
+            raise exc from None
+        cfg = base
     except CheckpointError as exc:
         if base is None or "not found on the Hugging Face hub" not in str(exc):
             raise
         cfg = base  # the repo publishes no config.json: use the built-in preset
     if cfg.mimi_config_name:
-        cfg = _with_mimi_config(cfg, hf_download(repo_id, cfg.mimi_config_name))
+        cfg = _with_mimi_config(cfg, get(cfg.mimi_config_name))
     return CheckpointFiles(
         repo_id,
         cfg,
-        lm_path=hf_download(repo_id, cfg.moshi_name),
-        mimi_path=hf_download(repo_id, cfg.mimi_name),
-        tokenizer_path=hf_download(repo_id, cfg.tokenizer_name),
+        lm_path=get(cfg.moshi_name),
+        mimi_path=get(cfg.mimi_name),
+        tokenizer_path=get(cfg.tokenizer_name),
     )
+
+
+def check_available(model: str | Path, is_file: bool = False) -> bool:
+    """Fail now, downloading nothing and within a second, when ``model`` (a directory or a repo
+    id; with ``is_file``, one file: a path or ``hf://owner/repo/file``) cannot be had: a
+    directory missing files, or hub files neither in the cache nor downloadable
+    (``HF_HUB_OFFLINE``, no answer from the hub). True when nothing needs downloading. Called
+    before the long parts of loading so that the user hears at once what to do."""
+    try:
+        if is_file or _HF_PATH.match(str(model)):
+            resolve_path(model, download=False)
+        else:
+            resolve(model, download=False)
+    except NotCachedError as exc:
+        _hub_reachable(exc.repo_id, exc.filename, whole_repo=not _HF_PATH.match(str(model)))
+        return False
+    return True
 
 
 def _with_mimi_config(cfg: ModelConfig, path: Path) -> ModelConfig:
