@@ -533,6 +533,7 @@ class FakeSocket:
         for frame in frames:
             self.incoming.put_nowait({"type": "websocket.receive", "bytes": frame})
         self.sent: list[dict] = []
+        self.unsent: list[dict] = []  # sends that hung (the client does not read)
         self.stall_after = stall_after
         self.closed: int | None = None
         self.got_flushed = asyncio.Event()
@@ -545,6 +546,7 @@ class FakeSocket:
 
     async def send_bytes(self, data: bytes) -> None:
         if self.stall_after is not None and len(self.sent) >= self.stall_after:
+            self.unsent.append(msgpack.unpackb(data))
             await asyncio.Event().wait()  # forever
         self.sent.append(msgpack.unpackb(data))
         if self.sent[-1]["type"] == "Flushed":
@@ -574,6 +576,10 @@ def test_a_client_that_stops_reading_is_dropped_and_its_neighbour_goes_on(
             fine = asyncio.ensure_future(Session(healthy, ctx).run())  # type: ignore[arg-type]
             await asyncio.wait_for(slow, 20)  # dropped: its handler returned
             assert ctx.metrics.rejected.labels("too_slow")._value.get() == 1
+            # It was offered an Error naming the limit (which it did not read), then a close.
+            assert stalled.unsent[-1]["type"] == "Error"
+            assert "more than 30 messages wait unread" in stalled.unsent[-1]["message"]
+            assert stalled.closed == 1011
             await asyncio.wait_for(healthy.got_flushed.wait(), 20)
             assert words_of(events(healthy.sent)) == reference[2]
             healthy.incoming.put_nowait({"type": "websocket.disconnect", "code": 1000})
@@ -952,3 +958,44 @@ def test_a_live_session_survives_any_sequence_of_frames(
 def live_server(engine: Engine) -> Iterator[ThreadedServer]:
     with threaded_server(ServerConfig(), engine) as server:
         yield server
+
+
+@pytest.mark.parametrize("reads", [False, True])
+def test_a_finished_connection_whose_client_does_not_read_is_aborted(
+    reads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing a transport waits for its buffered bytes to leave, which never happens when the
+    client stopped reading: once the session is over, a connection whose buffer is still full
+    ``ABORT_AFTER`` later is aborted; one that drains is left to close normally."""
+    from dsm_stt.server import liveness
+
+    cls = liveness.protocol_class()
+    assert isinstance(cls, type) and cls.__name__ == "LivenessProtocol"
+
+    class Transport:
+        aborted = False
+
+        def get_write_buffer_size(self) -> int:
+            return 0 if reads else 65_536
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    async def session_over(self: object) -> None:  # uvicorn's run_asgi: the app returned
+        return None
+
+    monkeypatch.setattr(liveness, "ABORT_AFTER", 0.05)
+    monkeypatch.setattr(cls.__mro__[1], "run_asgi", session_over)
+
+    async def main() -> Transport:
+        proto = object.__new__(cls)
+        proto.loop = asyncio.get_running_loop()
+        proto.transport = Transport()
+        proto.writable = asyncio.Event()  # writing paused: the buffer is over its high mark
+        if reads:
+            proto.writable.set()
+        await proto.run_asgi()
+        await asyncio.sleep(0.2)
+        return proto.transport
+
+    assert run(main()).aborted is not reads

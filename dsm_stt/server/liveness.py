@@ -17,6 +17,11 @@ would grow the server's memory): the connection is aborted with 1008 and its slo
 once. (How much a client has left unread is no sign of a flood by itself: a client that sends
 audio as fast as it can reads its messages late, and it is alive.)
 
+A client that stops reading altogether would hold its connection after the session ends:
+closing a transport waits for its buffered bytes to leave, and they never do. Once the
+session is over, a connection whose buffer is still full ``ABORT_AFTER`` seconds later is
+aborted.
+
 ``protocol_class()`` returns it, or uvicorn's own class where this uvicorn has no sans-I/O
 implementation with the attributes it relies on (then the stock keep-alive applies).
 """
@@ -28,6 +33,7 @@ import logging
 log = logging.getLogger(__name__)
 
 MAX_PINGS_PER_SECOND = 100  # a client's keep-alive pings once every few seconds
+ABORT_AFTER = 5.0  # seconds a finished session's unread bytes may wait for the client
 
 
 def protocol_class() -> type | str:
@@ -40,6 +46,7 @@ def protocol_class() -> type | str:
         log.warning("this uvicorn has no sans-I/O WebSocket protocol: stock keep-alive pings")
         return "websockets"
     needed = ("send_keepalive_ping", "keepalive_timeout", "schedule_ping", "data_received")
+    needed += ("run_asgi",)
     if not all(hasattr(WebSocketsSansIOProtocol, name) for name in needed):
         log.warning("this uvicorn's WebSocket protocol differs: stock keep-alive pings")
         return "websockets-sansio"
@@ -67,6 +74,17 @@ def _liveness(base: type) -> type:
                 self.transport.abort()  # a client that does not read would hold close()
                 return
             super().handle_ping()
+
+        async def run_asgi(self) -> None:
+            await super().run_asgi()
+            writable = getattr(self, "writable", None)
+            if writable is not None and not writable.is_set():  # unread bytes wait
+                self.loop.call_later(ABORT_AFTER, self._abort_if_unread)
+
+        def _abort_if_unread(self) -> None:
+            if self.transport.get_write_buffer_size():
+                log.warning("aborting a connection whose client stopped reading")
+                self.transport.abort()
 
         def data_received(self, data: bytes) -> None:
             self.last_heard = self.loop.time()

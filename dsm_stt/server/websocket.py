@@ -185,6 +185,13 @@ class Session:
         if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
             return  # nobody to send to: ``run`` removes the stream
         await asyncio.wait({self._sender})  # (does not raise if the sender was cancelled)
+        if self._dropped:  # say why before closing, if the client reads at all any more
+            limit = self.config.max_outbound_messages
+            error = Error(f"more than {limit} messages wait unread by this client: closing")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_quietly(ws.send_bytes(encode_server_message(error))), 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_quietly(ws.close(1011, "client does not read")), 1.0)
 
     def finish(self) -> None:
         """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
