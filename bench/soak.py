@@ -7,7 +7,8 @@
 * ``--churn-minutes M``: for M minutes, ``--sessions`` clients at once connect, stream a random
   one of a few test signals, Flush, and disconnect (some midway, some right after connecting),
   then start again. Every session that finished must report exactly the words of its signal
-  alone, ``/api/modules_info`` must come back to 0 used slots, and the RSS growth is reported.
+  alone, ``/api/modules_info`` must come back to 0 used slots, and the RSS is sampled every
+  ``RSS_EVERY`` seconds (reported per minute: whether it levels off).
 
 The model is the tests' talkative checkpoint (a tiny random model whose Mimi codebooks are built
 from the audio, so its words follow the audio: ``tests/server_support.py``), so a session that
@@ -108,6 +109,9 @@ async def long_session(server: ServerProcess, hours: float, rss: list[tuple[floa
     }
 
 
+RSS_EVERY = 10.0  # seconds between RSS samples in the churn
+
+
 async def churn(server: ServerProcess, checkpoint: Path, minutes: float, sessions: int) -> dict:
     """``sessions`` clients connecting, streaming, flushing and leaving for ``minutes``."""
     folder = Path(tempfile.mkdtemp())
@@ -142,8 +146,19 @@ async def churn(server: ServerProcess, checkpoint: Path, minutes: float, session
                 errors.append(f"{type(exc).__name__}: {exc}"[:200])
                 await asyncio.sleep(0.2)
 
-    await asyncio.gather(*(client(k) for k in range(sessions)))
+    samples: list[tuple[float, int]] = []
+
+    async def sample_rss() -> None:
+        start = time.monotonic()
+        while time.monotonic() < deadline:
+            samples.append((time.monotonic() - start, server.rss_kib()))
+            await asyncio.sleep(RSS_EVERY)
+
+    await asyncio.gather(sample_rss(), *(client(k) for k in range(sessions)))
     await asyncio.sleep(2.0)
+    per_minute: dict[int, int] = {}
+    for t, kib in samples:  # the last sample of each minute
+        per_minute[int(t // 60)] = round(kib / 1024)
     used = server.used_slots()
     return counts | {
         "sessions_at_once": sessions,
@@ -151,6 +166,7 @@ async def churn(server: ServerProcess, checkpoint: Path, minutes: float, session
         "used_slots_after": used,
         "error_kinds": sorted(set(errors))[:5],
         "rss_mib_start_end": [round(rss_start / 1024), round(server.rss_kib() / 1024)],
+        "rss_mib_by_minute": list(per_minute.values()),
     }
 
 

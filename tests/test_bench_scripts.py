@@ -89,3 +89,4 @@ def test_soak_holds_a_long_session_and_churn() -> None:
     churn = report["churn"]
     assert churn["finished"] > 4 and churn["mismatch"] == 0
     assert churn["used_slots_after"] == 0
+    assert churn["rss_mib_by_minute"] and churn["rss_mib_by_minute"][0] > 0
