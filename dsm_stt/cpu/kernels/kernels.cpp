@@ -523,6 +523,8 @@ void amx_block(const int8_t* A, int64_t lda, const int8_t* B0, int64_t KB, int32
 
 torch::Tensor attend(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Tensor v,
                      torch::Tensor vs, torch::Tensor mask, double scale, int64_t path) {
+  // Python waits without the GIL: the server's event loop runs while a model step computes.
+  pybind11::gil_scoped_release no_gil;
   return run(q, k, ks, v, vs, mask, scale, path);
 }
 
@@ -678,6 +680,8 @@ torch::Tensor linear(torch::Tensor x, const Projection& proj, double levels) {
 // (which needs ``column_sums``, int32 [N], the sums of w's rows; empty: none).
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, int64_t N,
                           double levels, torch::Tensor column_sums, int64_t product) {
+  // Python waits without the GIL: the server's event loop runs while a model step computes.
+  pybind11::gil_scoped_release no_gil;
   const bool amx = uses_tiles(product);
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
@@ -801,6 +805,8 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
                             torch::Tensor write_index, torch::Tensor cos, torch::Tensor sin,
                             torch::Tensor mask, int64_t num_heads,
                             std::vector<torch::Tensor> column_sums, int64_t product) {
+  // Python waits without the GIL: the server's event loop runs while a model step computes.
+  pybind11::gil_scoped_release no_gil;
   const bool amx = uses_tiles(product);
 #if defined(DSM_VNNI)
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat ||
@@ -950,6 +956,8 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
 // [bins, dim + 2] and the codebook [bins, dim]. Returns the codes [B, stages] (long).
 torch::Tensor vq_encode(torch::Tensor residual, std::vector<torch::Tensor> augmented,
                         std::vector<torch::Tensor> books) {
+  // Python waits without the GIL: the server's event loop runs while a model step computes.
+  pybind11::gil_scoped_release no_gil;
   TORCH_CHECK(augmented.size() == books.size() && !books.empty(), "one codebook per stage");
   TORCH_CHECK(residual.dim() == 2, "residual must be [B, dim]");
   const auto ones = residual.new_ones({residual.size(0), 1});
