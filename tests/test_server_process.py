@@ -261,3 +261,42 @@ def test_sigterm_finishes_a_running_post(checkpoint: Path, tmp_path: Path) -> No
         assert process.proc.wait(30) == 0
     finally:
         process.stop()
+
+
+def test_out_of_file_descriptors_is_one_warning_line_and_the_server_recovers(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """With its open-files limit lowered to a few more than it holds, the server cannot accept
+    a burst of connections: it logs one warning line naming the remedy (not a traceback a
+    second), counts the failures in /metrics, and serves again once the sockets close."""
+    import os
+    import resource
+    import socket
+
+    log = tmp_path / "server.log"
+    with running_server(["--model", str(checkpoint), "--exact", "--batch-size", "2"], log) as srv:
+        held = len(os.listdir(f"/proc/{srv.proc.pid}/fd"))
+        _, hard = resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (held + 8, hard))
+        sockets = [socket.create_connection(("127.0.0.1", srv.port)) for _ in range(40)]
+        time.sleep(3.5)  # asyncio retries the accept every second: several failures
+        for sock in sockets:
+            sock.close()
+        resource.prlimit(srv.proc.pid, resource.RLIMIT_NOFILE, (hard, hard))
+        deadline = time.monotonic() + 20
+        while True:  # the closed sockets are accepted and dropped first
+            try:
+                if srv.get("/health").status_code == 200:
+                    break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        metrics = srv.get("/metrics").text
+        failures = float(re.search(r"^asr_accept_failures_total (\S+)", metrics, re.M)[1])
+        text = srv.log()
+    warnings = [line for line in text.splitlines() if "cannot accept connections" in line]
+    assert failures >= 2, text[-2000:]
+    assert len(warnings) == 1, warnings
+    assert "--max-connections" in warnings[0] and "ulimit -n" in warnings[0]
+    assert "Traceback" not in text and "out of system resource" not in text

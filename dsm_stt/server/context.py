@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from ..engine.scheduler import Scheduler
+from .accept_errors import AcceptErrorLog
 from .config import ServerConfig
 from .metrics import ServerMetrics
 from .runner import Runner, engine_thread
@@ -59,6 +60,7 @@ class ServerContext:
         self._drained = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app
         self._lag_watch: asyncio.Future[None] | None = None
+        self.accept_errors = AcceptErrorLog(on_failure=self.metrics.accept_failures.inc)
 
     # -- model facts -------------------------------------------------------------------------
 
@@ -115,6 +117,7 @@ class ServerContext:
         self.runner = Runner(scheduler, self.metrics)
         self.runner.start(torch_thread)
         self._lag_watch = asyncio.ensure_future(self._watch_loop_lag())
+        self.accept_errors.install(self.loop)
         self.accepting = self.ready = True
         log.info(
             "model %s ready: %d slots, %s",
@@ -155,6 +158,7 @@ class ServerContext:
         await self.drain()
         if self._lag_watch is not None:
             self._lag_watch.cancel()
+        self.accept_errors.uninstall()
         if self.runner is not None:
             await asyncio.to_thread(self.runner.stop)
         self.torch_thread.shutdown(wait=False)

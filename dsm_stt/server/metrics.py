@@ -70,6 +70,11 @@ class ServerMetrics:
         self.loop_lag_max = Gauge(
             "asr_event_loop_lag_max_seconds", "The worst event-loop lag since start", registry=r
         )
+        self.accept_failures = Counter(
+            "asr_accept_failures",
+            "Connections the server could not accept (no file descriptor left)",
+            registry=r,
+        )
         self.rejected = Counter(
             "asr_rejected", "Sessions refused or dropped", ["reason"], registry=r
         )
