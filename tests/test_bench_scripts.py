@@ -3,10 +3,12 @@ precision sweep and the logit-agreement report, run end to end on the tiny model
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine_support import KERNELS_PROBLEM
 
@@ -90,3 +92,58 @@ def test_soak_holds_a_long_session_and_churn() -> None:
     assert churn["finished"] > 4 and churn["mismatch"] == 0
     assert churn["used_slots_after"] == 0
     assert churn["rss_mib_by_minute"] and churn["rss_mib_by_minute"][0] > 0
+
+
+def load_bench_module(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_third_party_reads_the_scripts_output_and_judges_each_client() -> None:
+    """bench/third_party.py without the third-party repositories: what Kyutai's and Unmute's
+    file scripts print is read back into (text, start) pairs, and a run is judged on them."""
+    tp = load_bench_module("third_party")
+    kyutai_stdout = (
+        "hello  two words \n\n"
+        "   1.00 -   1.20  hello\n"
+        "   1.50 -   1.50  \n"
+        "  12.34 -  13.00  two words\n"
+    )
+    assert tp.parse_kyutai(kyutai_stdout) == [("hello", 1.0), ("", 1.5), ("two words", 12.34)]
+    assert tp.parse_kyutai("hello") == []  # cut off before its table: no words
+    unmute_stdout = (
+        "NEWSAPI_API_KEY is not set.\n"
+        "type='Word' text='hello' start_time=1.0\n"
+        "type='Word' text=\"it's\" start_time=2.1234\n"
+    )
+    assert tp.parse_unmute(unmute_stdout) == [("hello", 1.0), ("it's", 2.12)]
+
+    expected = [("hello", 1.0), ("it's", 2.12)]
+    same = {"exit_code": 0, "disconnected": False} | tp.compare(expected, expected)
+    assert tp.verdict(same) == []
+    short = {"exit_code": 1, "disconnected": True} | tp.compare(expected[:1], expected)
+    assert short["first_difference"] == {"index": 1, "got": None, "expected": ["it's", 2.12]}
+    assert tp.verdict(short) == ["exit code 1", "disconnected", "1 words printed, 2 expected"]
+    moved = tp.compare([("hello", 1.0), ("it's", 2.2)], expected)
+    assert not moved["equal"] and moved["first_difference"]["index"] == 1
+    nothing = {"exit_code": 0, "disconnected": False} | tp.compare([], [])
+    assert tp.verdict(nothing) == ["the solo run heard no words: nothing to compare"]
+
+
+def test_third_party_names_a_missing_package_before_starting_anything(tmp_path: Path) -> None:
+    script = tmp_path / "scripts" / "stt_from_file_rust_server.py"
+    script.parent.mkdir()
+    script.write_text("import numpy\nimport a_package_nobody_installed\n")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "third_party.py"), "--dsm-repo", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "missing package providing 'a_package_nobody_installed'" in proc.stderr
+    assert proc.stdout == ""  # no server was started, no summary printed
