@@ -46,6 +46,7 @@ from server_support import (
 
 import dsm_stt.server.app as app_module
 import dsm_stt.server.context as context_module
+from dsm_stt import __version__
 from dsm_stt.config import EngineConfig
 from dsm_stt.cpu.quantize import is_quantized
 from dsm_stt.engine.engine import Engine
@@ -340,7 +341,7 @@ def test_post_transcribes_a_file_like_transcribe(
 
 def test_info_routes_health_and_metrics(engine: Engine) -> None:
     with threaded_server(ServerConfig(), engine) as server:
-        assert server.get("/health").json() == {"status": "ok"}
+        assert server.get("/health").json() == {"status": "ok", "version": __version__}
         (info,) = server.get("/api/modules_info").json()
         assert info["type"] == "batched_asr" and info["path"] == "/api/asr-streaming"
         assert info["used_slots"] == "0" and info["total_slots"] == "4"
@@ -469,7 +470,7 @@ def test_drain_sends_the_last_words_and_refuses_newcomers(engine: Engine, refere
             assert words_of(events(msgs)) == reference[1]
             await asyncio.wait_for(drained, 10)
         health = await asyncio.to_thread(server.get, "/health")  # type: ignore[attr-defined]
-        assert health.status_code == 503 and health.json() == {"status": "shutting down"}
+        assert health.status_code == 503 and health.json()["status"] == "shutting down"
         with pytest.raises(websockets.InvalidStatus) as refused:
             await connect(server.url)  # type: ignore[attr-defined]
         assert refused.value.response.status_code == 503

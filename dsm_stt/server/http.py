@@ -13,7 +13,7 @@ Owns the request handlers next to the WebSocket endpoint (spec §5.1, §5.7, §5
   the 2.6B) is added and subtracted again, so times are in file time.
 * ``GET /api/build_info``, ``GET /api/modules_info`` (slot usage, moshi-server's field names,
   values as strings), ``GET /health`` (200 only once the model is warmed up and while the
-  server accepts sessions), ``GET /metrics`` (Prometheus text).
+  server accepts sessions; with this package's version), ``GET /metrics`` (Prometheus text).
 """
 
 from __future__ import annotations
@@ -222,9 +222,9 @@ async def modules_info(request: Request) -> Response:
 async def health(request: Request) -> Response:
     ctx = _context(request)
     if ctx.ready:
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", "version": __version__})
     status = "starting" if ctx.runner is None else "shutting down"
-    return JSONResponse({"status": status}, 503)
+    return JSONResponse({"status": status, "version": __version__}, 503)
 
 
 async def metrics(request: Request) -> Response:
