@@ -18,7 +18,7 @@ from dsm_stt.engine.events import Closed, EndWord, Marker, Step, Word
 from dsm_stt.engine.scheduler import Scheduler, StepOutput
 from dsm_stt.server.metrics import ServerMetrics
 from dsm_stt.server.protocol import Error, Flushed, Ready
-from dsm_stt.server.runner import Channel, Dropped, Runner, engine_thread
+from dsm_stt.server.runner import Channel, Dropped, ReadAhead, Runner, engine_thread
 
 F = 1920
 D = 2  # text delay of the fake model, in steps
@@ -306,6 +306,34 @@ def test_wait_for_room_holds_a_fast_sender_back() -> None:
             await ch.wait_for_room(4 * F)
             assert ch.backlog() <= 4 * F
             assert engine.steps >= 36
+        finally:
+            runner.stop()
+
+    run(main())
+
+
+def test_read_ahead_lets_sessions_read_on_within_one_budget() -> None:
+    """Each session may queue ``floor`` samples; beyond that only while everyone's audio past
+    their floors fits the budget; the held session goes on as the model catches up."""
+
+    async def main() -> None:
+        runner, engine = make_runner(batch_size=2, delay_s=0.002)
+        try:
+            a, b = runner.channel(), runner.channel()
+            assert await runner.admit(a) and await runner.admit(b)
+            ahead = ReadAhead(floor=4 * F, budget=10 * F)
+            ahead.channels |= {a, b}
+            assert ahead.has_room(a, 100 * F)  # at or under its floor: always
+            a.inflight = 12 * F  # (as a feed on its way counts it) 8 frames past its floor
+            assert ahead.extra() == 8 * F
+            assert ahead.has_room(a, 2 * F) and not ahead.has_room(a, 3 * F)
+            assert ahead.has_room(b, 50 * F)  # b is under its own floor
+            b.inflight = 6 * F  # 2 past: the budget is spent
+            assert not ahead.has_room(a, F) and not ahead.has_room(b, F)
+            a.inflight = b.inflight = 0
+            runner.feed(a, frames(*[5] * 20))
+            await ahead.wait_for_room(a, 2 * F)  # held until the model has read enough
+            assert a.backlog() <= 12 * F and engine.steps >= 8
         finally:
             runner.stop()
 

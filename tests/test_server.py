@@ -610,6 +610,37 @@ class SlowEngine:
         return self._engine.begin_step(*args, **kwargs)
 
 
+@pytest.mark.parametrize("read_ahead_mb", [512.0, 0.0])
+def test_a_fast_sender_that_pings_is_answered_while_the_server_reads_ahead(
+    read_ahead_mb: float, engine: Engine, checkpoint: Path, tmp_path: Path
+) -> None:
+    """Clients built on the websockets library (Kyutai's and Unmute's scripts, ours) ping on
+    their own and give up when a pong is late. A client that sends all its audio at once puts
+    its ping behind that audio: a server that stops reading at its per-session bound cannot
+    answer it. Within the read-ahead budget the server reads on (answering the pings) and
+    the session ends with every word; with no budget (the contrast) the client times out."""
+    pcm = np.concatenate([silence(1.0), speechlike(8.0, seed=7)])
+    (expected,) = reference_words(checkpoint, [write_wav(tmp_path / "ping.wav", pcm)], 4)
+    config = ServerConfig(max_buffered_seconds=0.5, read_ahead_mb=read_ahead_mb)
+    with threaded_server(config, SlowEngine(engine, 0.02)) as server:
+
+        async def main() -> list:
+            ws = await websockets.connect(
+                server.url, max_size=None, proxy=None, ping_interval=0.3, ping_timeout=0.6
+            )
+            async with ws:
+                assert (await recv(ws))["type"] == "Ready"
+                await send_frames(ws, pcm)
+                await ws.send(pack({"type": "Flush", "id": 1}))
+                return words_of(events(await recv_until(ws, "Flushed", id=1)))
+
+        if read_ahead_mb:
+            assert run(main()) == expected
+        else:
+            with pytest.raises(websockets.ConnectionClosed):
+                run(main())
+
+
 def test_a_client_sending_faster_than_the_engine_is_never_timed_out(
     engine: Engine, checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -622,7 +653,9 @@ def test_a_client_sending_faster_than_the_engine_is_never_timed_out(
     pcm = np.concatenate([silence(1.0), speechlike(8.0, seed=7)])
     (expected,) = reference_words(checkpoint, [write_wav(tmp_path / "fast.wav", pcm)], 4)
     assert len(expected) >= 5
-    config = ServerConfig(ping_interval=0.2, idle_timeout=0.3, max_buffered_seconds=0.5)
+    config = ServerConfig(
+        ping_interval=0.2, idle_timeout=0.3, max_buffered_seconds=0.5, read_ahead_mb=0
+    )
     with threaded_server(config, SlowEngine(engine, 0.02)) as server:
         start = time.monotonic()
         words = run(transcribe_session(server.url, pcm))
@@ -782,7 +815,7 @@ def test_an_ogg_opus_bomb_is_throttled_like_a_fast_sender(engine: Engine) -> Non
     slice, where it used to queue all 30 s at once; and every frame is still transcribed."""
     bomb = _opus_silence(30.0)
     assert len(bomb) < 20_000
-    config = ServerConfig(max_buffered_seconds=1.0)
+    config = ServerConfig(max_buffered_seconds=1.0, read_ahead_mb=0)
     with threaded_server(config, SlowEngine(engine, 0.005)) as server:
 
         async def main() -> int:

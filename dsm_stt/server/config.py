@@ -88,7 +88,10 @@ class ServerConfig:
     idle_timeout: float = 20.0  # close when a ping is not answered within this long
     audio_timeout: float = 120.0  # close when no binary message came for this long
     warmup_steps: int = 3
-    max_buffered_seconds: float = 10.0  # audio queued per session before we stop reading
+    max_buffered_seconds: float = 10.0  # audio queued per session that is always read
+    # audio the sessions together may read beyond max_buffered_seconds each (float32: 96 kB a
+    # second of audio), before they stop reading: a fast sender's pings stay answered
+    read_ahead_mb: float = 512.0
     max_outbound_messages: int = 20_000  # unsent messages per session before it is dropped
     # Markers and Flushes a session may have waiting for their answer: one more is a flood,
     # closed with an Error naming the limit (1008), so one step's echoes stay far below
@@ -115,6 +118,7 @@ class ServerConfig:
             "idle_timeout",
             "audio_timeout",
             "max_buffered_seconds",
+            "read_ahead_mb",
             "shutdown_timeout",
             "max_upload_mb",
             "header_timeout",

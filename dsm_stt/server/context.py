@@ -21,7 +21,7 @@ from ..engine.scheduler import Scheduler
 from .accept_errors import AcceptErrorLog
 from .config import ServerConfig
 from .metrics import ServerMetrics
-from .runner import Runner, engine_thread
+from .runner import ReadAhead, Runner, engine_thread
 
 if TYPE_CHECKING:
     from ..engine.engine import Engine
@@ -60,6 +60,7 @@ class ServerContext:
         self._drained = False
         self.loop: asyncio.AbstractEventLoop | None = None  # the event loop serving the app
         self._lag_watch: asyncio.Future[None] | None = None
+        self.read_ahead = ReadAhead(floor=0, budget=0)  # sized in ``start``
         self.accept_errors = AcceptErrorLog(on_failure=self.metrics.accept_failures.inc)
 
     # -- model facts -------------------------------------------------------------------------
@@ -116,6 +117,11 @@ class ServerContext:
         )
         self.runner = Runner(scheduler, self.metrics)
         self.runner.start(torch_thread)
+        rate = self.runner.sample_rate
+        self.read_ahead = ReadAhead(
+            floor=round(self.config.max_buffered_seconds * rate),
+            budget=round(self.config.read_ahead_mb * 2**20 / 4),  # float32 samples
+        )
         self._lag_watch = asyncio.ensure_future(self._watch_loop_lag())
         self.accept_errors.install(self.loop)
         self.accepting = self.ready = True

@@ -1,6 +1,6 @@
 """The one place asyncio meets torch: a worker thread that owns the engine and the scheduler.
 
-Owns ``Runner``, ``Channel`` and ``engine_thread``. The ``Scheduler`` (and through it the
+Owns ``Runner``, ``Channel``, ``ReadAhead`` and ``engine_thread``. The ``Scheduler`` (and through it the
 engine) is not thread-safe, so exactly one thread touches it: the runner's worker. Sessions,
 which live on the asyncio event loop, talk to it through a command queue (admit / feed /
 marker / flush / reset / close / remove: cheap, non-blocking calls from any thread) and receive
@@ -14,9 +14,10 @@ events → finish the step (``Scheduler.settle``: its Mimi half, which the messa
 so they leave that much earlier). It never waits on a client: a session that does not read its
 messages only grows its own queue, and past ``max_pending`` messages the channel calls its
 ``on_overflow`` hook so the session can be dropped (others never notice). Audio coming in
-faster than the model consumes it is bounded the other way: ``Channel.wait_for_room`` lets a
-session stop reading its socket while its stream has more than a given backlog, which pushes
-back on the client through TCP.
+faster than the model consumes it is bounded the other way: ``Channel.wait_for_room`` (and
+``ReadAhead``, which lets sessions read further within a server-wide budget) lets a session
+stop reading its socket while its stream has more than a given backlog, which pushes back on
+the client through TCP.
 
 All of a server's torch work (loading, warm-up, every step) runs on one thread, the executor
 ``engine_thread()`` makes: PyTorch's CPU kernels run on OpenMP, which keeps a team of worker
@@ -125,14 +126,51 @@ class Channel:
     async def wait_for_room(self, max_samples: int) -> None:
         """Return once at most ``max_samples`` samples wait for the model."""
         while self.backlog() > max_samples:
-            self._progress.clear()
-            self.wants_progress = True
-            # The worker wakes us after every step; the timeout only guards a lost wake-up.
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._progress.wait(), 1.0)
+            await self.wait_for_progress()
+
+    async def wait_for_progress(self) -> None:
+        """Return after this stream's next model step (or a second, whichever comes first)."""
+        self._progress.clear()
+        self.wants_progress = True
+        # The worker wakes us after every step; the timeout only guards a lost wake-up.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), 1.0)
 
     def _wake(self) -> None:
         self._progress.set()
+
+
+class ReadAhead:
+    """How far ahead of the model the sessions read their clients' audio (event-loop side).
+
+    Every session may have ``floor`` samples waiting for the model. Beyond that it goes on
+    reading while the audio of all sessions beyond their floors fits ``budget`` samples; then
+    it stops reading its socket (TCP flow control) until the model catches up. Reading ahead is
+    what keeps a client that sends as fast as it can *and pings* connected: its ping waits in
+    the socket behind its audio, so a server that does not read cannot answer it, and the
+    websockets library such clients use gives up 40 s after an unanswered ping. The budget
+    bounds what all of them together can make the server hold.
+    """
+
+    def __init__(self, floor: int, budget: int) -> None:
+        self.floor = floor
+        self.budget = budget
+        self.channels: set[Channel] = set()
+
+    def extra(self) -> int:
+        """Samples waiting beyond the sessions' floors, all sessions together."""
+        return sum(max(0, ch.backlog() - self.floor) for ch in self.channels)
+
+    def has_room(self, channel: Channel, samples: int) -> bool:
+        backlog = channel.backlog()
+        if backlog <= self.floor:
+            return True
+        return self.extra() + samples <= self.budget
+
+    async def wait_for_room(self, channel: Channel, samples: int) -> None:
+        """Return once ``samples`` more may be queued for ``channel``."""
+        while not self.has_room(channel, samples):
+            await channel.wait_for_progress()
 
 
 class EngineThread(concurrent.futures.Executor):

@@ -111,7 +111,6 @@ class Session:
         self._receiver: asyncio.Task[str] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._opus: OggOpusStreamDecoder | None = None
-        self._max_backlog = round(self.config.max_buffered_seconds * server.sample_rate)
         self._dropped = False
         # Markers and Flushes read but not answered yet (at most ``max_pending_markers``)
         self._unanswered = 0
@@ -157,6 +156,7 @@ class Session:
             log.exception("session failed")
         finally:
             if self.channel is not None:
+                server.read_ahead.channels.discard(self.channel)
                 server.runner.remove(self.channel)
             for task in (self._receiver, self._sender):
                 if task is not None:
@@ -177,6 +177,7 @@ class Session:
             await _quietly(ws.close(1000 if server.accepting else 1001))
             return
         self._move(SessionState.STREAMING)
+        server.read_ahead.channels.add(self.channel)
         await ws.send_bytes(encode_server_message(Ready()))
         self._sender = asyncio.create_task(self._send_loop())
         self._receiver = asyncio.create_task(self._receive_loop())
@@ -258,7 +259,7 @@ class Session:
         assert channel is not None
         if isinstance(msg, Audio):
             if msg.pcm.size:
-                await channel.wait_for_room(self._max_backlog)
+                await self.server.read_ahead.wait_for_room(channel, msg.pcm.size)
                 runner.feed(channel, msg.pcm)
         elif isinstance(msg, OggOpus):
             if self._opus is None:
@@ -277,7 +278,7 @@ class Session:
                     self._post(Error(f"OggOpus: {exc}"))
                     return
                 if pcm.size:
-                    await channel.wait_for_room(self._max_backlog)
+                    await self.server.read_ahead.wait_for_room(channel, pcm.size)
                     runner.feed(channel, pcm)
         elif isinstance(msg, Marker | Flush) and not self._count_question():
             return
