@@ -40,9 +40,10 @@ COPY dsm_stt ./dsm_stt
 RUN pip install . && dsm-stt --version
 
 # An unprivileged user; /data holds the Hugging Face cache (HF_HOME) and the compiled kernels.
-# A named volume takes this directory's owner; for a host directory, run with
-# --user "$(id -u):$(id -g)" and a directory that user can write.
-RUN useradd --create-home --uid 1000 dsm && mkdir -p /data && chown dsm:dsm /data
+# /data is writable by every user (sticky, like /tmp), so --user "$(id -u):$(id -g)" with a
+# host directory mounted at /data/huggingface works too; a named volume copies these modes.
+RUN useradd --create-home --uid 1000 dsm && mkdir -p /data && chown dsm:dsm /data \
+    && chmod 1777 /data
 USER dsm
 ENV HF_HOME=/data/huggingface \
     TORCH_EXTENSIONS_DIR=/data/torch_extensions
