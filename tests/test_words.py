@@ -256,6 +256,7 @@ def test_engine_bookkeeping_modules_do_not_import_torch() -> None:
         assert "torch" not in roots, module.__name__
         assert roots <= {
             "__future__",
+            "bisect",
             "collections",
             "dataclasses",
             "enum",
