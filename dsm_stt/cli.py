@@ -1,7 +1,13 @@
 """The ``dsm-stt`` command: thin functions over the library, one per sub-command.
 
-Owns argument parsing, turning flags into the library's frozen configs once, progress bars and
-exit codes. No model, engine or protocol logic lives here.
+Owns argument parsing, turning flags into the library's frozen configs once, what the user sees
+on stderr and exit codes. Inputs and the model's files are checked before the model loads;
+every failure a user can meet (a bad flag, input, model, a server that cannot be reached or
+goes away, a missing sound library, Ctrl-C) is one ``dsm-stt: error: ...`` line, not a
+traceback. Exit codes: 0 done, 1 some inputs failed (the others are done), 2 nothing could be
+done, 130 interrupted. Progress (``progress.Progress``) and the loading lines show on a
+terminal; with stderr redirected only errors are written, unless ``--verbose``.
+No model, engine or protocol logic lives here.
 """
 
 from __future__ import annotations
@@ -9,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from .config import DEVICES, DTYPE_CHOICES, EXACT, KV_CACHES, QUANTIZE
@@ -40,8 +48,11 @@ EXACT_HELP = (
 SEED_HELP = "seed of the sampling at --temperature > 0, and of --random-weights"
 CUDA_GRAPHS_HELP = (
     "replay each step as captured CUDA graphs (one per power-of-two slot count): less launch "
-    "overhead; CUDA and greedy decoding only"
+    "overhead; CUDA and greedy decoding only (default: off)"
 )
+URL_HELP = "the server's streaming WebSocket (default ws://127.0.0.1:8080/api/asr-streaming)"
+API_KEY_HELP = "sent as the kyutai-api-key header (default: none, for an open server)"
+OFF = " (default: off)"
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> None:
@@ -55,7 +66,7 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> 
         "--random-weights",
         action="store_true",
         help="build the architecture with random weights (no download): for "
-        "benchmarks and smoke tests, the transcripts are meaningless",
+        "benchmarks and smoke tests, the transcripts are meaningless" + OFF,
     )
     p.add_argument("--device", default="auto", choices=DEVICES, help=DEVICE_HELP)
     p.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=DTYPE_HELP)
@@ -72,7 +83,42 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> 
     p.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
     p.add_argument("--kv-cache", default="auto", choices=KV_CACHES, help=KV_CACHE_HELP)
-    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP + OFF)
+
+
+def _add_voice_flags(p: argparse.ArgumentParser) -> None:
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--quiet",
+        action="store_true",
+        help="errors only: no progress, no loading lines" + OFF,
+    )
+    group.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the loading lines and a line per file even when stderr is not a terminal "
+        "(default: shown on a terminal only)",
+    )
+
+
+@dataclass(frozen=True)
+class _Voice:
+    """What the user hears on stderr besides errors (which are always written): the loading
+    lines and a line per file when ``chatty``, the status line redrawn in place when ``live``."""
+
+    chatty: bool
+    live: bool
+
+    def say(self, line: str) -> None:
+        if self.chatty:
+            _say(line)
+
+
+def _voice(args: argparse.Namespace) -> _Voice:
+    tty = sys.stderr.isatty()
+    if getattr(args, "quiet", False):
+        return _Voice(False, False)
+    return _Voice(tty or getattr(args, "verbose", False), tty)
 
 
 def _exact(args: argparse.Namespace) -> dict[str, str]:
@@ -88,7 +134,11 @@ def _exact(args: argparse.Namespace) -> dict[str, str]:
     return dict(EXACT)
 
 
-def _engine(args: argparse.Namespace, batch_size: int | None = None, quiet: bool = False):
+def _engine(
+    args: argparse.Namespace,
+    batch_size: int | None = None,
+    announce: Callable[[str], None] | None = None,
+):
     from .config import EngineConfig
     from .loading import load_engine
 
@@ -100,35 +150,48 @@ def _engine(args: argparse.Namespace, batch_size: int | None = None, quiet: bool
         cuda_graphs=args.cuda_graphs,
         **_exact(args),
     )
-    announce = (lambda line: None) if quiet else _say
-    return load_engine(args.model, config, args.random_weights, announce=announce)
+    return load_engine(args.model, config, args.random_weights, announce=announce or _say)
 
 
 def _say(line: str) -> None:
     print(f"dsm-stt: {line}", file=sys.stderr, flush=True)
 
 
+def _error(message: str) -> None:
+    print(f"dsm-stt: error: {message}", file=sys.stderr, flush=True)
+
+
 def _fail(message: str) -> int:
-    print(f"dsm-stt: error: {message}", file=sys.stderr)
+    _error(message)
     return 2
+
+
+def _probe_inputs(paths: Sequence[str | Path]) -> list:
+    """``audio.probe`` of each input, before any model loads: its ``AudioInfo``, or None
+    after its one-line error."""
+    from .audio import AudioDecodeError, probe
+
+    infos = []
+    for path in paths:
+        try:
+            infos.append(probe(path))
+        except AudioDecodeError as exc:
+            _error(str(exc))
+            infos.append(None)
+    return infos
 
 
 # ------------------------------------------------------------------------------ transcribe
 
 
 def cmd_transcribe(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from .engine.scheduler import Scheduler
     from .model.checkpoint import CheckpointError
-    from .transcriber import Split, transcribe_files
+    from .progress import Progress
+    from .transcriber import Split, output_paths, scheduler_for, transcribe_files
     from .writers import EXTENSIONS, render
 
     if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
-    # one slot per file (a second slot for one file is memory for nothing), at most 8; with
-    # --split the pieces of one file fill the slots
-    batch_size = args.batch_size or (8 if args.split is not None else min(len(args.audio), 8))
     split = None
     if args.split is None and args.split_overlap is not None:
         return _fail("--split-overlap needs --split")
@@ -138,54 +201,176 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
             split = Split(args.split, **overlap)
         except ValueError as exc:
             return _fail(f"--split / --split-overlap: {exc}")
+    infos = _probe_inputs(args.audio)  # before the model: a typo is heard at once
+    good = [i for i, info in enumerate(infos) if info is not None]
+    if not good:
+        return 2
+    sources = [args.audio[i] for i in good]
+    out_paths = None
+    if args.output_dir:
+        try:
+            out_paths = output_paths(sources, Path(args.output_dir), EXTENSIONS[args.format])
+        except ValueError as exc:
+            return _fail(str(exc))
+    # one slot per file (a second slot for one file is memory for nothing), at most 8; with
+    # --split the pieces of one file fill the slots
+    batch_size = args.batch_size or (8 if split is not None else min(len(sources), 8))
+    voice = _voice(args)
     try:
-        engine = _engine(args, batch_size, quiet=args.quiet)
+        engine = _engine(args, batch_size, voice.say)
     except (CheckpointError, ValueError) as exc:
         return _fail(str(exc))
-    out_dir = Path(args.output_dir) if args.output_dir else None
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = engine.model.config
-    scheduler = Scheduler(
-        engine, cfg.stt.asr_delay_in_tokens, engine.decode, frame_rate=cfg.mimi.frame_rate
+    progress = Progress(
+        sources, [infos[i].duration for i in good], live=voice.live, lines=voice.chatty
     )
     results = {}
-    failed = 0
-    bar = tqdm(
-        desc="transcribing",
-        unit="s audio",
-        file=sys.stderr,
-        disable=args.quiet,
-        bar_format="{desc}: {n:.1f}{unit} [{elapsed}, {rate_fmt}]{postfix}",
-    )
-    done = 0
+    failed = len(args.audio) - len(good)
     for result in transcribe_files(
-        scheduler,
-        args.audio,
+        scheduler_for(engine),
+        sources,
         engine.name,
-        cfg.stt.audio_silence_prefix_seconds,
-        bar.update,
-        split,
+        engine.model.config.stt.audio_silence_prefix_seconds,
+        split=split,
+        on_step=progress.step,
     ):
-        done += 1
-        bar.set_postfix_str(f"{done}/{len(args.audio)} files")
         if result.error is not None:
             failed += 1
-            bar.write(f"dsm-stt: error: {result.error}", file=sys.stderr)
+            progress.finish(result.index, error=result.error)
             continue
+        progress.finish(result.index, duration=result.transcript.duration)
         text = render(result.transcript, args.format)
-        if out_dir is not None:
-            path = out_dir / f"{Path(result.source).stem}.{EXTENSIONS[args.format]}"
+        if out_paths is not None:
+            path = out_paths[result.index]
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")
         results[result.index] = text
-    bar.close()
-    if out_dir is None:
+    progress.close()
+    if out_paths is None:
         for index in sorted(results):
             text = results[index]
             if args.format == "json":
                 text = json.dumps(json.loads(text), ensure_ascii=False)
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------------------ eval
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import gc
+    import time
+
+    from . import evaluation
+    from .model.checkpoint import CheckpointError
+    from .progress import Progress
+    from .transcriber import scheduler_for, transcribe_files
+
+    if args.batch_size is not None and args.batch_size < 1:
+        return _fail("--batch-size must be >= 1")
+    try:
+        samples = evaluation.find_samples(args.data)
+        normalize = evaluation.normalizer(args.normalizer)
+        evaluation.score("", "")  # jiwer is there, before anything long
+    except evaluation.EvalError as exc:
+        return _fail(str(exc))
+    configs = [args]
+    if args.compare is not None:
+        try:
+            configs.append(_compare_args(args))
+        except ValueError as exc:
+            return _fail(str(exc))
+    try:
+        for config in configs:
+            _exact(config)  # contradictory precision flags, before the first model loads
+    except ValueError as exc:
+        return _fail(str(exc))
+    labels = _labels(configs)
+    voice = _voice(args)
+    if voice.chatty and Path(args.data).is_dir():
+        left_out = evaluation.unmatched_audio(args.data)
+        if left_out:
+            voice.say(f"{len(left_out)} audio file(s) without a transcript left out")
+    infos = _probe_inputs([s.audio for s in samples])
+    good = [i for i, info in enumerate(infos) if info is not None]
+    if not good:
+        return 2
+    sources = [samples[i].audio for i in good]
+    unreadable = [(i, None, 0.0, "cannot be decoded") for i, info in enumerate(infos) if not info]
+    batch_size = args.batch_size or min(len(sources), 8)
+    runs = []
+    for label, config in zip(labels, configs, strict=True):
+        voice.say(f"run {label!r}: {len(sources)} files")
+        try:
+            engine = _engine(config, batch_size, voice.say)
+        except (CheckpointError, ValueError) as exc:
+            return _fail(str(exc))
+        durations = [infos[i].duration for i in good]
+        progress = Progress(sources, durations, live=voice.live, lines=False, what=label)
+        results = list(unreadable)
+        start = time.perf_counter()
+        for r in transcribe_files(
+            scheduler_for(engine),
+            sources,
+            engine.name,
+            engine.model.config.stt.audio_silence_prefix_seconds,
+            on_step=progress.step,
+        ):
+            if r.error is not None:
+                progress.finish(r.index, error=r.error)
+                results.append((good[r.index], None, 0.0, r.error))
+            else:
+                progress.finish(r.index, duration=r.transcript.duration)
+                results.append((good[r.index], r.transcript.text, r.transcript.duration, None))
+        wall = time.perf_counter() - start
+        progress.close()
+        describe = f"{engine.name} on {engine.plan.describe(reason=False)}"
+        runs.append(evaluation.score_run(label, describe, samples, results, normalize, wall))
+        del engine  # the next configuration's model is not loaded beside this one
+        gc.collect()
+    root = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
+    if args.json:
+        print(json.dumps(evaluation.as_dict(runs, args.normalizer), ensure_ascii=False))
+    else:
+        print(evaluation.report(runs, args.normalizer, root, alignments=args.alignments))
+    return 1 if any(run.failed for run in runs) else 0
+
+
+def _compare_args(args: argparse.Namespace) -> argparse.Namespace:
+    """``args`` with ``--compare``'s engine flags applied over them."""
+    parser = argparse.ArgumentParser(prog="--compare", add_help=False, exit_on_error=False)
+    _add_engine_flags(parser, None)
+    other = argparse.Namespace(**vars(args))
+    try:
+        _, extra = parser.parse_known_args(shlex.split(args.compare), namespace=other)
+    except (argparse.ArgumentError, ValueError) as exc:
+        raise ValueError(f"--compare {args.compare!r}: {exc}") from None
+    if extra:
+        raise ValueError(
+            f"--compare {args.compare!r}: {' '.join(extra)} is not an engine flag (--model, "
+            "--device, --dtype, --quantize, --kv-cache, --exact, --batch-size, ...)"
+        )
+    return other
+
+
+def _labels(configs: Sequence[argparse.Namespace]) -> list[str]:
+    """Each configuration as the engine flags that differ from the defaults (the model is
+    named in the report beside the path that ran)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    _add_engine_flags(parser, None)
+    defaults = vars(parser.parse_args([]))
+    labels = []
+    for config in configs:
+        flags = []
+        for action in parser._actions:
+            value = getattr(config, action.dest)
+            if value == defaults[action.dest] or action.dest in ("model", "random_weights"):
+                continue
+            flag = action.option_strings[0]
+            flags.append(flag if value is True else f"{flag} {value}")
+        label = " ".join(flags) or "defaults"
+        labels.append(label + (" (again)" if label in labels else ""))
+    return labels
 
 
 # ---------------------------------------------------------------------------------- bench
@@ -282,9 +467,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    torch_thread = engine_thread()  # loads the engine now and steps it once serving
     try:
         config = _server_config(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    model = config.model if config.model_files is None else config.model_files.lm
+    logging.getLogger("dsm_stt").info(
+        "dsm-stt %s: serving %s on http://%s:%d (WebSocket %s) once the model is loaded and "
+        "warmed up; GET /health answers 200 then",
+        _version(),
+        model,
+        config.host,
+        config.port,
+        config.path,
+    )
+    torch_thread = engine_thread()  # loads the engine now and steps it once serving
+    try:
         engine = torch_thread.submit(load_engine, config).result()
     except (CheckpointError, ValueError) as exc:
         torch_thread.shutdown()
@@ -307,9 +505,11 @@ def cmd_stream(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .audio import AudioDecodeError, load_audio
-    from .client import ServerError, stream_audio
+    from .client import ConnectionLost, ServerError, stream_audio
     from .engine.events import EndWord, Word
 
+    if _probe_inputs([args.audio]) == [None]:
+        return 2
     try:
         pcm = load_audio(args.audio)
     except AudioDecodeError as exc:
@@ -336,16 +536,12 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if not args.timestamps:
             print()
 
-    from websockets.exceptions import ConnectionClosed
-
     try:
         asyncio.run(run())
-    except ConnectionClosed as exc:  # the server went away or closed the session
-        return _fail(f"the server closed the connection: {exc}")
-    except (ServerError, TimeoutError, OSError) as exc:
+    except (ServerError, ConnectionLost, TimeoutError, OSError) as exc:
+        if not args.timestamps:
+            print()  # end the live line before the error
         return _fail(str(exc))
-    except KeyboardInterrupt:
-        return 130
     return 0
 
 
@@ -355,11 +551,20 @@ def cmd_stream(args: argparse.Namespace) -> int:
 def cmd_mic(args: argparse.Namespace) -> int:
     import asyncio
 
-    from .client import LivePrinter, ServerError, SttClient, import_sounddevice, microphone
+    from websockets.exceptions import ConnectionClosed
+
+    from .client import (
+        ConnectionLost,
+        LivePrinter,
+        ServerError,
+        SttClient,
+        import_sounddevice,
+        microphone,
+    )
     from .server.protocol import Error
 
     try:
-        import_sounddevice()
+        sounddevice = import_sounddevice()
     except ImportError as exc:
         return _fail(str(exc))
     printer = LivePrinter(sys.stdout)
@@ -368,14 +573,21 @@ def cmd_mic(args: argparse.Namespace) -> int:
         async with await SttClient.connect(args.url, api_key=args.api_key) as client:
 
             async def send() -> None:
-                async for block in microphone(args.input_device):
-                    await client.send_audio(block)
+                try:
+                    async for block in microphone(args.input_device):
+                        await client.send_audio(block)
+                except ConnectionClosed:
+                    raise client.ended() from None
 
             async def receive() -> None:
-                async for msg in client:
-                    if isinstance(msg, Error):
-                        raise ServerError(msg.message)
-                    printer.on_message(msg)
+                try:
+                    async for msg in client:
+                        if isinstance(msg, Error):
+                            raise ServerError(msg.message)
+                        printer.on_message(msg)
+                except ConnectionClosed:
+                    pass
+                raise client.ended()  # the server ended the session, or the network: say so
 
             tasks = {asyncio.create_task(send()), asyncio.create_task(receive())}
             try:
@@ -386,12 +598,17 @@ def cmd_mic(args: argparse.Namespace) -> int:
                 for task in tasks:
                     task.cancel()
 
-    print("listening (Ctrl-C to stop)...", file=sys.stderr)
+    if sys.stderr.isatty():
+        print("listening (Ctrl-C to stop)...", file=sys.stderr)
     try:
         asyncio.run(run())
-    except (ServerError, OSError) as exc:
+    except (ServerError, ConnectionLost, OSError) as exc:
+        printer.close()
         return _fail(str(exc))
-    except KeyboardInterrupt:
+    except getattr(sounddevice, "PortAudioError", ()) as exc:  # no or a busy input device
+        printer.close()
+        return _fail(f"the microphone cannot be opened: {exc} (see python -m sounddevice)")
+    except KeyboardInterrupt:  # how a live transcript ends
         pass
     finally:
         printer.close()
@@ -436,9 +653,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default text; json has word timestamps, srt/vtt are subtitles)",
     )
     p.add_argument(
-        "--output-dir", help="write one <name>.<ext> per input here (default: print to stdout)"
+        "--output-dir",
+        metavar="DIR",
+        help="write one <name>.<ext> per input under DIR, mirroring the inputs' folders below "
+        "their common parent (a/x.wav and b/x.mp3 give DIR/a/x.<ext> and DIR/b/x.<ext>; files "
+        "of one folder land in DIR itself); two inputs that would share a name are refused "
+        "before anything runs (default: print to stdout)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_voice_flags(p)
     p.add_argument(
         "--split",
         type=float,
@@ -459,6 +681,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_transcribe)
 
     p = sub.add_parser(
+        "eval",
+        help="word error rate on your own recordings and transcripts; --compare two configurations",
+        description="Transcribe recordings whose transcripts you have and count the word "
+        "errors (substitutions, deletions, insertions) per file and in all, with the speed "
+        "(N.Nx real time). Needs the 'eval' extra (jiwer, whisper-normalizer).",
+    )
+    _add_engine_flags(p, batch_default=None)
+    p.add_argument(
+        "data",
+        help="a folder of audio files with same-stem .txt or .stm transcripts (or "
+        "LibriSpeech's *.trans.txt), or a manifest: .jsonl/.json (objects with an audio path "
+        "and a text: 'audio'/'path'/'audio_filepath' and 'text'/'sentence'), .csv/.tsv with "
+        "such columns, or one .stm for the audio beside it",
+    )
+    p.add_argument(
+        "--compare",
+        metavar="ARGS",
+        help="also run a second configuration on the same files, this command's engine flags "
+        "with ARGS applied over them, and print both (e.g. --compare '--exact'; default: one "
+        "run)",
+    )
+    p.add_argument(
+        "--normalizer",
+        default="english",
+        choices=["english", "french", "basic", "none"],
+        help="how both texts are normalized before counting: Whisper's English or French "
+        "normalizer (case, punctuation, numbers, spellings), basic (case, punctuation and "
+        "marks, any language) or none (words as written) (default english)",
+    )
+    p.add_argument(
+        "--alignments",
+        action="store_true",
+        help="print each file's word alignment (REF, HYP and the S/D/I marks)" + OFF,
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object instead of the tables" + OFF
+    )
+    _add_voice_flags(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
         "serve",
         help="run the streaming server (moshi-server compatible WebSocket API, file POST, metrics)",
     )
@@ -472,13 +735,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--random-weights",
         action="store_true",
         help="build the architecture with random weights (no download): for load "
-        "and smoke tests, the transcripts are meaningless",
+        "and smoke tests, the transcripts are meaningless" + OFF,
     )
     p.add_argument(
         "--config",
         metavar="FILE.toml",
         help="moshi-server configuration file (its ASR module: model files, "
-        "batch_size, authorized_ids, ...); flags given here override it",
+        "batch_size, authorized_ids, ...); flags given here override it (default: none)",
     )
     p.add_argument(
         "--host",
@@ -507,13 +770,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graphs", action="store_const", const=True, default=None, help=CUDA_GRAPHS_HELP
     )
     p.add_argument("--kv-cache", default=None, choices=KV_CACHES, help=KV_CACHE_HELP)
-    p.add_argument("--exact", action="store_true", help=EXACT_HELP)
+    p.add_argument("--exact", action="store_true", help=EXACT_HELP + OFF)
     p.add_argument(
         "--api-key",
         action="append",
         metavar="KEY",
         help="accept this key (kyutai-api-key header or ?auth_id=); repeat for "
-        "several; added to a --config file's authorized_ids; none = open server",
+        "several; added to a --config file's authorized_ids (default: none, an open server)",
     )
     p.add_argument(
         "--allowed-origin",
@@ -559,7 +822,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="open connections of any kind before newcomers get 503 (default 1000)",
     )
     p.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the least severe log lines written to stderr (default info)",
     )
     p.set_defaults(func=cmd_serve)
 
@@ -567,8 +833,8 @@ def build_parser() -> argparse.ArgumentParser:
         "stream", help="stream an audio file to a running server, print words as they come"
     )
     p.add_argument("audio", help="audio or video file FFmpeg can read")
-    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming", help=URL_HELP)
+    p.add_argument("--api-key", default=None, help=API_KEY_HELP)
     p.add_argument(
         "--rtf",
         type=float,
@@ -586,18 +852,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--timestamps",
         action="store_true",
-        help="print 'start end word' lines at the end instead of live text",
+        help="print 'start end word' lines at the end instead of live text (default: live text)",
     )
     p.set_defaults(func=cmd_stream)
 
     p = sub.add_parser(
         "mic",
-        help="live transcript of the microphone from a running server (needs the 'mic' extra)",
+        help="live transcript of the microphone from a running server (needs sounddevice: "
+        "pip install sounddevice)",
     )
-    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming")
-    p.add_argument("--api-key", default=None)
+    p.add_argument("--url", default="ws://127.0.0.1:8080/api/asr-streaming", help=URL_HELP)
+    p.add_argument("--api-key", default=None, help=API_KEY_HELP)
     p.add_argument(
-        "--input-device", default=None, help="sound card (index or name, see python -m sounddevice)"
+        "--input-device",
+        default=None,
+        help="sound card, by index or name as 'python -m sounddevice' lists them (default: the "
+        "system's default input)",
     )
     p.set_defaults(func=cmd_mic)
 
@@ -605,7 +875,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_flags(p, batch_default=1)
     p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0: torch's own choice, one per core)",
+    )
     p.add_argument(
         "--context-fill",
         type=float,
@@ -614,7 +889,7 @@ def build_parser() -> argparse.ArgumentParser:
         "session past its first minute; lower values time a session's first minute, which "
         "costs less on CPU)",
     )
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object (default: a summary)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser(
@@ -622,7 +897,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="what a bug report needs: device, CPU family, versions, kernels, the auto path",
     )
     p.add_argument(
-        "--build", action="store_true", help="build the CPU kernels now (once per machine)"
+        "--build",
+        action="store_true",
+        help="build the CPU kernels now (once per machine; default: built when first needed)",
     )
     p.add_argument(
         "--model",
@@ -630,14 +907,39 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the model whose presence in the cache is reported (default {DEFAULT_MODEL})",
     )
     p.set_defaults(func=cmd_doctor)
+    version = f"dsm-stt {_version()}"
+    for command in (parser, *sub.choices.values()):
+        command.add_argument(
+            "--version", action="version", version=version, help="print the version and exit"
+        )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.add_argument("--version", action="version", version=f"dsm-stt {_version()}")
-    args = parser.parse_args(argv)
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(_glue(argv, ("--compare",)))
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\x1b[K")  # over a progress line
+        print("dsm-stt: interrupted", file=sys.stderr, flush=True)
+        return 130
+
+
+def _glue(argv: list[str], flags: Sequence[str]) -> list[str]:
+    """``--compare --exact`` read as ``--compare=--exact``: argparse takes a value that starts
+    with a dash for a flag of its own, and the value of these flags is made of flags."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in flags and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
 
 
 def _version() -> str:

@@ -9,12 +9,16 @@ paced at a real-time factor, yield the server's messages until all of it is tran
 Ending a stream uses the recipe every moshi-server client uses (a ``Marker``, then silence
 until the marker comes back, spec §4.5), so the same code works against both servers.
 Messages are the protocol's values (``Word``, ``EndWord``, ``Step``, ``Marker``, ``Error``…).
+A server that cannot be reached, or a connection that ends before the client is done (the
+server died, shut down with 1001, the network dropped), is a ``ConnectionLost`` whose message
+is one line for a user; a refusal or an ``Error`` from the server is a ``ServerError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TextIO
@@ -47,19 +51,67 @@ class ServerError(RuntimeError):
     """The server refused the session or reported an error that ends it."""
 
 
+class ConnectionLost(ConnectionError):
+    """The server could not be reached, or the connection ended before the client was done
+    (the server stopped, went away with 1001, or the network dropped). The message says which,
+    in one line; it is an ``OSError``."""
+
+
+def describe_close(url: str, code: int | None, reason: str = "") -> str:
+    """One line for a connection that ended: who ended it and why."""
+    why = f"{code}{': ' + reason if reason else ''}"
+    if code is None or code == 1006:
+        return (
+            f"lost the connection to {url} (no close frame: the server stopped or the network "
+            "dropped)"
+        )
+    if code == 1001:
+        return f"the server at {url} went away ({why})"
+    return f"the server at {url} closed the session ({why})"
+
+
+def _closed(url: str, exc: websockets.ConnectionClosed) -> ConnectionLost:
+    frame = exc.rcvd
+    if frame is None:
+        return ConnectionLost(describe_close(url, None))
+    return ConnectionLost(describe_close(url, frame.code, frame.reason))
+
+
+def _unreachable(url: str, exc: BaseException, open_timeout: float) -> ConnectionLost:
+    if isinstance(exc, ConnectionRefusedError) or "Connect call failed" in str(exc):
+        why = "connection refused: is a server running there? ('dsm-stt serve' starts one)"
+    elif isinstance(exc, socket.gaierror):
+        why = f"unknown host ({exc.strerror or exc})"
+    elif isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        why = f"no answer within {open_timeout:g} s"
+    elif isinstance(exc, websockets.InvalidURI):
+        why = "not a WebSocket URL (ws://host:port/path or wss://...)"
+    elif isinstance(exc, websockets.InvalidHandshake):
+        why = f"not a WebSocket server ({exc})"
+    else:
+        why = str(exc) or type(exc).__name__
+    return ConnectionLost(f"cannot connect to {url}: {why}")
+
+
 class SttClient:
     """One streaming session. Use ``await SttClient.connect(url)`` (or ``async with``)."""
 
     def __init__(self, connection: Any) -> None:
         self._ws = connection
         self._pending: list[ServerMessage] = []  # read while waiting for Ready
+        self.url = ""
+
+    def ended(self) -> ConnectionLost:
+        """Why the connection ended, once it has (for a caller that did not expect it to)."""
+        code = getattr(self._ws, "close_code", None)
+        return ConnectionLost(describe_close(self.url, code, getattr(self._ws, "close_reason", "")))
 
     @classmethod
     async def connect(
         cls, url: str = DEFAULT_URL, *, api_key: str | None = None, open_timeout: float = 10.0
     ) -> SttClient:
         """Open a session. Raises ``ServerError`` when the server refuses it (HTTP 401,
-        "no free channels"…)."""
+        "no free channels"…), ``ConnectionLost`` when it cannot be reached."""
         headers = {"kyutai-api-key": api_key} if api_key is not None else None
         try:
             ws = await websockets.connect(
@@ -73,9 +125,20 @@ class SttClient:
             status = exc.response.status_code
             body = exc.response.body.decode("utf-8", "replace").strip() if exc.response.body else ""
             raise ServerError(f"{url}: HTTP {status}{': ' + body if body else ''}") from None
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            websockets.InvalidURI,
+            websockets.InvalidHandshake,
+        ) as exc:
+            raise _unreachable(url, exc, open_timeout) from None
         client = cls(ws)
+        client.url = url
         try:
             first = await asyncio.wait_for(client._recv(), open_timeout)
+        except websockets.ConnectionClosed as exc:
+            await ws.close()
+            raise _closed(url, exc) from None
         except BaseException:
             await ws.close()
             raise
@@ -150,8 +213,10 @@ async def stream_audio(
     """Send ``pcm`` (24 kHz mono) in 80 ms messages at ``rtf`` × real time, then a Marker and
     silence until the marker comes back; yield every message received before it.
 
-    ``Error`` messages from the server raise ``ServerError``. If the marker has not come back
-    after ``max_tail_seconds`` of silence (and a grace period), ``TimeoutError`` is raised.
+    ``Error`` messages from the server raise ``ServerError``; a connection that ends before the
+    marker is back (the server stopped or went away, the network dropped) ``ConnectionLost``.
+    If the marker has not come back after ``max_tail_seconds`` of silence (and a grace
+    period), ``TimeoutError`` is raised.
     """
     if not rtf > 0:
         raise ValueError(f"rtf must be > 0, got {rtf!r}")
@@ -185,10 +250,15 @@ async def stream_audio(
         try:
             while True:
                 if deadline is None and sender.done():
-                    sender.result()  # a failed send ends the stream with its exception
+                    try:
+                        sender.result()  # a failed send ends the stream with its exception
+                    except websockets.ConnectionClosed as exc:
+                        raise _closed(url, exc) from None
                     deadline = loop.time() + _GRACE_SECONDS
                 try:
                     msg = await asyncio.wait_for(client.receive(), 1.0)
+                except websockets.ConnectionClosed as exc:
+                    raise _closed(url, exc) from None
                 except asyncio.TimeoutError:
                     if deadline is not None and loop.time() > deadline:
                         raise TimeoutError(
@@ -234,13 +304,25 @@ async def microphone(device: int | str | None = None) -> AsyncIterator[np.ndarra
             yield await blocks.get()
 
 
+MIC_INSTALL = "pip install sounddevice (or, in a source checkout of dsm-stt, pip install '.[mic]')"
+PORTAUDIO_INSTALL = (
+    "install it: apt-get install libportaudio2 (Debian, Ubuntu), brew install portaudio (macOS)"
+)
+
+
 def import_sounddevice() -> Any:
+    """The ``sounddevice`` module; ``ImportError`` with the command that fixes it when the
+    package or the PortAudio library under it is missing."""
     try:
         import sounddevice
-    except ImportError as exc:  # also OSError-like failures to find PortAudio surface here
+    except ImportError as exc:
         raise ImportError(
-            "the microphone needs the optional dependency 'sounddevice': "
-            "pip install 'dsm-stt[mic]' (and the PortAudio library)"
+            f"the microphone needs the Python package 'sounddevice': {MIC_INSTALL}"
+        ) from exc
+    except OSError as exc:  # sounddevice is there, the PortAudio library is not
+        raise ImportError(
+            f"the microphone needs the PortAudio library, which sounddevice cannot find "
+            f"({exc}); {PORTAUDIO_INSTALL}"
         ) from exc
     return sounddevice
 

@@ -17,10 +17,12 @@ the pieces' words are joined by their start times (``merge_pieces``).
 from __future__ import annotations
 
 import itertools
+import os
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from .audio import SAMPLE_RATE, AudioDecodeError, iter_audio, load_audio
 from .engine.events import Closed, EndWord, Word
 from .engine.scheduler import Scheduler
 from .writers import TimedWord, Transcript
+
+if TYPE_CHECKING:
+    from .engine.engine import Engine
 
 # Frames of decoded audio kept queued per stream: enough to never starve a tick, small enough
 # that hours of audio never sit in memory.
@@ -153,6 +158,35 @@ class _SplitFile:
         return _transcript(merge_pieces(pieces), self.samples, model)
 
 
+def scheduler_for(engine: Engine) -> Scheduler:
+    """The scheduler that ``transcribe_files`` drives, for ``engine``'s model."""
+    cfg = engine.model.config
+    return Scheduler(
+        engine, cfg.stt.asr_delay_in_tokens, engine.decode, frame_rate=cfg.mimi.frame_rate
+    )
+
+
+def output_paths(sources: Sequence[str | Path], out_dir: Path, extension: str) -> list[Path]:
+    """Where each input's transcript goes under ``out_dir``: the inputs' folders are mirrored
+    below their common parent (``a/x.wav`` and ``b/x.mp3`` give ``OUT/a/x.EXT`` and
+    ``OUT/b/x.EXT``; files of one folder land in ``OUT`` itself). Two inputs that would still
+    share a name (``x.wav`` and ``x.mp3`` side by side) are refused with ``ValueError``."""
+    resolved = [Path(s).resolve() for s in sources]
+    common = Path(os.path.commonpath([p.parent for p in resolved])) if resolved else Path()
+    paths: list[Path] = []
+    taken: dict[Path, str] = {}
+    for source, path in zip(sources, resolved, strict=True):
+        out = out_dir / path.parent.relative_to(common) / f"{path.stem}.{extension}"
+        if out in taken:
+            raise ValueError(
+                f"{taken[out]} and {source} would both be written to {out}: rename one, or "
+                "transcribe them in two runs with different --output-dir"
+            )
+        taken[out] = str(source)
+        paths.append(out)
+    return paths
+
+
 def _chunks(pcm: np.ndarray, size: int = SAMPLE_RATE) -> Iterator[np.ndarray]:
     for start in range(0, pcm.size, size):
         yield pcm[start : start + size]
@@ -165,10 +199,13 @@ def transcribe_files(
     prefix_seconds: float = 0.0,
     on_progress: Callable[[float], None] | None = None,
     split: Split | None = None,
+    on_step: Callable[[Mapping[int, float]], None] | None = None,
 ) -> Iterator[FileResult]:
     """Transcribe ``sources`` with every slot of ``scheduler`` busy; results as they finish.
 
-    ``on_progress`` receives the seconds of audio consumed by each engine step (all slots).
+    ``on_progress`` receives the seconds of audio consumed by each engine step (all slots);
+    ``on_step`` the same by file (index in ``sources`` → seconds; the silence the model is
+    fed before and after a file counts too).
     With ``split``, each file is decoded whole and cut into pieces (module docstring).
     """
     frame = scheduler.frame_size
@@ -251,10 +288,17 @@ def transcribe_files(
                 yield failed
         if not jobs:
             continue
-        active = sum(1 for key in jobs if scheduler.buffered_samples(key) >= frame)
+        active = [
+            job.index for key, job in jobs.items() if scheduler.buffered_samples(key) >= frame
+        ]
         events = scheduler.tick()
         if on_progress is not None:
-            on_progress(active * frame / SAMPLE_RATE)
+            on_progress(len(active) * frame / SAMPLE_RATE)
+        if on_step is not None:
+            by_file: dict[int, float] = {}
+            for index in active:
+                by_file[index] = by_file.get(index, 0.0) + frame / SAMPLE_RATE
+            on_step(by_file)
         for key, evs in events.items():
             job = jobs[key]
             for event in evs:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import signal
+import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +27,7 @@ from server_support import (
 )
 
 from dsm_stt.cli import main
-from dsm_stt.client import LivePrinter, ServerError, SttClient, stream_audio
+from dsm_stt.client import ConnectionLost, LivePrinter, ServerError, SttClient, stream_audio
 from dsm_stt.engine.engine import Engine
 from dsm_stt.loading import load_engine
 from dsm_stt.server.config import ServerConfig
@@ -147,7 +153,27 @@ def test_mic_without_sounddevice_says_how_to_install_it(
 ) -> None:
     monkeypatch.setitem(sys.modules, "sounddevice", None)  # import fails as if not installed
     assert main(["mic", "--url", "ws://127.0.0.1:9/api/asr-streaming"]) == 2
-    assert "pip install 'dsm-stt[mic]'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the package is not on an index: the extra installs from a checkout, sounddevice anywhere
+    assert err == (
+        "dsm-stt: error: the microphone needs the Python package 'sounddevice': pip install "
+        "sounddevice (or, in a source checkout of dsm-stt, pip install '.[mic]')\n"
+    )
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    assert 'mic = ["sounddevice' in pyproject.read_text()
+
+
+def test_mic_without_portaudio_says_how_to_install_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # sounddevice raises OSError at import when the PortAudio library is missing
+    (tmp_path / "sounddevice.py").write_text("raise OSError('PortAudio library not found')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "sounddevice", raising=False)
+    assert main(["mic", "--url", "ws://127.0.0.1:9/api/asr-streaming"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("dsm-stt: error: the microphone needs the")
+    assert "PortAudio library not found" in err and "apt-get install libportaudio2" in err
 
 
 class FakeSoundDevice:
@@ -194,3 +220,126 @@ def test_mic_command_prints_a_live_transcript(
     printed = out.replace("[pause]", "").replace(">", "").split()
     words = " ".join(w[0] for w in expected).split()
     assert printed == words[: len(printed)] and len(printed) >= len(words) - 3
+
+
+# --------------------------------------------------------------------------------------------
+# a server that goes away: one line and a non-zero exit, for the client and both commands
+
+
+@contextlib.contextmanager
+def fake_server(ending: str, after: int = 3) -> Iterator[tuple[str, threading.Event]]:
+    """A WebSocket server on a loopback port: Ready, then after ``after`` client messages it
+    ends the connection as ``ending`` says: ``going-away`` (a clean 1001 close, as a server
+    shutting down), ``drop`` (the TCP connection cut, no close frame: a server that died) or
+    ``silent`` (never, and nothing more said). Yields its URL and an event set on connect."""
+    from websockets.asyncio.server import serve
+
+    from dsm_stt.server.protocol import encode_server_message
+
+    connected = threading.Event()
+    ready = threading.Event()
+    url: list[str] = []
+    stop: list[asyncio.Future] = []
+    loop = asyncio.new_event_loop()
+
+    async def handler(ws) -> None:  # type: ignore[no-untyped-def]
+        await ws.send(encode_server_message(Ready()))
+        connected.set()
+        seen = 0
+        async for _ in ws:
+            seen += 1
+            if seen == after and ending == "going-away":
+                await ws.close(1001, "the server is shutting down")
+                return
+            if seen == after and ending == "drop":
+                ws.transport.abort()
+                return
+
+    async def run() -> None:
+        async with serve(handler, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            url.append(f"ws://127.0.0.1:{port}/api/asr-streaming")
+            stop.append(loop.create_future())
+            ready.set()
+            await stop[0]
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(run(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield url[0], connected
+    finally:
+        loop.call_soon_threadsafe(stop[0].set_result, None)
+        thread.join(10)
+        loop.close()
+
+
+def test_stream_command_when_the_server_goes_away(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    wav = write_wav(tmp_path / "speech.wav", SPEECH)
+    args = ["stream", str(wav), "--rtf", "1000", "--url"]
+    with fake_server("going-away") as (url, _):
+        assert main([*args, url]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"dsm-stt: error: the server at {url} went away (1001: the server is shutting down)\n"
+    )
+    with fake_server("drop") as (url, _):
+        assert main([*args, url]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert err.startswith(f"dsm-stt: error: lost the connection to {url} (no close frame")
+    # nothing listening: refused at once, with what to do
+    assert main([*args, "ws://127.0.0.1:9/api/asr-streaming"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "dsm-stt: error: cannot connect to ws://127.0.0.1:9/api/asr-streaming: connection "
+        "refused: is a server running there? ('dsm-stt serve' starts one)\n"
+    )
+    assert main([*args, "http://127.0.0.1:9/x"]) == 2
+    assert "not a WebSocket URL" in capsys.readouterr().err
+
+
+def test_stream_audio_raises_connection_lost() -> None:
+    async def collect(url: str) -> list:
+        return [m async for m in stream_audio(url, SPEECH, rtf=1000.0)]
+
+    with fake_server("going-away") as (url, _), pytest.raises(ConnectionLost, match="1001"):
+        asyncio.run(collect(url))
+    assert issubclass(ConnectionLost, OSError)
+
+
+def test_mic_command_when_the_server_goes_away(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "sounddevice", FakeSoundDevice(SPEECH))
+    with fake_server("going-away") as (url, _):
+        assert main(["mic", "--url", url]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"dsm-stt: error: the server at {url} went away (1001: the server is shutting down)\n"
+    )
+    with fake_server("drop") as (url, _):
+        assert main(["mic", "--url", url]) == 2
+    assert "dsm-stt: error: lost the connection to" in capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
+    wav = write_wav(tmp_path / "speech.wav", SPEECH)
+    with fake_server("silent") as (url, connected):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "dsm_stt", "stream", str(wav), "--url", url],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert connected.wait(60)
+            time.sleep(0.5)
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=30)
+        finally:
+            child.kill()
+    assert child.returncode == 130
+    assert err == "dsm-stt: interrupted\n"
