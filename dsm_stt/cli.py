@@ -469,6 +469,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     try:
         config = _server_config(args)
+        _check_port(config.host, config.port)  # before the model, which takes a while to load
     except ValueError as exc:
         return _fail(str(exc))
     model = config.model if config.model_files is None else config.model_files.lm
@@ -494,6 +495,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(130)
     return serve(config, engine, torch_thread)
+
+
+def _check_port(host: str, port: int) -> None:
+    """``ValueError`` when ``host:port`` cannot be listened on (taken, or not an address of
+    this machine). The server binds it again later; a race with another process is left."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: not an address to listen on ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            hint = "; another server runs there? pick another --port" if port else ""
+            raise ValueError(f"cannot listen on {host}:{port}: {why}{hint}") from None
 
 
 # --------------------------------------------------------------------------------- stream

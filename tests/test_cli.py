@@ -216,3 +216,26 @@ def test_ctrl_c_anywhere_is_one_line(
     monkeypatch.setattr(dsm_stt.doctor, "report", interrupted)
     assert main(["doctor"]) == 130
     assert capsys.readouterr().err == "dsm-stt: interrupted\n"
+
+
+def test_serve_on_a_taken_port_says_so_before_loading(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    import socket
+
+    import dsm_stt.server.app as app
+
+    def refuse(config: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(app, "load_engine", refuse)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--random-weights", "--model", "tiny", "--port", str(port)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (
+        f"dsm-stt: error: cannot listen on 127.0.0.1:{port}: Address already in use; another "
+        "server runs there? pick another --port"
+    )
