@@ -467,10 +467,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from .loading import check_model
+
     try:
         config = _server_config(args)
         _check_port(config.host, config.port)  # before the model, which takes a while to load
-    except ValueError as exc:
+        source = config.model if config.model_files is None else config.model_files
+        if not config.random_weights:
+            check_model(source)  # missing weights: one line now, before the start line
+    except (CheckpointError, ValueError) as exc:
         return _fail(str(exc))
     model = config.model if config.model_files is None else config.model_files.lm
     logging.getLogger("dsm_stt").info(

@@ -239,3 +239,13 @@ def test_serve_on_a_taken_port_says_so_before_loading(
         f"dsm-stt: error: cannot listen on 127.0.0.1:{port}: Address already in use; another "
         "server runs there? pick another --port"
     )
+
+
+def test_serve_without_the_weights_is_one_line(
+    offline_hub: Path, capsys: pytest.CaptureFixture
+) -> None:
+    start = time.perf_counter()
+    assert main(["serve", "--model", "kyutai/stt-2.6b-en", "--port", "0"]) == 2
+    assert time.perf_counter() - start < 1.0
+    (line,) = capsys.readouterr().err.splitlines()
+    assert "HF_HUB_OFFLINE is set" in line and "`hf download kyutai/stt-2.6b-en`" in line
