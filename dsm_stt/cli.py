@@ -259,12 +259,10 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import gc
-    import time
 
     from . import evaluation
     from .model.checkpoint import CheckpointError
     from .progress import Progress
-    from .transcriber import scheduler_for, transcribe_files
 
     if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
@@ -272,60 +270,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         samples = evaluation.find_samples(args.data)
         normalize = evaluation.normalizer(args.normalizer)
         evaluation.score("", "")  # jiwer is there, before anything long
-    except evaluation.EvalError as exc:
-        return _fail(str(exc))
-    configs = [args]
-    if args.compare is not None:
-        try:
-            configs.append(_compare_args(args))
-        except ValueError as exc:
-            return _fail(str(exc))
-    try:
+        configs = [args] if args.compare is None else [args, _compare_args(args)]
         for config in configs:
             _exact(config)  # contradictory precision flags, before the first model loads
-    except ValueError as exc:
+    except (evaluation.EvalError, ValueError) as exc:
         return _fail(str(exc))
-    labels = _labels(configs)
     voice = _voice(args)
-    if voice.chatty and Path(args.data).is_dir():
-        left_out = evaluation.unmatched_audio(args.data)
-        if left_out:
-            voice.say(f"{len(left_out)} audio file(s) without a transcript left out")
+    left_out = evaluation.unmatched_audio(args.data) if voice.chatty else []
+    if left_out:
+        voice.say(f"{len(left_out)} audio file(s) without a transcript left out")
     infos = _probe_inputs([s.audio for s in samples])
     good = [i for i, info in enumerate(infos) if info is not None]
     if not good:
         return 2
-    sources = [samples[i].audio for i in good]
-    unreadable = [(i, None, 0.0, "cannot be decoded") for i, info in enumerate(infos) if not info]
-    batch_size = args.batch_size or min(len(sources), 8)
+    failures = {i: "cannot be decoded (see above)" for i, info in enumerate(infos) if not info}
+    batch_size = args.batch_size or min(len(good), 8)
     runs = []
-    for label, config in zip(labels, configs, strict=True):
-        voice.say(f"run {label!r}: {len(sources)} files")
+    for label, config in zip(_labels(configs), configs, strict=True):
         try:
             engine = _engine(config, batch_size, voice.say)
         except (CheckpointError, ValueError) as exc:
             return _fail(str(exc))
-        durations = [infos[i].duration for i in good]
-        progress = Progress(sources, durations, live=voice.live, lines=False, what=label)
-        results = list(unreadable)
-        start = time.perf_counter()
-        for r in transcribe_files(
-            scheduler_for(engine),
-            sources,
-            engine.name,
-            engine.model.config.stt.audio_silence_prefix_seconds,
-            on_step=progress.step,
-        ):
-            if r.error is not None:
-                progress.finish(r.index, error=r.error)
-                results.append((good[r.index], None, 0.0, r.error))
-            else:
-                progress.finish(r.index, duration=r.transcript.duration)
-                results.append((good[r.index], r.transcript.text, r.transcript.duration, None))
-        wall = time.perf_counter() - start
+        progress = Progress(
+            [samples[i].audio for i in good],
+            [infos[i].duration for i in good],
+            live=voice.live,
+            lines=False,
+            what=label,
+        )
+        runs.append(evaluation.run(label, engine, samples, good, normalize, progress, failures))
         progress.close()
-        describe = f"{engine.name} on {engine.plan.describe(reason=False)}"
-        runs.append(evaluation.score_run(label, describe, samples, results, normalize, wall))
         del engine  # the next configuration's model is not loaded beside this one
         gc.collect()
     root = Path(args.data) if Path(args.data).is_dir() else Path(args.data).parent
@@ -634,10 +608,8 @@ def cmd_mic(args: argparse.Namespace) -> int:
     except getattr(sounddevice, "PortAudioError", ()) as exc:  # no or a busy input device
         printer.close()
         return _fail(f"the microphone cannot be opened: {exc} (see python -m sounddevice)")
-    except KeyboardInterrupt:  # how a live transcript ends
-        pass
     finally:
-        printer.close()
+        printer.close()  # the last line ended, before main's "interrupted" after Ctrl-C
     return 0
 
 

@@ -14,8 +14,9 @@ Owns what ``dsm-stt eval`` does besides transcribing:
 - scoring (``score``): the word-level alignment of ``jiwer`` (minimum edit distance), its
   substitutions, deletions, insertions and hits per file, and the corpus WER of a run (the sum
   of the errors over the sum of the reference words, not a mean of per-file rates);
+- one run (``run``): a configuration's engine over the samples, its wall time, its scores;
 - the report (``report`` for people, ``as_dict`` for ``--json``): per file and per run, with
-  the run's speed as ``N.Nx real time``; two runs (``--compare``) side by side.
+  the run's speed as ``N.Nx real time``; two runs (``--compare``) one above the other.
 
 ``jiwer`` and ``whisper-normalizer`` are the optional ``eval`` extra; without them this module
 imports, and ``normalizer`` / ``score`` raise ``EvalError`` saying what to install. The
@@ -27,12 +28,16 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .progress import clock, speed
+from .progress import Progress, clock, speed
+
+if TYPE_CHECKING:
+    from .engine.engine import Engine
 
 # What ``find_samples`` takes for audio in a folder (anything FFmpeg reads works in a manifest).
 AUDIO_EXTENSIONS = frozenset(
@@ -392,6 +397,41 @@ def score_run(
             got[index] = FileScore(sample, text, score(sample.reference, text, normalize), duration)
     files = [got.get(i, FileScore(s, error="not transcribed")) for i, s in enumerate(samples)]
     return Run(label, engine, files, wall_seconds)
+
+
+def run(
+    label: str,
+    engine: Engine,
+    samples: Sequence[Sample],
+    indices: Sequence[int],
+    normalize: Callable[[str], str],
+    progress: Progress | None = None,
+    failures: Mapping[int, str] | None = None,
+) -> Run:
+    """Transcribe ``samples[i]`` for each of ``indices`` with ``engine`` (all its slots busy,
+    as ``dsm-stt transcribe``) and score them; ``failures`` are the samples known not to
+    decode (by index: why). The wall time counts the transcription only."""
+    from .transcriber import scheduler_for, transcribe_files
+
+    results: list[tuple[int, str | None, float, str | None]] = [
+        (i, None, 0.0, why) for i, why in (failures or {}).items()
+    ]
+    start = time.perf_counter()
+    for r in transcribe_files(
+        scheduler_for(engine),
+        [samples[i].audio for i in indices],
+        engine.name,
+        engine.model.config.stt.audio_silence_prefix_seconds,
+        on_step=None if progress is None else progress.step,
+    ):
+        duration = 0.0 if r.transcript is None else r.transcript.duration
+        if progress is not None:
+            progress.finish(r.index, duration=duration if r.error is None else None, error=r.error)
+        text = None if r.transcript is None else r.transcript.text
+        results.append((indices[r.index], text, duration, r.error))
+    wall = time.perf_counter() - start
+    describe = f"{engine.name} on {engine.plan.describe(reason=False)}"
+    return score_run(label, describe, samples, results, normalize, wall)
 
 
 # --------------------------------------------------------------------------------------------
