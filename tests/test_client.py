@@ -192,15 +192,21 @@ class FakeSoundDevice:
 
         class Stream:
             def __enter__(self) -> Stream:
+                self.closed = threading.Event()
+
                 def play() -> None:
                     for i in range(0, pcm.size - block + 1, block):
+                        if self.closed.is_set():  # as PortAudio: no callback once closed
+                            return
                         callback(pcm[i : i + block, None], block, None, None)  # type: ignore[operator]
 
-                threading.Thread(target=play, daemon=True).start()
+                self.thread = threading.Thread(target=play, daemon=True)
+                self.thread.start()
                 return self
 
             def __exit__(self, *exc: object) -> None:
-                pass
+                self.closed.set()
+                self.thread.join(5)
 
         return Stream()
 
