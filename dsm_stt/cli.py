@@ -414,6 +414,8 @@ def _server_config(args: argparse.Namespace):
         "path",
         "max_upload_mb",
         "max_connections",
+        "max_buffered_seconds",
+        "read_ahead_mb",
     )
     for flag in flags:
         if getattr(args, flag) is not None:
@@ -804,6 +806,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="S",
         help="close a session that sends no audio for S seconds (default 120)",
+    )
+    p.add_argument(
+        "--max-buffered-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="audio a session may queue for the model that is always read from its socket "
+        "(default 10)",
+    )
+    p.add_argument(
+        "--read-ahead-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="audio (float32, MiB) all sessions together may read beyond their "
+        "--max-buffered-seconds, so fast senders' pings are answered; past it the server stops "
+        "reading them until the model catches up (default 512; 0: never)",
     )
     p.add_argument(
         "--max-upload-mb",

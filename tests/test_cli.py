@@ -249,3 +249,15 @@ def test_serve_without_the_weights_is_one_line(
     assert time.perf_counter() - start < 1.0
     (line,) = capsys.readouterr().err.splitlines()
     assert "HF_HUB_OFFLINE is set" in line and "`hf download kyutai/stt-2.6b-en`" in line
+
+
+def test_serve_flags_set_the_server_limits() -> None:
+    from dsm_stt.cli import _server_config, build_parser
+
+    args = build_parser().parse_args(
+        ["serve", "--max-buffered-seconds", "3", "--read-ahead-mb", "0", "--max-connections", "7"]
+    )
+    config = _server_config(args)
+    assert (config.max_buffered_seconds, config.read_ahead_mb, config.max_connections) == (3, 0, 7)
+    default = _server_config(build_parser().parse_args(["serve"]))
+    assert (default.max_buffered_seconds, default.read_ahead_mb) == (10.0, 512.0)

@@ -133,6 +133,27 @@ def test_a_machine_that_cannot_build_the_kernels_gets_the_reason(
     assert build.problem() is None and build.loaded()
 
 
+def test_an_unwritable_build_folder_is_a_reason_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """A cache folder that cannot be created (here: below a plain file; in a container, a
+    volume the user cannot write) makes the kernels unavailable with the reason, and ``auto``
+    plans without them instead of failing."""
+    from dsm_stt.config import EngineConfig
+    from dsm_stt.cpu.plan import choose
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(blocker / "extensions"))
+    monkeypatch.setattr(build, "_built", [])
+    assert not build.cached()
+    problem = build.problem()
+    assert problem is not None and "build folder cannot be created" in problem
+    assert "TORCH_EXTENSIONS_DIR" in problem
+    plan = choose(EngineConfig(batch_size=1, device="cpu"))
+    assert plan.kv_cache == "float" and not plan.fused_layers
+
+
 def test_kernels_off_is_honoured_without_building(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DSM_STT_KERNELS", "off")
     monkeypatch.setattr(build, "_built", [])

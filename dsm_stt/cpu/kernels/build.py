@@ -14,6 +14,7 @@ Built by PyTorch's C++ extension loader and cached under ``~/.cache/torch_extens
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import sys
 import threading
@@ -84,8 +85,22 @@ def build_directory() -> Path:
 def cached() -> bool:
     """Whether a finished build for this machine is in the extension cache (loading it takes
     a second, no compiler run)."""
-    directory = build_directory()
+    try:
+        directory = build_directory()  # (created if missing)
+    except OSError:  # a cache folder that cannot be created holds no build
+        return False
     return any(directory.glob(f"{build_name()}*.so")) or any(directory.glob("*.pyd"))
+
+
+def unwritable_cache() -> str | None:
+    """Why the extension cache cannot take a build (a read-only folder), or None."""
+    try:
+        directory = build_directory()
+    except OSError as exc:
+        return f"the kernels' build folder cannot be created ({exc.strerror}: {exc.filename})"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the kernels' build folder {directory} is not writable"
+    return None
 
 
 def missing_tools() -> str | None:
@@ -148,6 +163,8 @@ def _compile(progress: bool):
         return KernelUnavailable(problem)
     from torch.utils.cpp_extension import load_inline
 
+    if not cached() and (unwritable := unwritable_cache()) is not None:
+        return KernelUnavailable(f"{unwritable}; set TORCH_EXTENSIONS_DIR to a writable folder")
     ticking = None if cached() else _announce(progress)
     start = time.monotonic()
     try:
