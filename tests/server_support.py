@@ -325,7 +325,8 @@ async def transcribe_session(
     """One session: (wait ``delay``), Ready, audio in 80 ms messages, Flush, words."""
     await asyncio.sleep(delay)
     async with await connect(url, headers) as ws:
-        assert (await recv(ws))["type"] == "Ready"
+        first = await recv(ws)
+        assert first["type"] == "Ready", first  # (a refusal says why)
         await send_frames(ws, pcm, pace=pace)
         await ws.send(pack({"type": "Flush", "id": 1}))
         return words_of(events(await recv_until(ws, "Flushed", id=1)))
