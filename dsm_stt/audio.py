@@ -44,6 +44,17 @@ class AudioDecodeError(ValueError):
     """Input that cannot be turned into audio; the message names the source and the problem."""
 
 
+class UnsupportedCodecError(AudioDecodeError):
+    """An audio stream in a codec this FFmpeg has no decoder for (a server answers 415, not
+    400: the file may be fine). ``codec`` names it (``unknown`` when FFmpeg does not even
+    know its name), ``container`` the file's format."""
+
+    def __init__(self, message: str, codec: str, container: str) -> None:
+        super().__init__(message)
+        self.codec = codec
+        self.container = container
+
+
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
@@ -256,7 +267,8 @@ def iter_audio(
     used and the video packets are skipped without decoding. Decoding and resampling both
     stream, so memory stays bounded by one chunk. Packets the decoder rejects are skipped, as
     FFmpeg's command line does; a stream in which no packet decodes is an error.
-    Raises ``AudioDecodeError`` (when the generator is first advanced) for unreadable input.
+    Raises ``AudioDecodeError`` (when the generator is first advanced) for unreadable input,
+    and its subclass ``UnsupportedCodecError`` for audio in a codec FFmpeg cannot decode.
     """
     _check_rate(sample_rate)
     if not chunk_seconds > 0:
@@ -309,6 +321,14 @@ def iter_audio(
             ) from e
         if decoded == 0 and first_error is not None:
             codec = stream.codec_context.name if stream.codec_context else "unknown"
+            if isinstance(first_error, av.error.DecoderNotFoundError):
+                kind = (container.format.name or "?").split(",")[0].upper()
+                raise UnsupportedCodecError(
+                    f"{name}: the file ({kind}) holds audio in a codec FFmpeg cannot decode "
+                    f"({codec})",
+                    codec,
+                    kind,
+                )
             raise AudioDecodeError(
                 f"{name}: the {codec} audio stream could not be decoded "
                 f"({getattr(first_error, 'strerror', None) or first_error})"

@@ -7,7 +7,7 @@ which runs the app under uvicorn with the shutdown moshi-server users expect: on
 SIGINT stop accepting, let every open session receive its last words, close, exit (a second
 SIGINT exits at once).
 
-Routes live in ``websocket.py`` and ``http.py``; the model and the engine are loaded through
+Routes live in ``websocket.py``, ``http.py`` and ``openai_files.py``; the model and the engine are loaded through
 ``loading.load_engine``.
 """
 
@@ -27,9 +27,10 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import deadlines, http, redaction
+from . import deadlines, http, openai_files, redaction
 from .config import ServerConfig
 from .context import ServerContext, load_engine, warm_up
+from .file_slots import FileSlots
 from .liveness import protocol_class
 from .metrics import ServerMetrics
 from .websocket import asr_streaming
@@ -71,6 +72,9 @@ def create_app(
         Route("/api/modules_info", http.modules_info),
         Route("/health", http.health),
         Route("/metrics", http.metrics),
+        Route("/v1/audio/transcriptions", openai_files.transcriptions, methods=["POST"]),
+        Route("/v1/models", openai_files.list_models),
+        Route("/v1/models/{model:path}", openai_files.get_model),
     ]
     if config.static_dir:
         static = Path(config.static_dir)
@@ -82,6 +86,8 @@ def create_app(
             log.warning("static_dir %s is not a directory: not serving static files", static)
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = context
+    # the file routes' share of the slots (both POST routes count against it)
+    app.state.file_slots = FileSlots(config.max_file_slots, context.metrics.file_slots.set)
     return app
 
 

@@ -100,6 +100,9 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_upload_mb: float = 1024.0  # POST bodies over this get 413
     max_connections: int = 1000  # open connections (any kind) before newcomers get 503
+    # slots file transcriptions (both POST routes) may hold together; None: half the batch
+    # (at least 1), so live sessions always find the rest (``file_slots.FileSlots``)
+    max_file_slots: int | None = None
     header_timeout: float = 10.0  # a connection's request head (or upgrade) must be in by then
     body_timeout: float = 30.0  # the longest gap in a request body
     shutdown_timeout: float = 30.0  # graceful drain on SIGTERM/SIGINT
@@ -142,6 +145,14 @@ class ServerConfig:
                 raise ServerConfigError(
                     f"{name} must be an integer >= 1, got {getattr(self, name)!r}"
                 )
+        if self.max_file_slots is not None and (
+            isinstance(self.max_file_slots, bool)
+            or not isinstance(self.max_file_slots, int)
+            or self.max_file_slots < 1
+        ):
+            raise ServerConfigError(
+                f"max_file_slots must be an integer >= 1, got {self.max_file_slots!r}"
+            )
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ServerConfigError("api keys must be non-empty strings")
 

@@ -10,7 +10,8 @@ Owns the request handlers next to the WebSocket endpoint (spec §5.1, §5.7, §5
   progressively and fed to the stream at the model's pace, and the trailing silence is the
   scheduler's close padding rather than 10 s of zeros. A client that disconnects stops its
   transcription and frees its slot at once. The checkpoint's silence prefix (1 s for
-  the 2.6B) is added and subtracted again, so times are in file time.
+  the 2.6B) is added and subtracted again, so times are in file time. Files share the
+  slots with live sessions as ``file_slots.py`` says (at most ``--max-file-slots``).
 * ``GET /api/build_info``, ``GET /api/modules_info`` (slot usage, moshi-server's field names,
   values as strings), ``GET /health`` (200 only once the model is warmed up and while the
   server accepts sessions; with this package's version), ``GET /metrics`` (Prometheus text).
@@ -39,6 +40,7 @@ from .runner import Dropped
 
 if TYPE_CHECKING:
     from .context import ServerContext
+    from .file_slots import FileSlots
 
 T = TypeVar("T")
 _IN_MEMORY = 16 * 2**20  # an upload past this spills to a temporary file
@@ -97,8 +99,16 @@ async def _receive_and_transcribe(ctx: ServerContext, request: Request) -> Respo
             return JSONResponse({"error": "empty request body: POST an audio file"}, 400)
         body.seek(0)
         gone = asyncio.ensure_future(_disconnect(request))
+        slots: FileSlots = request.app.state.file_slots  # files leave slots to live sessions
         try:
-            return await _transcribe(ctx, body, gone)
+            wait = ctx.config.post_queue_timeout
+            if not await _unless_gone(gone, slots.acquire(ctx.runner.total_slots, wait)):
+                ctx.metrics.reject("no_free_channels")
+                return JSONResponse({"error": "no free channels"}, 503)
+            try:
+                return await _transcribe(ctx, body, gone)
+            finally:
+                slots.release()
         except _ClientGone:
             return Response(status_code=499)  # nobody reads it: the slot is free already
         finally:

@@ -8,9 +8,10 @@ Names: ``asr_connect`` (connections), ``asr_open_channels`` (sessions holding a 
 ``asr_model_step_duration`` (seconds per batched model step), ``asr_connection_num_steps``
 (model steps per finished session), plus ``asr_model_steps`` (steps run),
 ``asr_engine_step_duration`` (the part of each model step spent in the engine call alone, so
-that ``asr_model_step_duration`` minus it is the scheduler's host work per step) and
-``asr_rejected`` (sessions refused, by reason). prometheus_client exposes counters with the
-conventional ``_total`` suffix (``asr_connect_total``).
+that ``asr_model_step_duration`` minus it is the scheduler's host work per step),
+``asr_rejected`` (sessions refused, by reason) and ``asr_file_slots_used`` (slots held by
+file transcriptions). prometheus_client exposes counters with the conventional ``_total``
+suffix (``asr_connect_total``).
 """
 
 from __future__ import annotations
@@ -73,6 +74,11 @@ class ServerMetrics:
         self.accept_failures = Counter(
             "asr_accept_failures",
             "Connections the server could not accept (no file descriptor left)",
+            registry=r,
+        )
+        self.file_slots = Gauge(
+            "asr_file_slots_used",
+            "Slots held by file transcriptions (both POST routes; --max-file-slots caps them)",
             registry=r,
         )
         self.rejected = Counter(
