@@ -416,6 +416,7 @@ def _server_config(args: argparse.Namespace):
         "max_connections",
         "max_buffered_seconds",
         "read_ahead_mb",
+        "max_file_slots",
     )
     for flag in flags:
         if getattr(args, flag) is not None:
@@ -837,6 +838,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="open connections of any kind before newcomers get 503 (default 1000)",
+    )
+    p.add_argument(
+        "--max-file-slots",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slots file transcriptions (POST) may hold together; live sessions keep the "
+        "rest (default: half the batch, at least 1)",
     )
     p.add_argument(
         "--log-level",
