@@ -7,6 +7,8 @@ client that leaves frees its slot, and a shutdown lets a running file finish."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import re
 import struct
 import threading
@@ -189,6 +191,43 @@ def test_verbose_json_has_words_segments_and_usage(
         client, files["paused"], response_format="verbose_json", timestamp_granularities=["word"]
     )
     assert only_words.segments is None and only_words.words == result.words
+
+
+class SilenceVad:
+    """``engine`` whose VAD heads foresee a long pause on every frame of digital silence and
+    a word on every other: a checkpoint whose heads fire where the test wants."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def begin_step(self, pcm: np.ndarray, active: np.ndarray, reset: np.ndarray) -> object:
+        out = self._engine.begin_step(pcm, active, reset)
+        silent = ~np.any(np.asarray(pcm), axis=1)  # [B]
+        return dataclasses.replace(out, prs=[(1.0,) * 4 if s else (0.0,) * 4 for s in silent])
+
+
+def test_segments_are_cut_at_the_vads_ends_of_turn(
+    engine: Engine, client: openai.OpenAI, tmp_path: Path, checkpoint: Path
+) -> None:
+    """0.64 s of silence between two bursts of speech: too short a pause to cut a segment,
+    but where the VAD heads say the turn ended (the end of the first silent frame), the
+    segment ends."""
+    pcm = np.concatenate([silence(0.5), speechlike(2.5, 4), silence(0.64), speechlike(2.5, 5)])
+    wav = write_wav(tmp_path / "turns.wav", pcm)
+    (words,) = reference_words(checkpoint, [wav], 4)
+    plain = transcribe(client, wav, response_format="verbose_json")
+    assert len(plain.segments) == 1  # no pause of a second: one segment without turns
+    turn_end = (math.ceil(3.0 / 0.08) + 1) * 0.08  # speech stops at 3.0 s
+    first, second = [w for w in words if w[1] < turn_end], [w for w in words if w[1] >= turn_end]
+    assert first and second
+    with threaded_server(ServerConfig(), SilenceVad(engine)) as server:
+        turns = openai.OpenAI(base_url=f"{server.http}/v1", api_key="-", max_retries=0)
+        cut = transcribe(turns, wav, response_format="verbose_json")
+    assert [s.text for s in cut.segments] == [text_of(first), text_of(second)]
+    assert cut.segments[1].start == second[0][1] and cut.text == plain.text
 
 
 def test_a_stream_sends_each_word_then_the_text(
@@ -402,7 +441,8 @@ def test_a_client_that_leaves_frees_its_slot_and_a_shutdown_lets_a_file_finish(
         with httpx.stream("POST", url, files=form, timeout=30) as response:
             assert response.status_code == 200
             assert response.headers["content-type"].startswith("text/event-stream")
-            first = next(response.iter_lines())
+            lines = response.iter_lines()  # (dropping this iterator would close the response)
+            first = next(lines)
             assert first.startswith("data: ") and "transcript.text.delta" in first
             assert server.used_slots() == 1
         start = time.monotonic()  # the client left mid-transcription

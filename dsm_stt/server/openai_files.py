@@ -14,8 +14,9 @@ mean in OpenAI's terms is ``openai_shapes.py``. Here:
   a file slot (``file_slots.FileSlots``: files leave part of the batch to live sessions) and
   an engine slot (503 when none frees within ``post_queue_timeout``), and is decoded
   progressively and fed at the model's pace while its words come back, as the moshi-style
-  POST route does. It is a session for the server's shutdown (which waits for its answer),
-  and a client that leaves frees its slot at once;
+  POST route does, while a ``turns.TurnDetector`` follows the VAD heads (its ends of turn
+  cut the ``verbose_json`` segments). It is a session for the server's shutdown (which
+  waits for its answer), and a client that leaves frees its slot at once;
 * the answer, or with ``stream=true`` server-sent events as the words are decoded (a
   failure midway: an error event, which the SDKs raise).
 
@@ -40,7 +41,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ..audio import AudioDecodeError, UnsupportedCodecError, iter_audio
-from ..engine.events import Closed, EndWord, Word
+from ..engine.events import Closed, EndWord, Step, Word
+from ..engine.turns import EndOfTurn, TurnConfig, TurnDetector
 from .openai_shapes import (
     ModelNames,
     OpenAIError,
@@ -140,6 +142,13 @@ class Transcription:
         self._feeder: asyncio.Future[None] | None = None
         self._decoding: asyncio.Future[np.ndarray | None] | None = None
         self._closed = False
+        # segments are also cut where the speaker's turn ended: Kyutai's rule, the pause head
+        # of 2 s over 0.5 (``TurnConfig``'s defaults), on the words' clock
+        frame_rate = self.runner.sample_rate / self.runner.frame_size
+        self._turns: TurnDetector | None = TurnDetector(
+            TurnConfig(), frame_rate, time_offset=ctx.prefix_seconds
+        )
+        self.turn_ends: list[float] = []
         ctx.register(self)
 
     def finish(self) -> None:
@@ -180,7 +189,10 @@ class Transcription:
         while True:
             for item in await self.channel.get():
                 if isinstance(item, Word | EndWord):
+                    self._turn(item)
                     yield item
+                elif isinstance(item, Step):
+                    self._turn(item)
                 elif isinstance(item, Closed):
                     self._finished = True
                     self.steps = item.steps
@@ -201,7 +213,19 @@ class Transcription:
 
     def result_of(self, words: Words) -> Result:
         seconds = round(self.samples / self.runner.sample_rate, 3)
-        return Result(words.timed(), seconds, self.steps, words.text_tokens)
+        ends = tuple(self.turn_ends)
+        return Result(words.timed(), seconds, self.steps, words.text_tokens, ends)
+
+    def _turn(self, event: Step | Word | EndWord) -> None:
+        """Follow the turns (models with enough VAD heads only: others send no Steps)."""
+        if self._turns is None:
+            return
+        if isinstance(event, Step) and len(event.prs) < self._turns.config.heads_needed:
+            self._turns = None  # too few heads for Kyutai's rule: pauses alone cut segments
+            return
+        for turn in self._turns.push(event):
+            if isinstance(turn, EndOfTurn):
+                self.turn_ends.append(turn.time)
 
     async def _feed(self) -> None:
         """Decode the rest of the file and feed it at the model's pace, then close the

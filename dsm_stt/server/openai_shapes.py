@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import zlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -199,7 +199,7 @@ def _flag(value: str | None) -> bool:
 # answers
 
 
-@dataclass
+@dataclass(frozen=True)
 class Result:
     """What a finished transcription reports."""
 
@@ -207,6 +207,7 @@ class Result:
     duration: float  # seconds of audio in the file
     audio_tokens: int  # model steps the stream ran (12.5 a second of audio)
     text_tokens: int  # text pieces of its words
+    turn_ends: tuple[float, ...] = ()  # where the model's VAD ended the speaker's turns
 
     @property
     def text(self) -> str:
@@ -261,17 +262,11 @@ def answer(request: TranscriptionRequest, result: Result, temperature: float) ->
         "text": result.text,
     }
     if "segment" in request.granularities:
-        body["segments"] = segments(result, temperature, turn_ends(result))
+        body["segments"] = segments(result, temperature)
     if "word" in request.granularities:
         body["words"] = words(result)
     body["usage"] = usage
     return JSONResponse(body, headers=headers)
-
-
-def turn_ends(result: Result) -> list[float]:
-    """Where the speaker's turns ended (seconds). None yet: the segments are cut at long
-    pauses only, until a turn detector over the VAD heads feeds this."""
-    return []
 
 
 def words(result: Result) -> list[dict[str, Any]]:
@@ -286,16 +281,15 @@ def words(result: Result) -> list[dict[str, Any]]:
     return out
 
 
-def segments(
-    result: Result, temperature: float, turn_ends: Sequence[float] = ()
-) -> list[dict[str, Any]]:
+def segments(result: Result, temperature: float) -> list[dict[str, Any]]:
     """OpenAI's segment objects. The fields a DSM model has no value for say so:
     ``tokens`` empty (the ids are the tokenizer's, meaningless to a client),
     ``avg_logprob`` 0 (not computed), ``no_speech_prob`` 0 (a segment holds words);
     ``seek`` is the segment's start in Whisper's 10 ms frames and ``compression_ratio``
     Whisper's measure of the text."""
     out = []
-    for i, seg in enumerate(segment_words(result.words, result.duration, turn_ends)):
+    cut = segment_words(result.words, result.duration, result.turn_ends)
+    for i, seg in enumerate(cut):
         text = seg.text
         out.append(
             {
