@@ -117,7 +117,8 @@ def test_a_turn_starts_on_speech_and_ends_on_the_pause_head() -> None:
     out = run(detector, steps(prs, start=100))
     assert [type(t) for _, t in out] == [SpeechStarted, EndOfTurn]
     (i_start, start), (i_end, end) = out
-    assert i_start == 15 and start == SpeechStarted(115, pytest.approx(15 / FR - 0.2))
+    # two steps of speech in a row start it, from the first of them
+    assert i_start == 16 and start == SpeechStarted(116, pytest.approx(15 / FR - 0.2))
     # only head 2 ends it: the short pause (head 0 high) does not
     assert i_end == 30
     assert end == EndOfTurn(step=130, time=pytest.approx(31 / FR), probability=0.9, head=2)
@@ -127,7 +128,12 @@ def test_a_turn_starts_on_speech_and_ends_on_the_pause_head() -> None:
 def test_the_first_steps_are_not_trusted() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=12), FR)
     out = run(detector, steps([SPEECH] * 20))
-    assert out == [(12, SpeechStarted(12, pytest.approx(12 / FR)))]  # the 13th step
+    assert out == [(13, SpeechStarted(13, pytest.approx(12 / FR)))]  # the 13th and 14th steps
+
+
+def test_one_step_of_speech_starts_nothing() -> None:
+    detector = TurnDetector(TurnConfig(ignore_steps=0), FR)
+    assert run(detector, steps([PAUSE, SPEECH, PAUSE, SPEECH, PAUSE] * 3)) == []
 
 
 def test_a_word_starts_a_turn_and_late_words_do_not_start_another() -> None:
@@ -169,7 +175,7 @@ def test_hold_needs_the_pause_to_last_and_a_word_restarts_it() -> None:
     events += steps([SHORT_PAUSE], start=8)  # the 4th step over since the word
     out = run(detector, events)
     assert [t for _, t in out] == [
-        SpeechStarted(0, 0.0),
+        SpeechStarted(1, 0.0),
         EndOfTurn(8, pytest.approx(9 / FR), 0.9, 0),
     ]
 
@@ -191,14 +197,14 @@ def test_max_silence_ends_a_turn_the_heads_never_end() -> None:
 
 def test_end_turn_cuts_a_turn_and_keeps_its_late_words() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=0), FR)
-    assert run(detector, steps([SPEECH] * 3))[0][1] == SpeechStarted(0, 0.0)
+    assert run(detector, steps([SPEECH] * 3))[0][1] == SpeechStarted(1, 0.0)
     detector.end_turn(1.0)  # a manual commit of the audio up to 1 s
     assert not detector.speaking
     # steps of audio before 1 s (the model was behind) and late words do not start a turn
     assert run(detector, [*steps([SPEECH] * 9, start=3), Word("late", 0.5)]) == []
-    # step 12's frame began at 0.96 s, before the cut; step 13's is after it
-    out = run(detector, [*steps([SPEECH] * 2, start=12), Word("new", 1.1)])
-    assert [t for _, t in out] == [SpeechStarted(13, pytest.approx(13 / FR))]
+    # step 12's frame began at 0.96 s, before the cut; steps 13 and 14 are after it
+    out = run(detector, [*steps([SPEECH] * 3, start=12), Word("new", 1.1)])
+    assert [t for _, t in out] == [SpeechStarted(14, pytest.approx(13 / FR))]
 
 
 def test_configure_keeps_the_turn_and_reset_forgets_everything() -> None:
@@ -215,9 +221,9 @@ def test_configure_keeps_the_turn_and_reset_forgets_everything() -> None:
 
 def test_time_offset_puts_steps_on_the_words_clock() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=0, prefix_padding=0.0), FR, time_offset=1.0)
-    out = run(detector, steps([PAUSE] * 12 + [SPEECH]))  # 13 frames: 1.04 s of audio
-    assert [t for _, t in out] == [SpeechStarted(12, pytest.approx(12 / FR - 1.0))]
-    assert detector.now == pytest.approx(13 / FR - 1.0)
+    out = run(detector, steps([PAUSE] * 12 + [SPEECH] * 2))  # 14 frames: 1.12 s of audio
+    assert [t for _, t in out] == [SpeechStarted(13, pytest.approx(12 / FR - 1.0))]
+    assert detector.now == pytest.approx(14 / FR - 1.0)
 
 
 def test_other_events_are_ignored_and_missing_heads_are_named() -> None:

@@ -16,8 +16,9 @@ user's turn at the first word).
 How this detector uses them:
 
 * **Speech starts** at the first non-empty ``Word``, or earlier when the shortest head says a
-  word is coming (``1 − prs[0] ≥ threshold``), whichever comes first. The first
-  ``ignore_steps`` steps of a stream are not trusted for that (Unmute's 12).
+  word is coming (``1 − prs[0] ≥ threshold``) on ``START_STEPS`` steps in a row (one frame's
+  flicker starts nothing), whichever comes first. The first ``ignore_steps`` steps of a stream
+  are not trusted for that (Unmute's 12).
 * **The turn ends** when the pause head ``head`` reaches ``threshold`` and stays there for
   ``hold`` seconds of steps (a new word restarts the hold), or, with ``max_silence``, when no
   word came out for that long, whatever the heads say.
@@ -41,6 +42,7 @@ from dsm_stt.engine.events import Step, Word
 HEAD_HORIZONS = (0.5, 1.0, 2.0, 3.0)
 """Seconds of pause each VAD head of stt-1b predicts, by head index (spec §2.6)."""
 START_HEAD = 0  # the shortest horizon: "a word is coming within 0.5 s" starts speech
+START_STEPS = 2  # ... when it says so on this many steps in a row (160 ms)
 EAGERNESS = ("low", "medium", "high", "auto")
 
 # semantic_vad: eagerness → (pause head, maximum silence in seconds). ``auto`` is ``medium``,
@@ -174,6 +176,7 @@ class TurnDetector:
         self._step_idx = 0  # the last Step.step_idx seen
         self._ended_at = -math.inf  # time of the last end of turn
         self._above = 0  # consecutive steps with the pause prediction at or over the threshold
+        self._below = 0  # consecutive steps, out of a turn, saying that a word is coming
         self._last_word = 0.0  # time the last word of this turn came out (or the turn began)
 
     def configure(self, config: TurnConfig) -> None:
@@ -190,7 +193,7 @@ class TurnDetector:
         """The caller ended the turn itself at ``time`` (e.g. a client's manual commit): back to
         waiting for speech; words that started before ``time`` belong to the ended turn."""
         self.speaking = False
-        self._above = 0
+        self._above = self._below = 0
         self._ended_at = max(self._ended_at, time)
 
     def push(self, event: object) -> list[TurnEvent]:
@@ -219,7 +222,11 @@ class TurnDetector:
         if not self.speaking:
             onset = now - 1 / self.frame_rate  # the start of this step's frame
             if onset >= self._ended_at and 1.0 - step.prs[START_HEAD] >= cfg.threshold:
-                return [self._start(onset)]
+                self._below += 1
+                if self._below >= START_STEPS:
+                    return [self._start(onset - (START_STEPS - 1) / self.frame_rate)]
+            else:
+                self._below = 0
             return []
         probability = float(step.prs[cfg.head])
         if probability >= cfg.threshold:
@@ -247,13 +254,13 @@ class TurnDetector:
 
     def _start(self, onset: float) -> SpeechStarted:
         self.speaking = True
-        self._above = 0
+        self._above = self._below = 0
         self._last_word = self.now
         start = max(onset - self.config.prefix_padding, self._ended_at, -self.time_offset)
         return SpeechStarted(self._step_idx, start)
 
     def _end(self, step: Step, now: float, probability: float) -> EndOfTurn:
         self.speaking = False
-        self._above = 0
+        self._above = self._below = 0
         self._ended_at = now
         return EndOfTurn(step.step_idx, now, probability, self.config.head)
