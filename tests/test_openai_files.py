@@ -36,7 +36,7 @@ from server_support import (
 from dsm_stt.engine.engine import Engine
 from dsm_stt.loading import load_engine
 from dsm_stt.server.config import ServerConfig
-from dsm_stt.server.openai_shapes import IGNORED_HEADER
+from dsm_stt.server.openai_shapes import IGNORED_HEADER, OPENAI_MODELS, ModelNames
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -279,6 +279,24 @@ def test_models_lists_the_loaded_checkpoint(client: openai.OpenAI) -> None:
     assert missing.value.body["code"] == "model_not_found"  # type: ignore[index]
 
 
+@pytest.mark.parametrize(
+    ("loaded", "ident", "short"),
+    [
+        ("kyutai/stt-1b-en_fr", "kyutai/stt-1b-en_fr", "stt-1b-en_fr"),
+        ("/srv/models/ckpt/", "ckpt", "ckpt"),  # no server path in the id
+        ("hf://kyutai/stt-1b-en_fr-candle/model.safetensors", "kyutai/stt-1b-en_fr-candle", ""),
+        ("/srv/models/stt/model.safetensors", "stt", "stt"),
+    ],
+)
+def test_model_names(loaded: str, ident: str, short: str) -> None:
+    names = ModelNames.of(loaded)
+    assert names.id == ident
+    for name in (loaded, ident, short or ident.split("/")[-1], *OPENAI_MODELS):
+        assert names.resolve(name) == ident
+    assert names.resolve("gpt-4o-transcribe-diarize") is None
+    assert names.resolve("other/model") is None
+
+
 # --------------------------------------------------------------------------------------------
 # errors
 
@@ -329,10 +347,11 @@ def test_bad_requests_get_the_documented_status_and_error_shape(
         "timestamp_granularities"
     )
     assert error_of(create(stream="maybe"), 400)["param"] == "stream"
+    assert error_of(create(temperature="warm"), 400)["param"] == "temperature"
     corrupt = error_of(create(("a.wav", b"not audio at all" * 100)), 400)
     assert corrupt["code"] == "invalid_audio" and corrupt["message"].startswith("a.wav: ")
     empty = error_of(create(("a.wav", b"")), 400)
-    assert "empty" in empty["message"]
+    assert empty["code"] == "invalid_audio" and "empty" in empty["message"]
     codec = error_of(create(("odd.wav", unknown_codec_wav())), 415)
     assert codec["code"] == "unsupported_codec"
     assert "WAV" in codec["message"] and "codec FFmpeg cannot decode" in codec["message"]

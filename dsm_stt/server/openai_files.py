@@ -158,7 +158,9 @@ class Transcription:
         """Check the audio before taking a slot: 400 for what does not decode, 415 for a
         codec without a decoder."""
         if upload.size == 0:
-            raise OpenAIError(400, "the file is empty (0 bytes)", param="file")
+            raise OpenAIError(
+                400, "the file is empty (0 bytes)", param="file", code="invalid_audio"
+            )
         self._chunks = iter_audio(upload.file)
         self._pending = await run_in_threadpool(_next_chunk, self._chunks, upload.filename)
 

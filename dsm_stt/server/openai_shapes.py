@@ -75,18 +75,27 @@ class OpenAIError(Exception):
 
 @dataclass(frozen=True)
 class ModelNames:
-    """The loaded checkpoint as the API names it: ``id`` (its hub id; a directory shows its
-    last part only), and every name a request may use for it."""
+    """The loaded checkpoint as the API names it: ``id`` (its hub id, ``owner/name``; a local
+    checkpoint shows its directory's name only, not the server's paths), and every name a
+    request may use for it: the id, the name it was loaded by, the last part of that
+    name, and OpenAI's models."""
 
     id: str
     accepted: frozenset[str]
 
     @classmethod
     def of(cls, name: str) -> ModelNames:
-        short = PurePath(name.rstrip("/\\")).name or name
-        local = PurePath(name).is_absolute() or name.startswith((".", "~"))
-        ident = short if local else name
-        return cls(ident, frozenset({name, ident, short, *OPENAI_MODELS}))
+        """From the engine's name: a hub id, a directory, or (from a moshi-server TOML) a
+        weights file, local or ``hf://owner/name/file``."""
+        if name.startswith("hf://"):
+            ident = "/".join(name.removeprefix("hf://").split("/")[:2])
+        else:
+            path = PurePath(name.rstrip("/\\"))
+            local = path.is_absolute() or name.startswith((".", "~")) or path.suffix != ""
+            folder = path.parent if path.suffix else path  # a weights file: its directory
+            ident = (folder.name or name) if local else name
+        last = ident.rsplit("/", 1)[-1]
+        return cls(ident, frozenset({name, ident, last, *OPENAI_MODELS}))
 
     def resolve(self, name: str) -> str | None:
         """The loaded model's id if ``name`` names it, else None."""
