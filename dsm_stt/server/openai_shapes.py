@@ -7,8 +7,9 @@ OpenAI's transcription models in ``OPENAI_MODELS``, all mapped onto it) and its 
 object, ``TranscriptionRequest`` (the form's fields, checked once; fields the model cannot
 use are accepted and named in the ``X-DSM-STT-Ignored`` header), ``Words`` (Word/EndWord
 events into timed words), and the answers: ``json``, ``text``, ``srt``, ``vtt``
-(``writers.py``), ``verbose_json`` (``segments`` from ``segments.py``, ``words``, ``usage``)
-and the streamed events. It does no I/O: receiving the upload and running the
+(``writers.py``), ``verbose_json`` (``segments`` from ``segments.py``, cut at long pauses
+and at the ends of turn the route's turn detector found, ``words``, ``usage``) and the
+streamed events. It does no I/O: receiving the upload and running the
 transcription are the route's.
 """
 
