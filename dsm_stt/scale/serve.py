@@ -1,0 +1,251 @@
+"""Live serving on Ray Serve: one replica per device, each the unchanged server app.
+
+Owns ``SttReplica`` (a Serve deployment class whose ASGI ingress is ``create_app``: its own
+engine, slots, runner and lifespan, so a replica behaves exactly as ``dsm-stt serve`` on one
+device), ``deployment`` (the bound Serve application: replica count or autoscaling, resources
+per replica, the free-slots router), ``app_builder`` (the same, from a Serve config file that
+``serve deploy`` reads; ``dsm-stt ray-config`` writes one), and ``run`` (what
+``dsm-stt serve --ray`` calls: connect to or start Ray, start Serve's HTTP proxy on the
+server's host and port, deploy, wait for a signal, tear down).
+
+Serve's proxy is the one ingress: it routes WebSocket upgrades and HTTP requests to replicas,
+and a WebSocket stays on the replica it was routed to until it closes. When that replica dies
+the proxy closes the socket (the client sees a close code other than 1000, see
+docs/scale-out.md); new sessions go to the live replicas while Serve starts a replacement.
+
+Routing: ``router.FreeSlotsRouter`` where Ray has ``RequestRouter`` (alpha; the ``ray`` extra
+pins Ray), Serve's default power-of-two router otherwise. Either way a replica past its slots
+answers moshi-server's "no free channels" (or holds the newcomer up to ``queue_timeout``), so
+a client that retries finds room wherever there is some; with the free-slots router it gets
+that answer only when every replica is full.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import threading
+from typing import Any
+
+import ray
+from ray import serve
+
+from ..server.app import create_app
+from ..server.config import ServerConfig
+from .board import BOARD_NAME, BOARD_NAMESPACE, ClusterRoutes, get_board
+
+log = logging.getLogger(__name__)
+
+__all__ = ["APP_NAME", "HTTP_HEADROOM", "SttReplica", "app_builder", "deployment", "run"]
+
+APP_NAME = "dsm-stt"
+# Ongoing requests a replica takes beyond its slots: health checks, metrics, file POSTs that
+# wait for a slot. A WebSocket past the slots still reaches a replica, which says "no free
+# channels" (or queues it for ``queue_timeout``) as a single server would.
+HTTP_HEADROOM = 16
+STATS_PERIOD_S = 0.5  # how often each replica reports its slots (router and slot board)
+
+
+@serve.ingress()
+class SttReplica:
+    """One replica: the server app over its own engine (loaded by the app's lifespan)."""
+
+    def __init__(self, config: ServerConfig, threads: int | None = None) -> None:
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.config = config
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.board = get_board()
+        self.server_app: Any = None
+
+    def __serve_build_asgi_app__(self) -> Any:
+        self.server_app = create_app(self.config)
+        return ClusterRoutes(self.server_app, self.board, self.replica)
+
+    def figures(self) -> dict[str, Any]:
+        """This replica's slots and sessions, as the router and the board read them."""
+        context = self.server_app.state.server if self.server_app is not None else None
+        runner = context.runner if context is not None else None
+        if runner is None:
+            return {"ready": False, "node": ray.get_runtime_context().get_node_id()}
+        served = context.metrics.registry.get_sample_value("asr_connect_total") or 0.0
+        return {
+            "ready": bool(context.ready),
+            "used_slots": int(runner.used_slots),
+            "total_slots": int(runner.total_slots),
+            "open_sessions": len(context.sessions),
+            "sessions_served": int(served),
+            "node": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+        }
+
+    async def record_routing_stats(self) -> dict[str, Any]:
+        """Serve calls this every ``STATS_PERIOD_S``: the router ranks replicas by it, and the
+        same figures go to the slot board for the cluster routes."""
+        figures = self.figures()
+        with contextlib.suppress(Exception):
+            self.board.post.remote(self.replica, figures)
+        return figures
+
+
+def _router_config() -> Any:
+    """The free-slots router where this Ray has the API, else Serve's default router."""
+    from ray.serve.config import RequestRouterConfig
+
+    settings: dict[str, Any] = {
+        "request_routing_stats_period_s": STATS_PERIOD_S,
+        "request_routing_stats_timeout_s": 2.0,
+    }
+    try:
+        from .router import FreeSlotsRouter
+    except ImportError as exc:  # RequestRouter moved or went away: keep serving
+        log.warning("Ray Serve has no RequestRouter (%s): power-of-two routing", exc)
+    else:
+        settings["request_router_class"] = FreeSlotsRouter
+    return RequestRouterConfig(**settings)
+
+
+def deployment(
+    config: ServerConfig,
+    replicas: int | None = 1,
+    autoscaling: dict[str, Any] | None = None,
+    cpus_per_replica: float | None = None,
+    threads: int | None = None,
+) -> Any:
+    """The Serve application: ``replicas`` copies of the server (or ``autoscaling``: Serve's
+    autoscaling config, on ongoing requests, i.e. slots in use). On CUDA each replica takes
+    one GPU; on CPU ``cpus_per_replica`` (default: ``threads`` or 1)."""
+    slots = config.engine.batch_size
+    cuda = config.engine.device == "cuda" or (config.engine.device == "auto" and _has_gpus())
+    resources: dict[str, Any] = (
+        {"num_gpus": 1, "num_cpus": cpus_per_replica or 1}
+        if cuda
+        else {"num_cpus": cpus_per_replica or threads or 1}
+    )
+    if threads:
+        resources["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": str(threads)}}
+    options: dict[str, Any] = {
+        "name": "SttReplica",
+        "max_ongoing_requests": slots + HTTP_HEADROOM,
+        "ray_actor_options": resources,
+        "request_router_config": _router_config(),
+        "graceful_shutdown_timeout_s": config.shutdown_timeout + 5,
+        "health_check_period_s": 2.0,
+    }
+    if autoscaling is not None:
+        options["autoscaling_config"] = autoscaling
+    else:
+        options["num_replicas"] = replicas
+    return serve.deployment(SttReplica).options(**options).bind(config, threads)
+
+
+def _has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """For ``serve run`` / ``serve deploy``: ``args`` holds ``serve_args`` (the flags of
+    ``dsm-stt serve``, as a list), and ``replicas``, ``autoscaling_config``, ``threads``."""
+    from ..cli import _server_config, build_parser
+
+    parsed = build_parser().parse_args(["serve", *args.get("serve_args", [])])
+    config = _server_config(parsed)
+    return deployment(
+        config,
+        replicas=int(args.get("replicas", 1)),
+        autoscaling=args.get("autoscaling_config"),
+        threads=args.get("threads"),
+    )
+
+
+def ray_config(
+    serve_args: list[str], replicas: int, threads: int | None, host: str, port: int
+) -> str:
+    """A Serve config file (YAML) that ``serve deploy`` accepts, for ``dsm-stt ray-config``."""
+    import json
+
+    app_args = {"serve_args": serve_args, "replicas": replicas}
+    if threads:
+        app_args["threads"] = threads
+    # JSON is YAML: no YAML writer needed, and the quoting is exact
+    document = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": host, "port": port},
+        "applications": [
+            {
+                "name": APP_NAME,
+                "route_prefix": "/",
+                "import_path": "dsm_stt.scale.serve:app_builder",
+                "args": app_args,
+            }
+        ],
+    }
+    return json.dumps(document, indent=2) + "\n"
+
+
+def start(
+    config: ServerConfig,
+    replicas: int | None,
+    address: str | None = None,
+    autoscaling: dict[str, Any] | None = None,
+    threads: int | None = None,
+    init_options: dict[str, Any] | None = None,
+) -> None:
+    """Connect to Ray (``address``; None: start a local one), start Serve's proxy on the
+    config's host and port, deploy and wait until every replica is up."""
+    if not ray.is_initialized():
+        ray.init(address=address, **(init_options or {}))
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(
+        deployment(config, replicas, autoscaling, threads=threads),
+        name=APP_NAME,
+        route_prefix="/",
+        blocking=False,
+    )
+
+
+def stop() -> None:
+    """Delete the application (replicas drain their sessions) and the slot board."""
+    with contextlib.suppress(Exception):
+        serve.delete(APP_NAME)
+    with contextlib.suppress(Exception):
+        ray.kill(ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE))
+
+
+def run(
+    config: ServerConfig,
+    replicas: int | None,
+    address: str | None = None,
+    autoscaling: dict[str, Any] | None = None,
+    threads: int | None = None,
+) -> int:
+    """``dsm-stt serve --ray``: serve until SIGINT/SIGTERM, then drain and tear down."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        start(config, replicas, address, autoscaling, threads)
+    except Exception as exc:
+        log.error("Ray Serve did not start: %s", exc)
+        stop()
+        return 1
+    log.info(
+        "serving on http://%s:%d through Ray Serve (%s replicas); GET /api/cluster for slots",
+        config.host,
+        config.port,
+        replicas if autoscaling is None else "autoscaling",
+    )
+    done.wait()
+    log.info("stopping: replicas finish their sessions")
+    stop()
+    return 0
+
+
+def replace_engine(config: ServerConfig, **changes: Any) -> ServerConfig:
+    """``config`` with engine settings changed (tests size replicas with it)."""
+    return config.replace(engine=dataclasses.replace(config.engine, **changes))
