@@ -444,6 +444,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.ray:
+        return _serve_on_ray(args)
     from .loading import check_model
 
     try:
@@ -477,6 +479,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(130)
     return serve(config, engine, torch_thread)
+
+
+def _serve_on_ray(args: argparse.Namespace) -> int:
+    """``serve --ray``: the same server, replicated by Ray Serve (``dsm_stt.scale``)."""
+    try:
+        from .scale import serve as ray_serve
+    except ImportError as exc:
+        return _fail(f"--ray needs Ray Serve ({exc}): pip install 'dsm-stt[ray]'")
+    try:
+        config = _server_config(args)
+    except ValueError as exc:
+        return _fail(str(exc))
+    return ray_serve.run(config, args.replicas, address=args.address)
+
+
+def cmd_ray_config(args: argparse.Namespace) -> int:
+    try:
+        from .scale import serve as ray_serve
+    except ImportError as exc:
+        return _fail(f"ray-config needs Ray Serve ({exc}): pip install 'dsm-stt[ray]'")
+    flags = [a for a in args.serve_args if a != "--"]
+    parsed = build_parser().parse_args(["serve", *flags])
+    config = _server_config(parsed)
+    print(ray_serve.ray_config(flags, args.replicas, None, config.host, config.port), end="")
+    return 0
 
 
 def _check_port(host: str, port: int) -> None:
@@ -853,7 +880,31 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["critical", "error", "warning", "info", "debug"],
         help="the least severe log lines written to stderr (default info)",
     )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve: --replicas copies of this server (one per GPU, or CPU "
+        "replicas) behind one ingress on --host/--port; needs pip install 'dsm-stt[ray]'" + OFF,
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --ray: the Ray cluster to join ('auto': the one this machine is part of; "
+        "default: start a local one)",
+    )
+    p.add_argument(
+        "--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)"
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "ray-config",
+        help="print a Ray Serve config file for `serve deploy` (dsm-stt ray-config --replicas N "
+        "-- SERVE FLAGS)",
+    )
+    p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (default 1)")
+    p.add_argument("serve_args", nargs=argparse.REMAINDER, help="flags of dsm-stt serve")
+    p.set_defaults(func=cmd_ray_config)
 
     p = sub.add_parser(
         "stream", help="stream an audio file to a running server, print words as they come"
