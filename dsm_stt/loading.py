@@ -42,11 +42,16 @@ class ModelFiles:
 
 def plan_for(config: EngineConfig) -> Plan:
     """``config`` with ``auto`` resolved (kernels built now where the plan runs them)."""
-    if config.cuda_graphs and config.torch_device().type != "cuda":
-        raise ValueError(
-            f"CUDA graphs need a CUDA device; this one runs on {config.torch_device().type}"
-        )
+    refuse_unrunnable(config)
     return choose(config)
+
+
+def refuse_unrunnable(config: EngineConfig) -> None:
+    """Raise ``ValueError`` for what cannot run on this machine whatever the model (checked in
+    microseconds, before any file is looked for): a missing CUDA device, CUDA graphs off CUDA."""
+    device = config.torch_device()
+    if config.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; this one runs on {device.type}")
 
 
 def load_engine(
@@ -58,12 +63,13 @@ def load_engine(
     """Load ``model`` (repo id or directory, ``ModelFiles``; with ``random_weights`` any
     known architecture name) and build its engine as ``config`` says. What cannot be had or
     cannot run is refused first, in this order: the checkpoint's files (``check_available``:
-    within a second, without downloading), then the device, dtype and kernels; only then the
-    (long) download and load. ``announce`` (default: the ``dsm_stt`` logger at info) hears what
+    within a second, without downloading; a missing CUDA device even before), then the device,
+    dtype and kernels; only then the (long) download and load. ``announce`` (default: the ``dsm_stt`` logger at info) hears what
     is being loaded, the path chosen, and how long it took."""
     say = announce or log.info
     start = time.perf_counter()
     name = str(model.lm) if isinstance(model, ModelFiles) else str(model)
+    refuse_unrunnable(config)
     cached = True if random_weights else check_model(model)
     plan = plan_for(config)
     device = config.torch_device()

@@ -7,8 +7,8 @@ which runs the app under uvicorn with the shutdown moshi-server users expect: on
 SIGINT stop accepting, let every open session receive its last words, close, exit (a second
 SIGINT exits at once).
 
-Routes live in ``websocket.py``, ``http.py`` and ``openai_files.py``; the model and the engine are loaded through
-``loading.load_engine``.
+Routes live in ``websocket.py``, ``http.py``, ``openai_files.py`` and ``page.py`` (the
+browser page); the model and the engine are loaded through ``loading.load_engine``.
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from . import deadlines, http, openai_files, redaction
+from . import deadlines, http, openai_files, page, redaction
 from .config import ServerConfig
 from .context import ServerContext, load_engine, warm_up
 from .file_slots import FileSlots
 from .liveness import protocol_class
 from .metrics import ServerMetrics
+from .realtime import realtime_endpoint
 from .websocket import asr_streaming
 
 if TYPE_CHECKING:
@@ -75,6 +76,8 @@ def create_app(
         Route("/v1/audio/transcriptions", openai_files.transcriptions, methods=["POST"]),
         Route("/v1/models", openai_files.list_models),
         Route("/v1/models/{model:path}", openai_files.get_model),
+        WebSocketRoute("/v1/realtime", realtime_endpoint),  # OpenAI's Realtime transcription
+        *page.routes(config),  # the browser page at / (unless static_dir takes /)
     ]
     if config.static_dir:
         static = Path(config.static_dir)
@@ -107,6 +110,9 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         ws_max_size=2 * config.max_message_bytes,
         log_level=config.log_level,
         lifespan="on",
+        # asyncio's own loop, also where uvloop is installed (Ray brings it): the limits and
+        # their tests (accept failures at fd exhaustion, write buffers) are asyncio's behaviour
+        loop="asyncio",
         timeout_graceful_shutdown=5,
         # every open connection counts (idle sockets too): newcomers past it get 503
         limit_concurrency=config.max_connections,
