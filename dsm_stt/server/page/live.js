@@ -69,6 +69,10 @@ export class LiveSession extends EventTarget {
           "through https, or on the machine that runs the server (http://localhost:…).",
       );
     }
+    // created before the first await, while the click that started us still counts as the
+    // user's gesture (Safari starts an audio context only then)
+    const context = new AudioContext();
+    this.context = context;
     try {
       this.stream = await navigator.mediaDevices.getUserMedia({
         audio: {
@@ -82,8 +86,6 @@ export class LiveSession extends EventTarget {
     } catch (err) {
       throw micError(err);
     }
-    const context = new AudioContext();
-    this.context = context;
     await context.audioWorklet.addModule(new URL("./worklet.js", import.meta.url));
     const source = context.createMediaStreamSource(this.stream);
     this.node = new AudioWorkletNode(context, "dsm-capture", {
