@@ -8,7 +8,9 @@ paced at a real-time factor, yield the server's messages until all of it is tran
 
 Ending a stream uses the recipe every moshi-server client uses (a ``Marker``, then silence
 until the marker comes back, spec §4.5), so the same code works against both servers.
-Messages are the protocol's values (``Word``, ``EndWord``, ``Step``, ``Marker``, ``Error``…).
+Messages are the protocol's values (``Word``, ``EndWord``, ``Step``, ``Marker``, ``Error``…);
+with ``end_of_turn=True`` this server also sends ``EndOfTurn`` where the model's VAD ends a
+turn (moshi-server ignores the request and sends none).
 A server that cannot be reached, or a connection that ends before the client is done (the
 server died, shut down with 1001, the network dropped), is a ``ConnectionLost`` whose message
 is one line for a user; a refusal or an ``Error`` from the server is a ``ServerError``.
@@ -20,6 +22,7 @@ import asyncio
 import contextlib
 import socket
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable
 from typing import Any, TextIO
 
@@ -29,6 +32,7 @@ import websockets
 from .model.config import FRAME_SIZE, SAMPLE_RATE
 from .server.protocol import (
     Audio,
+    EndOfTurn,
     EndWord,
     Error,
     Flush,
@@ -108,11 +112,19 @@ class SttClient:
 
     @classmethod
     async def connect(
-        cls, url: str = DEFAULT_URL, *, api_key: str | None = None, open_timeout: float = 10.0
+        cls,
+        url: str = DEFAULT_URL,
+        *,
+        api_key: str | None = None,
+        open_timeout: float = 10.0,
+        end_of_turn: bool = False,
     ) -> SttClient:
         """Open a session. Raises ``ServerError`` when the server refuses it (HTTP 401,
-        "no free channels"…), ``ConnectionLost`` when it cannot be reached."""
+        "no free channels"…), ``ConnectionLost`` when it cannot be reached.
+        ``end_of_turn``: ask for ``EndOfTurn`` messages (``?end_of_turn=1``)."""
         headers = {"kyutai-api-key": api_key} if api_key is not None else None
+        if end_of_turn:
+            url = with_query(url, end_of_turn="1")
         try:
             ws = await websockets.connect(
                 url,
@@ -201,6 +213,14 @@ class SttClient:
                 raise ServerError(f"unexpected message from the server: {exc}") from exc
 
 
+def with_query(url: str, **params: str) -> str:
+    """``url`` with ``params`` added to its query (replacing those of the same names)."""
+    parts = urllib.parse.urlsplit(url)
+    query = [(k, v) for k, v in urllib.parse.parse_qsl(parts.query) if k not in params]
+    query += list(params.items())
+    return urllib.parse.urlunsplit(parts._replace(query=urllib.parse.urlencode(query)))
+
+
 async def stream_audio(
     url: str,
     pcm: np.ndarray,
@@ -209,9 +229,11 @@ async def stream_audio(
     rtf: float = 1.0,
     marker_id: int = 0,
     max_tail_seconds: float = 40.0,
+    end_of_turn: bool = False,
 ) -> AsyncIterator[ServerMessage]:
     """Send ``pcm`` (24 kHz mono) in 80 ms messages at ``rtf`` × real time, then a Marker and
-    silence until the marker comes back; yield every message received before it.
+    silence until the marker comes back; yield every message received before it
+    (``EndOfTurn`` too, with ``end_of_turn``).
 
     ``Error`` messages from the server raise ``ServerError``; a connection that ends before the
     marker is back (the server stopped or went away, the network dropped) ``ConnectionLost``.
@@ -221,7 +243,7 @@ async def stream_audio(
     if not rtf > 0:
         raise ValueError(f"rtf must be > 0, got {rtf!r}")
     pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
-    async with await SttClient.connect(url, api_key=api_key) as client:
+    async with await SttClient.connect(url, api_key=api_key, end_of_turn=end_of_turn) as client:
 
         async def send() -> None:
             silence = np.zeros(FRAME_SIZE, dtype=np.float32)
@@ -329,12 +351,16 @@ def import_sounddevice() -> Any:
 
 class LivePrinter:
     """A live transcript for a terminal: words as they arrive; when the model's VAD says the
-    speaker finished a turn, a pause mark and a new line (printed once per turn)."""
+    speaker finished a turn, a pause mark and a new line (printed once per turn).
+
+    The server's ``EndOfTurn`` messages say where turns end; until one has come (moshi-server
+    sends none), the printer applies the same rule to the ``Step`` messages itself."""
 
     def __init__(self, out: TextIO = sys.stdout, vad_threshold: float = 0.5) -> None:
         self.out = out
         self.vad_threshold = vad_threshold
         self._in_turn = False
+        self._server_turns = False  # the server sends EndOfTurn: Steps are not read
 
     def on_message(self, msg: ServerMessage) -> None:
         if isinstance(msg, Word):
@@ -342,13 +368,20 @@ class LivePrinter:
             if text:
                 self.out.write(("" if self._in_turn else "> ") + text + " ")
                 self._in_turn = True
+        elif isinstance(msg, EndOfTurn):
+            self._server_turns = True
+            self._end_turn()
         elif isinstance(msg, Step) and len(msg.prs) > END_OF_TURN_HEAD:
-            if self._in_turn and msg.prs[END_OF_TURN_HEAD] > self.vad_threshold:
-                self.out.write("[pause]\n")
-                self._in_turn = False
+            if not self._server_turns and msg.prs[END_OF_TURN_HEAD] > self.vad_threshold:
+                self._end_turn()
         elif isinstance(msg, EndWord | Marker):
             return
         self.out.flush()
+
+    def _end_turn(self) -> None:
+        if self._in_turn:
+            self.out.write("[pause]\n")
+            self._in_turn = False
 
     def close(self) -> None:
         if self._in_turn:

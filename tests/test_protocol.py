@@ -1,20 +1,42 @@
-"""Tests for dsm_stt.server.protocol: wire compatibility, round-trips and malformed input."""
+"""Tests for dsm_stt.server.protocol: wire compatibility, round-trips and malformed input; and the
+EndOfTurn extension end to end (a session that asks for it, the client that yields it)."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import math
 import struct
 import time
+from collections.abc import Iterator
 
 import msgpack
 import numpy as np
 import pytest
+import websockets
+from engine_support import exact_config
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from server_support import (
+    FRAME,
+    SAMPLE_RATE,
+    ThreadedServer,
+    connect,
+    pack,
+    recv,
+    recv_until,
+    send_frames,
+    threaded_server,
+)
+from turn_support import turn_signal, write_turn_checkpoint
 
+from dsm_stt.client import LivePrinter, stream_audio
+from dsm_stt.loading import load_engine
+from dsm_stt.server.config import ServerConfig
 from dsm_stt.server.protocol import (
     MAX_PCM_SAMPLES,
     Audio,
+    EndOfTurn,
     EndWord,
     Error,
     Flush,
@@ -366,3 +388,154 @@ def test_decoding_a_frame_is_cheap() -> None:
         decode_client_message(data)
     per_message = (time.perf_counter() - start) / n
     assert per_message < 2e-3, f"{per_message * 1e6:.0f} µs per 1920-sample Audio message"
+
+
+# --- the EndOfTurn extension -------------------------------------------------------------------
+
+
+def test_end_of_turn_round_trip_and_wire_format() -> None:
+    msg = EndOfTurn(step=4321, time=3.36, probability=0.9162, head=2)
+    data = encode_server_message(msg)
+    assert decode_server_message(data) == msg
+    assert msgpack.unpackb(data) == {
+        "type": "EndOfTurn",
+        "step": 4321,
+        "time": 3.36,
+        "probability": 0.9162,
+        "head": 2,
+    }
+    assert data.count(b"\xcb") == 2  # time and probability are float64
+
+
+@pytest.mark.parametrize(
+    ("obj", "match"),
+    [
+        (
+            {"type": "EndOfTurn", "step": 1, "time": 0.1, "head": 2},
+            "missing the field 'probability'",
+        ),
+        (
+            {"type": "EndOfTurn", "step": -1, "time": 0.1, "probability": 1, "head": 2},
+            "non-negative",
+        ),
+        ({"type": "EndOfTurn", "step": 1, "time": "x", "probability": 1, "head": 2}, "a number"),
+    ],
+)
+def test_malformed_end_of_turn(obj: object, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        decode_server_message(msgpack.packb(obj))
+
+
+@pytest.fixture(scope="module")
+def turn_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThreadedServer]:
+    """A server on a checkpoint whose VAD heads hear silence (``turn_support``)."""
+    checkpoint = write_turn_checkpoint(tmp_path_factory.mktemp("turns") / "ckpt")
+    engine = load_engine(str(checkpoint), exact_config(batch_size=2))
+    with threaded_server(ServerConfig(), engine) as server:
+        yield server
+
+
+TURNS = turn_signal([("speech", 3.0), ("silence", 3.5), ("speech", 3.0), ("silence", 2.0)])
+TURN_ENDS = (38 * FRAME / SAMPLE_RATE, 120 * FRAME / SAMPLE_RATE)  # where the speech stops
+
+
+async def _session(url: str, pcm: np.ndarray) -> list[dict]:
+    async with await connect(url) as ws:
+        assert (await recv(ws))["type"] == "Ready"
+        await send_frames(ws, pcm)
+        await ws.send(pack({"type": "Flush", "id": 1}))
+        return await recv_until(ws, "Flushed")
+
+
+def test_end_of_turn_follows_the_step_that_ends_each_turn(turn_server: ThreadedServer) -> None:
+    url = turn_server.url + "?end_of_turn=1&end_of_turn_threshold=0.7"
+    msgs = asyncio.run(_session(url, TURNS))
+    ends = [(i, m) for i, m in enumerate(msgs) if m["type"] == "EndOfTurn"]
+    assert len(ends) == 2  # one per turn: speech, then the pause
+    steps_seen = 0
+    for i, msg in enumerate(msgs):
+        steps_seen += msg["type"] == "Step"
+        if msg["type"] != "EndOfTurn":
+            continue
+        step = msgs[i - 1]  # right after the Step that decided it
+        assert step["type"] == "Step" and step["step_idx"] == msg["step"]
+        assert msg["head"] == 2 and msg["probability"] == pytest.approx(step["prs"][2])
+        assert msg["probability"] >= 0.7
+        assert msg["time"] == pytest.approx(steps_seen * FRAME / SAMPLE_RATE)
+    # the step that ended each turn is the first whose head 2 reached the threshold
+    for (_, end), turn_end in zip(ends, TURN_ENDS, strict=True):
+        assert turn_end < end["time"] <= turn_end + 0.4  # Mimi's lag: a few frames
+        before = [m for m in msgs if m["type"] == "Step" and m["step_idx"] < end["step"]]
+        last_speech = max(s["step_idx"] for s in before if s["prs"][2] < 0.7)
+        assert all(
+            s["prs"][2] >= 0.7 for s in before if last_speech < s["step_idx"]
+        )  # no earlier pause step in this turn
+    # without the parameter: moshi-server's messages, unchanged
+    plain = asyncio.run(_session(turn_server.url, TURNS))
+    assert not [m for m in plain if m["type"] == "EndOfTurn"]
+    assert [m for m in plain if m["type"] != "Step"] == [
+        m for m in msgs if m["type"] not in ("Step", "EndOfTurn")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "match"),
+    [
+        ("end_of_turn=maybe", "end_of_turn must be 1 or 0"),
+        ("end_of_turn=1&end_of_turn_head=4", "needs VAD head 4; this model has 4 VAD head"),
+        ("end_of_turn=1&end_of_turn_threshold=2", "threshold must be in"),
+        ("end_of_turn=1&end_of_turn_head=x", "end_of_turn"),
+    ],
+)
+def test_bad_end_of_turn_settings_get_400(
+    turn_server: ThreadedServer, query: str, match: str
+) -> None:
+    async def main() -> None:
+        with pytest.raises(websockets.InvalidStatus) as caught:
+            await connect(f"{turn_server.url}?{query}")
+        assert caught.value.response.status_code == 400
+        assert match in caught.value.response.body.decode()
+
+    asyncio.run(main())
+
+
+def test_the_client_yields_end_of_turn_and_prints_turns(turn_server: ThreadedServer) -> None:
+    async def main() -> list[object]:
+        got = []
+        async for msg in stream_audio(turn_server.url, TURNS, rtf=100.0, end_of_turn=True):
+            got.append(msg)
+        return got
+
+    msgs = asyncio.run(main())
+    ends = [m for m in msgs if isinstance(m, EndOfTurn)]
+    assert len(ends) == 2 and all(e.head == 2 for e in ends)
+    out = io.StringIO()
+    printer = LivePrinter(out)
+    for msg in msgs:
+        printer.on_message(msg)
+    printer.close()
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and all(line.endswith("[pause]") for line in lines)
+    words = [m.text.strip() for m in msgs if isinstance(m, Word) and m.text.strip()]
+    assert " ".join(line.removeprefix("> ").removesuffix(" [pause]") for line in lines) == " ".join(
+        words
+    )
+
+
+def test_the_live_printer_follows_end_of_turn_once_it_has_one() -> None:
+    out = io.StringIO()
+    printer = LivePrinter(out)
+    for msg in [
+        Word("one", 0.0),
+        Step(1, (0.9, 0.9, 0.9, 0.9), 0),  # no EndOfTurn yet: the Steps decide (moshi-server)
+        Word("two", 1.0),
+        EndOfTurn(2, 1.5, 0.8, 2),
+        Word("three", 2.0),
+        Step(3, (0.9, 0.9, 0.9, 0.9), 0),  # the server says where turns end: ignored now
+        Word("four", 2.5),
+        EndOfTurn(4, 3.0, 0.8, 2),
+        EndOfTurn(5, 3.1, 0.8, 2),  # nothing said since: nothing printed
+    ]:
+        printer.on_message(msg)
+    printer.close()
+    assert out.getvalue() == "> one [pause]\n> two [pause]\n> three four [pause]\n"

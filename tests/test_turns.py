@@ -117,8 +117,8 @@ def test_a_turn_starts_on_speech_and_ends_on_the_pause_head() -> None:
     out = run(detector, steps(prs, start=100))
     assert [type(t) for _, t in out] == [SpeechStarted, EndOfTurn]
     (i_start, start), (i_end, end) = out
-    # two steps of speech in a row start it, from the first of them
-    assert i_start == 16 and start == SpeechStarted(116, pytest.approx(15 / FR - 0.2))
+    # three steps of speech in a row start it, from the first of them
+    assert i_start == 17 and start == SpeechStarted(117, pytest.approx(15 / FR - 0.2))
     # only head 2 ends it: the short pause (head 0 high) does not
     assert i_end == 30
     assert end == EndOfTurn(step=130, time=pytest.approx(31 / FR), probability=0.9, head=2)
@@ -128,12 +128,12 @@ def test_a_turn_starts_on_speech_and_ends_on_the_pause_head() -> None:
 def test_the_first_steps_are_not_trusted() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=12), FR)
     out = run(detector, steps([SPEECH] * 20))
-    assert out == [(13, SpeechStarted(13, pytest.approx(12 / FR)))]  # the 13th and 14th steps
+    assert out == [(14, SpeechStarted(14, pytest.approx(12 / FR)))]  # the 13th to 15th steps
 
 
-def test_one_step_of_speech_starts_nothing() -> None:
+def test_a_flicker_of_speech_starts_nothing() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=0), FR)
-    assert run(detector, steps([PAUSE, SPEECH, PAUSE, SPEECH, PAUSE] * 3)) == []
+    assert run(detector, steps([PAUSE, SPEECH, SPEECH, PAUSE, SPEECH, PAUSE] * 3)) == []
 
 
 def test_a_word_starts_a_turn_and_late_words_do_not_start_another() -> None:
@@ -158,7 +158,7 @@ def test_a_word_starts_a_turn_and_late_words_do_not_start_another() -> None:
 
 def test_the_start_never_reaches_back_before_the_previous_turn() -> None:
     detector = TurnDetector(TurnConfig(head=0, threshold=0.5, prefix_padding=5.0, ignore_steps=0))
-    out = run(detector, steps([SPEECH] * 3 + [PAUSE] + [SPEECH] * 2))
+    out = run(detector, steps([SPEECH] * 3 + [PAUSE] + [SPEECH] * 3))
     starts = [t for _, t in out if isinstance(t, SpeechStarted)]
     ends = [t for _, t in out if isinstance(t, EndOfTurn)]
     assert starts[0].time == 0.0  # not before the stream's start
@@ -168,15 +168,15 @@ def test_the_start_never_reaches_back_before_the_previous_turn() -> None:
 def test_hold_needs_the_pause_to_last_and_a_word_restarts_it() -> None:
     cfg = TurnConfig(head=0, threshold=0.5, hold=0.24, ignore_steps=0)  # 3 steps of hold
     detector = TurnDetector(cfg, FR)
-    events: list[object] = steps([SPEECH] * 2)
-    events += steps([SHORT_PAUSE] * 3, start=2)  # three steps over: not yet
+    events: list[object] = steps([SPEECH] * 3)
+    events += steps([SHORT_PAUSE] * 3, start=3)  # three steps over: not yet
     events.append(Word("late", 0.0))  # a word of this turn: the hold starts over
-    events += steps([SHORT_PAUSE] * 3, start=5)
-    events += steps([SHORT_PAUSE], start=8)  # the 4th step over since the word
+    events += steps([SHORT_PAUSE] * 3, start=6)
+    events += steps([SHORT_PAUSE], start=9)  # the 4th step over since the word
     out = run(detector, events)
     assert [t for _, t in out] == [
-        SpeechStarted(1, 0.0),
-        EndOfTurn(8, pytest.approx(9 / FR), 0.9, 0),
+        SpeechStarted(2, 0.0),
+        EndOfTurn(9, pytest.approx(10 / FR), 0.9, 0),
     ]
 
 
@@ -197,14 +197,14 @@ def test_max_silence_ends_a_turn_the_heads_never_end() -> None:
 
 def test_end_turn_cuts_a_turn_and_keeps_its_late_words() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=0), FR)
-    assert run(detector, steps([SPEECH] * 3))[0][1] == SpeechStarted(1, 0.0)
+    assert run(detector, steps([SPEECH] * 3))[0][1] == SpeechStarted(2, 0.0)
     detector.end_turn(1.0)  # a manual commit of the audio up to 1 s
     assert not detector.speaking
     # steps of audio before 1 s (the model was behind) and late words do not start a turn
     assert run(detector, [*steps([SPEECH] * 9, start=3), Word("late", 0.5)]) == []
-    # step 12's frame began at 0.96 s, before the cut; steps 13 and 14 are after it
-    out = run(detector, [*steps([SPEECH] * 3, start=12), Word("new", 1.1)])
-    assert [t for _, t in out] == [SpeechStarted(14, pytest.approx(13 / FR))]
+    # step 12's frame began at 0.96 s, before the cut; steps 13 to 15 are after it
+    out = run(detector, [*steps([SPEECH] * 4, start=12), Word("new", 1.1)])
+    assert [t for _, t in out] == [SpeechStarted(15, pytest.approx(13 / FR))]
 
 
 def test_configure_keeps_the_turn_and_reset_forgets_everything() -> None:
@@ -221,9 +221,9 @@ def test_configure_keeps_the_turn_and_reset_forgets_everything() -> None:
 
 def test_time_offset_puts_steps_on_the_words_clock() -> None:
     detector = TurnDetector(TurnConfig(ignore_steps=0, prefix_padding=0.0), FR, time_offset=1.0)
-    out = run(detector, steps([PAUSE] * 12 + [SPEECH] * 2))  # 14 frames: 1.12 s of audio
-    assert [t for _, t in out] == [SpeechStarted(13, pytest.approx(12 / FR - 1.0))]
-    assert detector.now == pytest.approx(14 / FR - 1.0)
+    out = run(detector, steps([PAUSE] * 12 + [SPEECH] * 3))  # 15 frames: 1.2 s of audio
+    assert [t for _, t in out] == [SpeechStarted(14, pytest.approx(12 / FR - 1.0))]
+    assert detector.now == pytest.approx(15 / FR - 1.0)
 
 
 def test_other_events_are_ignored_and_missing_heads_are_named() -> None:

@@ -42,7 +42,7 @@ from dsm_stt.engine.events import Step, Word
 HEAD_HORIZONS = (0.5, 1.0, 2.0, 3.0)
 """Seconds of pause each VAD head of stt-1b predicts, by head index (spec §2.6)."""
 START_HEAD = 0  # the shortest horizon: "a word is coming within 0.5 s" starts speech
-START_STEPS = 2  # ... when it says so on this many steps in a row (160 ms)
+START_STEPS = 3  # ... on this many steps in a row (240 ms, about Silero VAD's shortest speech)
 EAGERNESS = ("low", "medium", "high", "auto")
 
 # semantic_vad: eagerness → (pause head, maximum silence in seconds). ``auto`` is ``medium``,

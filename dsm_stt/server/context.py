@@ -70,6 +70,12 @@ class ServerContext:
         return self.runner.sample_rate
 
     @property
+    def vad_heads(self) -> int:
+        """How many VAD heads the model has (0: no Step messages, no turn detection)."""
+        assert self.engine is not None
+        return int(self.engine.model.config.lm.extra_heads_num_heads)
+
+    @property
     def prefix_seconds(self) -> float:
         """Leading silence the checkpoint wants (spec §4.4); added by the POST route only."""
         assert self.engine is not None

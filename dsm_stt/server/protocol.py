@@ -30,10 +30,15 @@ Client → server:
 
 Server → client: ``Ready``, ``Word{text, start_time}``, ``EndWord{stop_time}``,
 ``Step{step_idx, prs, buffered_pcm}``, ``Marker{id}``, ``Error{message}`` and, only in answer to
-a Flush, ``Flushed{id}``. Clients that never send the extension never see it.
+a Flush, ``Flushed{id}``. Clients that never send the extension never see it. Only in sessions
+that asked for it (``?end_of_turn=1``, see ``websocket.py``), ``EndOfTurn{step, time,
+probability, head}`` (extension): the model's VAD says the speaker finished a turn; ``step`` is
+the ``Step.step_idx`` that decided it, ``time`` the seconds of the stream's audio heard by then
+(the clock of ``Word.start_time``), ``probability`` the pause probability of VAD head ``head``.
 
 ``Word``, ``EndWord``, ``Step``, ``Marker`` and ``Flushed`` are the engine's event values
-(:mod:`dsm_stt.engine.events`); ``Marker`` is the same value in both directions.
+(:mod:`dsm_stt.engine.events`), ``EndOfTurn`` the turn detector's
+(:mod:`dsm_stt.engine.turns`); ``Marker`` is the same value in both directions.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import msgpack
 import numpy as np
 
 from dsm_stt.engine.events import EndWord, Flushed, Marker, Step, Word
+from dsm_stt.engine.turns import EndOfTurn
 from dsm_stt.model.config import SAMPLE_RATE
 
 __all__ = [
@@ -53,6 +59,7 @@ __all__ = [
     "MAX_PCM_SAMPLES",
     "Audio",
     "ClientMessage",
+    "EndOfTurn",
     "EndWord",
     "Error",
     "Flush",
@@ -132,7 +139,7 @@ class Error:
     message: str
 
 
-ServerMessage = Ready | Word | EndWord | Step | Marker | Error | Flushed
+ServerMessage = Ready | Word | EndWord | Step | Marker | Error | Flushed | EndOfTurn
 
 
 # --- validation helpers ------------------------------------------------------------------------
@@ -337,6 +344,17 @@ def _encode_flushed(msg: Flushed) -> bytes:
     return msgpack.packb({"type": "Flushed", "id": int(msg.id)})
 
 
+def _encode_end_of_turn(msg: EndOfTurn) -> bytes:
+    end = {
+        "type": "EndOfTurn",
+        "step": int(msg.step),
+        "time": float(msg.time),
+        "probability": float(msg.probability),
+        "head": int(msg.head),
+    }
+    return msgpack.packb(end)
+
+
 _READY_BYTES = msgpack.packb({"type": "Ready"})
 
 _SERVER_ENCODERS: dict[type, Callable[[Any], bytes]] = {
@@ -346,6 +364,7 @@ _SERVER_ENCODERS: dict[type, Callable[[Any], bytes]] = {
     Marker: _encode_marker,
     Error: _encode_error,
     Flushed: _encode_flushed,
+    EndOfTurn: _encode_end_of_turn,
     Ready: lambda _msg: _READY_BYTES,
 }
 
@@ -384,5 +403,12 @@ def decode_server_message(
         return Error(_string(_field(obj, kind, "message"), "Error.message"))
     if kind == "Flushed":
         return Flushed(_int64(_field(obj, kind, "id"), "Flushed.id"))
-    known = "Ready, Word, EndWord, Step, Marker, Error, Flushed"
+    if kind == "EndOfTurn":
+        return EndOfTurn(
+            step=_uint(_field(obj, kind, "step"), "EndOfTurn.step"),
+            time=_number(_field(obj, kind, "time"), "EndOfTurn.time"),
+            probability=_number(_field(obj, kind, "probability"), "EndOfTurn.probability"),
+            head=_uint(_field(obj, kind, "head"), "EndOfTurn.head"),
+        )
+    known = "Ready, Word, EndWord, Step, Marker, Error, Flushed, EndOfTurn"
     raise ProtocolError(f"unknown message type {kind[:64]!r}; expected one of {known}")

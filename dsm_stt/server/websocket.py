@@ -12,6 +12,13 @@ Two tasks per session: the receiver decodes client frames and turns them into ru
 writer on the socket and sends what the runner produced, in order. The slot is released the
 moment the client goes away. Keep-alive pings and the 20 s "no frame" rule are the WebSocket
 layer's (uvicorn's ping interval/timeout); the 120 s "no audio" rule is enforced here.
+
+End of turn (extension, opt-in per session): ``?end_of_turn=1`` in the URL makes the session
+follow its ``Step`` messages with a ``TurnDetector`` (``engine/turns.py``) and send an
+``EndOfTurn`` message right after the ``Step`` that ended a turn. ``end_of_turn_head`` (default
+2) and ``end_of_turn_threshold`` (default 0.5) choose the VAD head and how sure it must be, as
+Kyutai's scripts do; bad values, or a model without VAD heads, get HTTP 400 before the upgrade.
+Without the parameter the messages are exactly moshi-server's.
 """
 
 from __future__ import annotations
@@ -27,10 +34,12 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
 
 from ..audio import AudioDecodeError, OggOpusStreamDecoder
-from ..engine.events import Closed
+from ..engine.events import Closed, Step, Word
+from ..engine.turns import TurnConfig, TurnDetector
 from .protocol import (
     Audio,
     ClientMessage,
+    EndOfTurn,
     Error,
     Flush,
     Flushed,
@@ -101,6 +110,34 @@ def request_key(headers: object, query: object | None) -> str | None:
     return key
 
 
+END_OF_TURN_HEAD = 2  # Kyutai's scripts and Unmute: head 2 (a 2 s pause) ...
+END_OF_TURN_THRESHOLD = 0.5  # ... over 0.5 (the scripts; Unmute uses 0.6)
+_YES, _NO = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def end_of_turn_config(query: object, vad_heads: int) -> TurnConfig | None:
+    """The session's end-of-turn settings from its URL query (``end_of_turn``,
+    ``end_of_turn_head``, ``end_of_turn_threshold``); None when not asked for. ``ValueError``
+    names a bad value, or a model whose ``vad_heads`` cannot do it."""
+    get = query.get  # type: ignore[attr-defined]
+    flag = (get("end_of_turn") or "0").strip().lower()
+    if flag not in _YES + _NO:
+        raise ValueError(f"end_of_turn must be 1 or 0, got {flag[:32]!r}")
+    if flag in _NO:
+        return None
+    try:
+        head = int(get("end_of_turn_head") or END_OF_TURN_HEAD)
+        threshold = float(get("end_of_turn_threshold") or END_OF_TURN_THRESHOLD)
+        config = TurnConfig(head=head, threshold=threshold)
+    except ValueError as exc:
+        raise ValueError(f"end_of_turn: {exc}") from None
+    if vad_heads < config.heads_needed:
+        raise ValueError(
+            f"end_of_turn needs VAD head {head}; this model has {vad_heads} VAD head(s)"
+        )
+    return config
+
+
 class Session:
     def __init__(self, websocket: WebSocket, server: ServerContext) -> None:
         self.ws = websocket
@@ -115,6 +152,7 @@ class Session:
         # Markers and Flushes read but not answered yet (at most ``max_pending_markers``)
         self._unanswered = 0
         self._flooded = False  # the session ends: the receive loop reads no more
+        self._turns: TurnDetector | None = None  # with ?end_of_turn=1
 
     def _move(self, state: SessionState) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -142,6 +180,14 @@ class Session:
             self._move(SessionState.CLOSED)
             await _deny(ws, 503, SHUTTING_DOWN)
             return
+        try:
+            turns = end_of_turn_config(ws.query_params, server.vad_heads)
+        except ValueError as exc:
+            self._move(SessionState.CLOSED)
+            await _deny(ws, 400, str(exc))
+            return
+        if turns is not None:
+            self._turns = TurnDetector(turns, server.runner.scheduler.frame_rate)
         try:
             await ws.accept()
         except Exception:  # the client left during the handshake
@@ -329,8 +375,20 @@ class Session:
                     await ws.send_bytes(encode_server_message(item))  # type: ignore[arg-type]
                     if isinstance(item, Marker | Flushed):
                         self._unanswered -= 1
+                    elif self._turns is not None:
+                        await self._follow_turns(item)
         except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the client went away
             log.debug("send failed: %s", exc)
+
+    async def _follow_turns(self, item: object) -> None:
+        """``?end_of_turn=1``: an ``EndOfTurn`` right after the Step that ended a turn."""
+        assert self._turns is not None
+        if isinstance(item, Ready):  # a mid-session Init: the stream starts over
+            self._turns.reset()
+        elif isinstance(item, Step | Word):
+            for event in self._turns.push(item):
+                if isinstance(event, EndOfTurn):
+                    await self.ws.send_bytes(encode_server_message(event))
 
 
 async def _deny(ws: WebSocket, status: int, text: str) -> None:

@@ -1,0 +1,742 @@
+"""OpenAI's Realtime transcription WebSocket (``/v1/realtime?intent=transcription``), one engine
+slot per connection.
+
+Owns ``RealtimeSession``: the GA event vocabulary of a transcription session (JSON text frames;
+the beta names ``transcription_session.update`` / ``.created`` / ``.updated`` too), its audio
+buffer and conversation items, and the turn detection that commits items by itself. Settings
+and input formats are ``realtime_config.py``'s; the model's VAD heads are read through
+``engine/turns.py``; the stream runs on the runner like ``websocket.py``'s sessions, with the
+same limits (read-ahead back-pressure, the outbound message limit, keep-alive, the audio
+timeout, the graceful drain).
+
+Audio goes to the model as it is appended, so words come out as they are decoded: each one is a
+``conversation.item.input_audio_transcription.delta`` of the item being spoken. A commit (the
+client's ``input_audio_buffer.commit``, or an end of turn) closes the item at a point of the
+stream: words that start before it belong to it, later ones to the next item. Then
+``input_audio_buffer.committed`` goes out at once and ``...transcription.completed`` once the
+item's last word is out: a client's commit is a scheduler flush (``Flushed`` comes right after
+the words of the audio), and so is an end of turn whose audio is all in; an end of turn with
+more audio queued behind it (a client sending faster than real time) waits for the model to get
+the text delay past it instead, so that no silence is inserted into the next turn's speech.
+The flushes' silence advances the stream's clock; the times of the events are on the client's
+clock (milliseconds of audio appended), so the session keeps track of where it went.
+``input_audio_buffer.clear`` drops the open item: its words are not sent (the model still
+hears its audio, which keeps its context).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import enum
+import json
+import logging
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from starlette.responses import JSONResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from ..engine.events import Closed, EndWord, Flushed, Step, Word
+from ..engine.turns import EndOfTurn, SpeechStarted, TurnDetector
+from .openai_shapes import ModelNames
+from .protocol import Error
+from .realtime_config import InputDecoder, RealtimeError, SessionConfig, TurnDetection
+from .runner import Channel, Dropped
+from .websocket import NO_FREE_CHANNELS, SHUTTING_DOWN, request_key
+
+if TYPE_CHECKING:
+    from .context import ServerContext
+
+log = logging.getLogger(__name__)
+
+_CLIENT_EVENTS = (
+    "session.update",
+    "transcription_session.update",
+    "input_audio_buffer.append",
+    "input_audio_buffer.commit",
+    "input_audio_buffer.clear",
+)
+_BROWSER_KEY = "openai-insecure-api-key."  # subprotocol prefix OpenAI's browser clients use
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    WAITING = "waiting"
+    STREAMING = "streaming"
+    FINISHING = "finishing"
+    CLOSED = "closed"
+
+
+_TRANSITIONS: dict[State, frozenset[State]] = {
+    State.CONNECTING: frozenset({State.WAITING, State.CLOSED}),
+    State.WAITING: frozenset({State.STREAMING, State.CLOSED}),
+    State.STREAMING: frozenset({State.FINISHING, State.CLOSED}),
+    State.FINISHING: frozenset({State.CLOSED}),
+    State.CLOSED: frozenset(),
+}
+
+
+async def realtime_endpoint(websocket: WebSocket) -> None:
+    """The ``/v1/realtime`` WebSocket endpoint."""
+    await RealtimeSession(websocket, websocket.app.state.server).run()
+
+
+def realtime_keys(websocket: WebSocket) -> list[str]:
+    """The API keys a client gave: ``Authorization: Bearer KEY`` (OpenAI's SDKs), the
+    ``openai-insecure-api-key.KEY`` subprotocol (OpenAI's browser clients), moshi-server's
+    ``kyutai-api-key`` header or ``?auth_id=`` query. One valid key is enough."""
+    keys = []
+    scheme, _, token = websocket.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        keys.append(token.strip())
+    for protocol in websocket.scope.get("subprotocols", []):
+        if protocol.startswith(_BROWSER_KEY):
+            keys.append(protocol[len(_BROWSER_KEY) :])
+    other = request_key(websocket.headers, websocket.query_params)
+    return keys if other is None else [*keys, other]
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_urlsafe(15)[:20]
+
+
+@dataclass(frozen=True, slots=True)
+class _Close:
+    """Sender instruction: close the socket (after what was queued before)."""
+
+    code: int
+    reason: str
+
+
+@dataclass(eq=False)
+class _Item:
+    """One user item: the audio between two commits and its words."""
+
+    id: str
+    start: float  # client seconds where its audio begins
+    end: float | None = None  # client seconds where it was committed
+    boundary: float = math.inf  # stream seconds: words that start before it are this item's
+    words: list[list[Any]] = field(default_factory=list)  # [text, start, end] in client seconds
+    discarded: bool = False  # cleared: its words are dropped
+    complete_at: int | None = None  # stream steps after which its words are all out
+
+    @property
+    def transcript(self) -> str:
+        return " ".join(word[0] for word in self.words)
+
+
+class _Timeline:
+    """The stream's clock (audio and the silence flushes insert) against the client's (audio
+    appended). Mirrors the scheduler's padding rule (``Scheduler._pad``): a flush after new
+    audio pads to the end of the frame, then ``D + 1`` frames. Positions in samples; the stream
+    starts with the checkpoint's silence prefix, which its clock leaves out."""
+
+    def __init__(self, sample_rate: float, frame_size: int, delay: int, prefix: int) -> None:
+        self.sample_rate = sample_rate
+        self.frame_size = frame_size
+        self.delay = delay
+        self.prefix = prefix
+        self.samples = prefix  # stream samples queued: prefix, audio, padding
+        self.client = 0  # client samples appended (at 24 kHz)
+        self.padding: list[tuple[int, int]] = []  # (stream position, samples inserted)
+        self._unpadded = prefix > 0
+
+    def feed(self, n: int) -> None:
+        self.samples += n
+        self.client += n
+        self._unpadded = self._unpadded or n > 0
+
+    def flush(self) -> None:
+        """The session asks the scheduler for a flush: note the silence it inserts."""
+        if not self._unpadded:
+            return
+        pad = -self.samples % self.frame_size + (self.delay + 1) * self.frame_size
+        self.padding.append((self.samples, pad))
+        self.samples += pad
+        self._unpadded = False
+
+    @property
+    def stream_end(self) -> float:
+        """Stream seconds where the audio queued so far ends (before any padding after it)."""
+        inserted_last = self.padding[-1][1] if self.padding and not self._unpadded else 0
+        return (self.samples - inserted_last - self.prefix) / self.sample_rate
+
+    @property
+    def client_end(self) -> float:
+        return self.client / self.sample_rate
+
+    def to_client(self, stream_seconds: float) -> float:
+        """Client seconds of a time on the stream's clock (inside a padding: where it began)."""
+        position = stream_seconds * self.sample_rate + self.prefix
+        inserted = 0.0
+        for at, n in self.padding:
+            if position <= at:
+                break
+            inserted += min(n, position - at)
+        return max(0.0, (position - self.prefix - inserted) / self.sample_rate)
+
+
+class RealtimeSession:
+    """One Realtime transcription connection (see the module docstring)."""
+
+    def __init__(self, websocket: WebSocket, server: ServerContext) -> None:
+        self.ws = websocket
+        self.server = server
+        self.config = server.config
+        self.state = State.CONNECTING
+        self.id = _new_id("sess_")
+        self.channel: Channel | None = None
+        self.beta = False  # the client speaks the beta protocol (OpenAI-Beta: realtime=v1)
+        self.settings = SessionConfig()
+        self._decoder = InputDecoder(self.settings.format)
+        self._turns: TurnDetector | None = None
+        self._timeline: _Timeline | None = None
+        self._receiver: asyncio.Task[str] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._dropped = False
+        # items: the open one, those still taking words, those waiting for their last words
+        self._open = _Item(_new_id("item_"), 0.0)
+        self._routing: list[_Item] = []
+        self._flushes: dict[int, _Item] = {}
+        self._by_steps: list[_Item] = []
+        self._previous_id: str | None = None
+        self._last_word_item: _Item | None = None
+        self._steps = 0  # the stream's steps (Step messages) so far
+        self._flush_ids = 0
+        self._outbox: list[str] = []  # events produced while routing one channel item
+        self._routing_now = False
+
+    def _move(self, state: State) -> None:
+        if state not in _TRANSITIONS[self.state]:
+            raise RuntimeError(f"session cannot go from {self.state.value} to {state.value}")
+        self.state = state
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        server, ws = self.server, self.ws
+        refusal = self._refusal()
+        if refusal is not None:
+            self._move(State.CLOSED)
+            await _deny(ws, *refusal)
+            return
+        offered = ws.scope.get("subprotocols", [])
+        try:
+            await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
+        except Exception:  # the client left during the handshake
+            self._move(State.CLOSED)
+            return
+        server.metrics.connect.inc()
+        self._move(State.WAITING)
+        server.register(self)
+        try:
+            await self._serve()
+        except Exception:  # a bug must not take the server down: log it, free the slot
+            log.exception("realtime session failed")
+        finally:
+            if self.channel is not None:
+                server.read_ahead.channels.discard(self.channel)
+                server.runner.remove(self.channel)
+            for task in (self._receiver, self._sender):
+                if task is not None:
+                    task.cancel()
+            self.state = State.CLOSED
+            server.unregister(self)
+
+    def _refusal(self) -> tuple[int, str, str] | None:
+        """(HTTP status, code, message) when the upgrade is refused, before any slot."""
+        server, ws = self.server, self.ws
+        origin = ws.headers.get("origin")
+        allowed = self.config.allowed_origins
+        if allowed and origin is not None and origin.rstrip("/") not in allowed:
+            server.metrics.reject("unauthorized")
+            return 403, "origin_not_allowed", f"origin not allowed: {origin}"
+        keys = realtime_keys(ws)
+        if not any(server.authorized(key) for key in keys or [None]):
+            server.metrics.reject("unauthorized")
+            return 401, "invalid_api_key", "unauthorized: missing or unknown API key"
+        if not server.accepting:
+            server.metrics.reject("shutting_down")
+            return 503, "shutting_down", SHUTTING_DOWN
+        intent = ws.query_params.get("intent", "transcription")
+        if intent != "transcription":
+            return (
+                400,
+                "invalid_intent",
+                (
+                    f"intent {intent[:64]!r} is not supported: this server runs transcription "
+                    "sessions only (?intent=transcription)"
+                ),
+            )
+        return None
+
+    async def _serve(self) -> None:
+        server, ws = self.server, self.ws
+        self.beta = ws.headers.get("openai-beta", "").strip().lower().startswith("realtime=v1")
+        self.channel = server.runner.channel(
+            max_pending=self.config.max_outbound_messages, on_overflow=self._on_overflow
+        )
+        prefix = server.prefix_seconds
+        admitted = await server.runner.admit(
+            self.channel, timeout=self.config.queue_timeout, time_offset=prefix
+        )
+        if not admitted or self.state is not State.WAITING:
+            if server.accepting:
+                server.metrics.reject("no_free_channels")
+                code, message, close = "no_free_channels", NO_FREE_CHANNELS, 1013
+            else:
+                server.metrics.reject("shutting_down")
+                code, message, close = "shutting_down", SHUTTING_DOWN, 1001
+            await _quietly(ws.send_text(json.dumps(_error_event(message, code, "server_error"))))
+            await _quietly(ws.close(close, message))
+            return
+        self._move(State.STREAMING)
+        runner = server.runner
+        scheduler = runner.scheduler
+        prefix_samples = round(prefix * runner.sample_rate)
+        self._timeline = _Timeline(
+            runner.sample_rate, runner.frame_size, scheduler.delay_tokens, prefix_samples
+        )
+        if prefix_samples:  # the checkpoint's silence prefix, which OpenAI clients never send
+            runner.feed(self.channel, np.zeros(prefix_samples, dtype=np.float32))
+        self.settings = SessionConfig(
+            transcription={
+                "model": ModelNames.of(server.engine.name).id if server.engine else None
+            },
+            turn_detection=TurnDetection() if server.vad_heads >= 1 else None,
+        )
+        self._configure_turns()
+        server.read_ahead.channels.add(self.channel)
+        created = "transcription_session.created" if self.beta else "session.created"
+        await ws.send_text(json.dumps(self._session_event(created)))
+        self._sender = asyncio.create_task(self._send_loop())
+        self._receiver = asyncio.create_task(self._receive_loop())
+        await asyncio.wait({self._sender, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
+        receiver = self._receiver
+        if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
+            return
+        await asyncio.wait({self._sender})
+        if self._dropped:
+            limit = self.config.max_outbound_messages
+            message = f"more than {limit} events wait unread by this client: closing"
+            event = _error_event(message, "client_too_slow", "server_error")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_quietly(ws.send_text(json.dumps(event))), 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(_quietly(ws.close(1011, "client does not read")), 1.0)
+
+    def finish(self) -> None:
+        """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
+        if self.state is State.WAITING and self.channel is not None:
+            self.server.runner.remove(self.channel)
+        elif self.state is State.STREAMING and self.channel is not None:
+            self._move(State.FINISHING)
+            if self._receiver is not None:
+                self._receiver.cancel()
+            self.server.runner.close(self.channel)
+
+    def _on_overflow(self) -> None:
+        if self._dropped:
+            return
+        self._dropped = True
+        log.warning("dropping a realtime session whose client does not read its events")
+        self.server.metrics.reject("too_slow")
+        for task in (self._receiver, self._sender):
+            if task is not None:
+                task.cancel()
+
+    # -- outgoing events -------------------------------------------------------------------------
+
+    def _post(self, *items: object) -> None:
+        assert self.channel is not None
+        self.channel.post(list(items))
+
+    def _emit(self, kind: str, **fields: object) -> None:
+        """A server event, in order with everything else the session sends: queued behind
+        what waits in the channel, or, while the sender routes the runner's output, right
+        after the event being routed."""
+        event = {"type": kind, "event_id": _new_id("event_"), **fields}
+        if self._routing_now:
+            self._outbox.append(json.dumps(event))
+        else:
+            self._post(event)
+
+    def _session_event(self, kind: str) -> dict[str, object]:
+        beta = kind.startswith("transcription_session.")
+        session = self.settings.describe(self.id, beta=beta)
+        return {"type": kind, "event_id": _new_id("event_"), "session": session}
+
+    def _error(self, exc: RealtimeError, event_id: str | None = None) -> None:
+        self._post(_error_event(exc.message, exc.code, exc.kind, exc.param, event_id))
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _receive_loop(self) -> str:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.audio_timeout
+        deadline = loop.time() + timeout
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                message = f"no audio received for {timeout:g} s: closing the session"
+                self._post(_error_event(message, "audio_timeout", "server_error"))
+                self._post(_Close(1000, "audio timeout"))
+                return "timeout"
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            except WebSocketDisconnected:
+                return "disconnected"
+            if message["type"] == "websocket.disconnect":
+                return "disconnected"
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            if await self._handle(data):
+                deadline = loop.time() + timeout
+
+    async def _handle(self, data: str | bytes) -> bool:
+        """One client frame; True if it appended audio."""
+        event_id = None
+        try:
+            if len(data) > self.config.max_message_bytes:
+                raise RealtimeError(
+                    f"event of {len(data)} bytes exceeds the limit of "
+                    f"{self.config.max_message_bytes}",
+                    "message_too_large",
+                )
+            event = _parse_json(data)
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            kind = _event_type(event)
+            if kind == "input_audio_buffer.append":
+                await self._append(event)
+                return True
+            if kind in ("session.update", "transcription_session.update"):
+                self._update(event, beta=kind.startswith("transcription_session."))
+            elif kind == "input_audio_buffer.commit":
+                self._commit_by_client()
+            elif kind == "input_audio_buffer.clear":
+                self._clear()
+        except RealtimeError as exc:
+            self._error(exc, event_id)
+        return False
+
+    async def _append(self, event: dict[str, Any]) -> None:
+        audio = event.get("audio")
+        if audio is None:
+            raise RealtimeError(
+                "Missing required parameter: 'audio'.", "missing_required_parameter", "audio"
+            )
+        if not isinstance(audio, str):
+            raise RealtimeError(
+                "Invalid type for 'audio': expected a base64 string.", "invalid_type", "audio"
+            )
+        try:
+            raw = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise RealtimeError(
+                "Invalid 'audio': not valid base64.", "invalid_value", "audio"
+            ) from None
+        pcm = self._decoder.feed(raw)
+        if pcm.size:
+            await self._wait_for_room(pcm.size)
+            self._feed(pcm)
+
+    def _feed(self, pcm: np.ndarray) -> None:
+        assert self.channel is not None and self._timeline is not None
+        if pcm.size:
+            # no await between the timeline and the runner: they see the same order
+            self._timeline.feed(int(pcm.size))
+            self.server.runner.feed(self.channel, pcm)
+
+    def _update(self, event: dict[str, Any], beta: bool) -> None:
+        settings = self.settings.update(event.get("session"), beta=beta)
+        turn = settings.turn_detection
+        if turn is not None and self.server.vad_heads < turn.turn_config().heads_needed:
+            raise RealtimeError(
+                f"this model has {self.server.vad_heads} VAD head(s), turn detection needs "
+                f"{turn.turn_config().heads_needed}: set turn_detection to null and commit "
+                "the audio buffer yourself",
+                "invalid_value",
+                "session.turn_detection" if beta else "session.audio.input.turn_detection",
+            )
+        if settings.format != self._decoder.format:
+            self._feed(self._decoder.close())
+            self._decoder = InputDecoder(settings.format)
+        self.settings = settings
+        self._configure_turns()
+        self._post(
+            self._session_event("transcription_session.updated" if beta else "session.updated")
+        )
+
+    def _configure_turns(self) -> None:
+        turn = self.settings.turn_detection
+        if turn is None:
+            self._turns = None
+        elif self._turns is None:
+            scheduler = self.server.runner.scheduler
+            self._turns = TurnDetector(
+                turn.turn_config(), scheduler.frame_rate, self.server.prefix_seconds
+            )
+            self._turns.steps = self._steps  # the stream's clock so far
+        else:
+            self._turns.configure(turn.turn_config())
+
+    async def _wait_for_room(self, samples: int) -> None:
+        assert self.channel is not None
+        await self.server.read_ahead.wait_for_room(self.channel, samples)
+
+    # -- items -----------------------------------------------------------------------------------
+
+    def _commit_by_client(self) -> None:
+        assert self._timeline is not None
+        self._feed(self._decoder.close())
+        timeline = self._timeline
+        if timeline.client_end <= self._open.start:
+            raise RealtimeError(
+                "Error committing input audio buffer: the buffer is empty (no audio appended "
+                "since the last commit).",
+                "input_audio_buffer_commit_empty",
+            )
+        boundary = timeline.stream_end
+        if self._turns is not None:
+            self._turns.end_turn(boundary)
+        self._commit(boundary, timeline.client_end, flush=True)
+
+    def _commit(self, boundary: float, client_end: float, flush: bool) -> None:
+        """Close the open item at ``boundary`` (stream seconds; ``client_end`` on the client's
+        clock): committed now, completed once its last word is out."""
+        assert self.channel is not None and self._timeline is not None
+        item = self._open
+        item.boundary, item.end = boundary, client_end
+        self._routing.append(item)
+        if flush:
+            self._flush_ids += 1
+            self._flushes[self._flush_ids] = item
+            self._timeline.flush()
+            self.server.runner.flush(self.channel, self._flush_ids)
+        else:  # every word that started before the boundary is out after the text delay
+            item.complete_at = self._steps + self.server.runner.scheduler.delay_tokens + 1
+            self._by_steps.append(item)
+        self._emit(
+            "input_audio_buffer.committed", previous_item_id=self._previous_id, item_id=item.id
+        )
+        self._previous_id = item.id
+        self._open = _Item(_new_id("item_"), client_end)
+
+    def _clear(self) -> None:
+        assert self._timeline is not None
+        self._decoder.close()
+        item, timeline = self._open, self._timeline
+        item.discarded, item.boundary = True, timeline.stream_end
+        self._routing.append(item)
+        if self._turns is not None:
+            self._turns.end_turn(item.boundary)
+        self._open = _Item(_new_id("item_"), timeline.client_end)
+        self._emit("input_audio_buffer.cleared")
+
+    def _complete(self, item: _Item) -> None:
+        if item in self._routing:
+            self._routing.remove(item)
+        if item.discarded:
+            return
+        assert item.end is not None
+        # a word the model never ended (another came without a WORD token between, or it is
+        # the item's last) ends where the next one starts, or where the item does
+        ends = [word[1] for word in item.words[1:]] + [item.end]
+        words = [
+            {
+                "word": text,
+                "start": round(start, 3),
+                "end": round(max(start, later if end is None else end), 3),
+            }
+            for (text, start, end), later in zip(item.words, ends, strict=True)
+        ]
+        self._emit(
+            "conversation.item.input_audio_transcription.completed",
+            item_id=item.id,
+            content_index=0,
+            transcript=item.transcript,
+            usage={"type": "duration", "seconds": round(max(0.0, item.end - item.start), 3)},
+            words=words,  # an extension: OpenAI's clients ignore it
+        )
+
+    # -- sending ---------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        assert self.channel is not None
+        try:
+            while True:
+                for item in await self.channel.get():
+                    self._routing_now = True
+                    try:
+                        closing = self._route(item)
+                    finally:
+                        self._routing_now = False
+                    for text in self._outbox:
+                        await self.ws.send_text(text)
+                    self._outbox.clear()
+                    if closing is not None:
+                        await self.ws.close(closing.code, closing.reason)
+                        return
+        except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the client went away
+            log.debug("send failed: %s", exc)
+
+    def _route(self, item: object) -> _Close | None:
+        """Turn one thing from the channel into events; a ``_Close`` ends the session."""
+        if isinstance(item, dict):
+            self._outbox.append(json.dumps(item))
+        elif isinstance(item, Word):
+            self._word(item)
+        elif isinstance(item, EndWord):
+            target = self._last_word_item
+            if target is not None and target.words and target.words[-1][2] is None:
+                assert self._timeline is not None
+                target.words[-1][2] = self._timeline.to_client(item.stop_time)
+        elif isinstance(item, Step):
+            self._step(item)
+        elif isinstance(item, Flushed):
+            done = self._flushes.pop(item.id, None)
+            if done is not None:
+                self._complete(done)
+        elif isinstance(item, Closed):  # shutdown: the stream is transcribed to its end
+            for waiting in [*self._by_steps, *self._flushes.values()]:
+                self._complete(waiting)
+            self._by_steps.clear()
+            self._flushes.clear()
+            if self._open.words:  # what was said since the last commit is final too
+                assert self._timeline is not None
+                item = self._open
+                item.end = self._timeline.client_end
+                self._emit(
+                    "input_audio_buffer.committed",
+                    previous_item_id=self._previous_id,
+                    item_id=item.id,
+                )
+                self._complete(item)
+            return _Close(1001, SHUTTING_DOWN)
+        elif isinstance(item, Dropped):
+            self._outbox.append(
+                json.dumps(_error_event(item.reason, "session_dropped", "server_error"))
+            )
+            return _Close(1011, "stream dropped")
+        elif isinstance(item, Error):  # the scheduler refused a command: a bug, say it
+            self._outbox.append(
+                json.dumps(_error_event(item.message, "server_error", "server_error"))
+            )
+        elif isinstance(item, _Close):
+            return item
+        return None
+
+    def _word(self, word: Word) -> None:
+        assert self._timeline is not None
+        if self._turns is not None:
+            self._turn_events(self._turns.push(word))
+        text = word.text.strip()
+        if not text:
+            return
+        while self._routing and self._routing[0].boundary <= word.start_time:
+            self._routing.pop(0)  # its words are all out (later words start after it)
+        item = self._routing[0] if self._routing else self._open
+        self._last_word_item = item
+        if item.discarded:
+            return
+        delta = text if not item.words else " " + text
+        # (a word the model stamped before the item's start, e.g. pieces it emitted after a
+        # flush without a new WORD token, keeps its stamp's word but starts with the item)
+        start = max(self._timeline.to_client(word.start_time), item.start)
+        item.words.append([text, start, None])
+        self._emit(
+            "conversation.item.input_audio_transcription.delta",
+            item_id=item.id,
+            content_index=0,
+            delta=delta,
+        )
+
+    def _step(self, step: Step) -> None:
+        self._steps += 1
+        if self._turns is not None:
+            self._turn_events(self._turns.push(step))
+        while self._by_steps and self._by_steps[0].complete_at <= self._steps:  # type: ignore[operator]
+            self._complete(self._by_steps.pop(0))
+
+    def _turn_events(self, events: list[object]) -> None:
+        assert self._timeline is not None and self.channel is not None
+        for event in events:
+            if isinstance(event, SpeechStarted):
+                start = max(self._timeline.to_client(event.time), self._open.start)
+                self._emit(
+                    "input_audio_buffer.speech_started",
+                    audio_start_ms=round(start * 1000),
+                    item_id=self._open.id,
+                )
+            elif isinstance(event, EndOfTurn):
+                end = max(self._timeline.to_client(event.time), self._open.start)
+                self._emit(
+                    "input_audio_buffer.speech_stopped",
+                    audio_end_ms=round(end * 1000),
+                    item_id=self._open.id,
+                )
+                # a flush now would insert silence after all the audio queued: only when
+                # that is (almost) nothing, i.e. the client sends at real time
+                flush = self.channel.backlog() <= 2 * self.server.runner.frame_size
+                self._commit(event.time, end, flush=flush)
+
+
+def _parse_json(data: str | bytes) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise RealtimeError(f"The event is not valid JSON: {exc}", "invalid_json") from None
+    if not isinstance(event, dict):
+        raise RealtimeError("An event must be a JSON object with a 'type'.", "invalid_json")
+    return event
+
+
+def _event_type(event: dict[str, Any]) -> str:
+    kind = event.get("type")
+    if kind is None:
+        raise RealtimeError(
+            "Missing required parameter: 'type'.", "missing_required_parameter", "type"
+        )
+    if not isinstance(kind, str) or kind not in _CLIENT_EVENTS:
+        supported = ", ".join(f"'{k}'" for k in _CLIENT_EVENTS)
+        raise RealtimeError(
+            f"Invalid value: '{str(kind)[:64]}'. A transcription session takes: {supported}.",
+            "invalid_value",
+            "type",
+        )
+    return kind
+
+
+def _error_event(
+    message: str,
+    code: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    event_id: str | None = None,
+) -> dict[str, object]:
+    error = {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}
+    return {"type": "error", "event_id": _new_id("event_"), "error": error}
+
+
+async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
+    """Refuse the upgrade with OpenAI's error body (before accepting: no slot is taken)."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    try:
+        await ws.send_denial_response(JSONResponse(body, status))
+    except RuntimeError:  # an ASGI server without the denial-response extension
+        await ws.close(1008, message[:120])
+
+
+async def _quietly(awaitable: object) -> None:
+    with contextlib.suppress(Exception):
+        await awaitable  # type: ignore[misc]
