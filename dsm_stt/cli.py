@@ -192,6 +192,8 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         return _fail("--batch-size must be >= 1")
+    if args.ray:
+        return _transcribe_on_ray(args)
     split = None
     if args.split is None and args.split_overlap is not None:
         return _fail("--split-overlap needs --split")
@@ -252,6 +254,45 @@ def cmd_transcribe(args: argparse.Namespace) -> int:
                 text = json.dumps(json.loads(text), ensure_ascii=False)
             sys.stdout.write(text if text.endswith("\n") else text + "\n")
     return 1 if failed else 0
+
+
+def _transcribe_on_ray(args: argparse.Namespace) -> int:
+    """``transcribe --ray``: the corpus on Ray Data (``dsm_stt.scale.corpus``)."""
+    import functools
+
+    try:
+        import ray
+
+        from .scale.corpus import transcribe_corpus
+    except ImportError as exc:
+        return _fail(f"--ray needs Ray Data ({exc}): pip install 'dsm-stt[ray]'")
+    if not args.output_dir:
+        return _fail("--ray writes files: give --output-dir (-o) DIR")
+    if args.split is not None:
+        return _fail("--split is not supported with --ray (pieces of one file stay local)")
+    missing = [a for a in args.audio if "://" not in a and not Path(a).is_file()]
+    if missing:
+        return _fail(f"no such file: {missing[0]}")
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    gpus = 1.0 if _cuda_requested(args.device) and ray.cluster_resources().get("GPU") else 0.0
+    # the actors' CPUs, and what is left for decoding (at least a quarter CPU per task)
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    decode_cpus = min(1.0, max(0.25, cpus - args.replicas))
+    slots = args.batch_size or 8
+    report = transcribe_corpus(
+        args.audio,
+        Path(args.output_dir),
+        args.format,
+        functools.partial(_engine, args, slots),
+        actors=args.replicas,
+        slots=slots,
+        gpus_per_actor=gpus,
+        cpus_per_actor=1.0 if cpus - args.replicas >= 0.25 else 0.75,
+        decode_cpus=decode_cpus,
+        say=_say,
+    )
+    return 1 if report.failed else 0
 
 
 # ------------------------------------------------------------------------------------ eval
@@ -681,12 +722,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="output format (default text; json has word timestamps, srt/vtt are subtitles)",
     )
     p.add_argument(
+        "-o",
         "--output-dir",
         metavar="DIR",
         help="write one <name>.<ext> per input under DIR, mirroring the inputs' folders below "
         "their common parent (a/x.wav and b/x.mp3 give DIR/a/x.<ext> and DIR/b/x.<ext>; files "
         "of one folder land in DIR itself); two inputs that would share a name are refused "
         "before anything runs (default: print to stdout)",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="transcribe on Ray Data: decode on CPU workers, --replicas model actors (one "
+        "device each); needs --output-dir; inputs whose output exists are skipped (resume); "
+        "needs pip install 'dsm-stt[ray]'" + OFF,
+    )
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --ray: the Ray cluster to join ('auto': the one this machine is part of; "
+        "default: start a local one)",
+    )
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --ray: model actors (default 1)",
     )
     _add_voice_flags(p)
     p.add_argument(
