@@ -7,8 +7,8 @@ JavaScript modules, no build step and nothing fetched from elsewhere, so it work
   ``GET /page/``: the HTML; ``GET /page/{file}``: its scripts and style, each with its content
   type. Only the files of ``page/`` are served, read once.
 * ``GET /page-config.json``: what the page must know about this server: the WebSocket's path,
-  whether a key is needed, the file route, the model's frame and delay, and which
-  VAD head and threshold end a turn.
+  whether a key is needed, the file route, the model's frame and delay, and whether it has
+  the VAD head whose ends of turn (the opt-in ``EndOfTurn`` message) the page shows.
 * ``GET /page/key``: 204 when the key (``kyutai-api-key`` header or ``auth_id`` query) is
   accepted, 401 otherwise. A browser never sees the status of a refused WebSocket upgrade,
   so the page asks here why its connection failed.
@@ -33,17 +33,14 @@ from starlette.routing import BaseRoute, Route
 
 from .. import __version__
 from ..writers import TimedWord, Transcript, TranscriptError, render
-from . import websocket
 from .openai_shapes import ModelNames
-from .websocket import request_key
+from .websocket import END_OF_TURN_HEAD, END_OF_TURN_THRESHOLD, request_key
 
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .context import ServerContext
 
 OPENAI_FILE_ROUTE = "/v1/audio/transcriptions"
-END_OF_TURN_HEAD = 2  # Kyutai's rule (docs/protocol.md, ``Step``): head 2 over 0.5 ends a turn
-END_OF_TURN_THRESHOLD = 0.5
 MAX_RENDER_BYTES = 16 * 2**20  # a transcript to render: some 200 hours of words
 # what the page's files are served as (anything else in the folder is not served)
 _TYPES = {
@@ -133,14 +130,10 @@ async def page_config(request: Request) -> Response:
         "frame_size": engine.frame_size,
         "frame_rate": frame_rate,
         "delay_seconds": stt.asr_delay_in_tokens / frame_rate,
-        "vad": engine.has_vad,
-        "end_of_turn": {
-            "head": END_OF_TURN_HEAD,
-            "threshold": END_OF_TURN_THRESHOLD,
-            # the server decides the turns itself (``EndOfTurn``, asked for with
-            # ``?end_of_turn=1``) where it can; otherwise the page applies the rule to ``prs``
-            "message": engine.has_vad and hasattr(websocket, "end_of_turn_config"),
-        },
+        # the meter shows head END_OF_TURN_HEAD; the server decides the turns (``EndOfTurn``,
+        # asked for with ``?end_of_turn=1``) by Kyutai's rule on it
+        "vad": ctx.vad_heads > END_OF_TURN_HEAD,
+        "end_of_turn": {"head": END_OF_TURN_HEAD, "threshold": END_OF_TURN_THRESHOLD},
         "max_upload_mb": config.max_upload_mb,
     }
     return JSONResponse(body, headers={"Cache-Control": "no-cache"})

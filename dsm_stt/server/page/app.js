@@ -9,7 +9,6 @@ import { LiveSession, MicError } from "./live.js";
 import { Transcript, TranscriptView } from "./transcript.js";
 
 const KEY_STORAGE = "dsm-stt.api-key"; // sessionStorage: gone when the tab closes
-const IGNORE_STEPS = 12; // a stream's first steps say nothing reliable about turns (turns.py)
 
 const $ = (id) => document.getElementById(id);
 const ui = {
@@ -46,7 +45,6 @@ const state = {
   transcript: null,
   view: new TranscriptView(ui.transcript),
   timeBase: 0, // seconds of earlier sessions of this microphone transcript
-  steps: 0, // Steps of the current session
   latencies: [],
   fileJob: null,
   busy: false, // a file is being transcribed
@@ -205,7 +203,8 @@ function wsUrl() {
   const url = new URL(`${scheme}//${location.host}${state.config.ws_path}`);
   const key = apiKey();
   if (key) url.searchParams.set("auth_id", key); // browsers cannot set a socket's headers
-  if (state.config.end_of_turn.message) url.searchParams.set("end_of_turn", "1");
+  // the server tells the ends of turn (EndOfTurn), decided by engine/turns.py on the VAD head
+  if (state.config.vad) url.searchParams.set("end_of_turn", "1");
   return url.toString();
 }
 
@@ -225,7 +224,6 @@ async function startMic() {
   if (!state.transcript || state.transcript.source !== "mic") newTranscript("mic", "microphone");
   const transcript = state.transcript;
   state.timeBase = transcript.duration;
-  state.steps = 0;
   state.latencies = [];
   showLatency(null);
   const session = new LiveSession({
@@ -246,15 +244,9 @@ async function startMic() {
   });
   session.addEventListener("endword", ({ detail }) => transcript.endWord(at(detail.stop)));
   session.addEventListener("step", ({ detail }) => {
-    state.steps += 1;
     transcript.duration = at(session.secondsSent);
     const p = detail.prs[config.end_of_turn.head];
-    if (p === undefined) return;
-    showVad(p);
-    const rule = config.end_of_turn;
-    if (!rule.message && state.steps > IGNORE_STEPS && p >= rule.threshold) {
-      transcript.closeTurn(at(state.steps / config.frame_rate));
-    }
+    if (p !== undefined) showVad(p);
   });
   session.addEventListener("endofturn", ({ detail }) => transcript.closeTurn(at(detail.time)));
   session.addEventListener("level", ({ detail }) => showLevel(detail.rms));
