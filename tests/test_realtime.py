@@ -98,8 +98,26 @@ async def connect(url: str, headers: dict[str, str] | None = AUTH, **kwargs: Any
     )
 
 
+def _server_events() -> Any:
+    """A validator of the ``openai`` package's server event types (None without it)."""
+    try:
+        import pydantic
+        from openai.types.realtime import RealtimeServerEvent
+    except ImportError:  # pragma: no cover - the test extra has it
+        return None
+    return pydantic.TypeAdapter(RealtimeServerEvent)
+
+
+SERVER_EVENTS = _server_events()
+
+
 async def recv(ws: Any) -> dict[str, Any]:
-    return json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    """The next event, checked against the ``openai`` package's types (field names, required
+    fields, their types) unless it is one of the beta names the GA types no longer have."""
+    event = json.loads(await asyncio.wait_for(ws.recv(), TIMEOUT))
+    if SERVER_EVENTS is not None and not event["type"].startswith("transcription_session."):
+        SERVER_EVENTS.validate_python(event)
+    return event
 
 
 async def recv_until(ws: Any, kind: str, count: int = 1) -> list[dict[str, Any]]:
@@ -570,3 +588,40 @@ def test_the_timeline_takes_the_flushes_silence_out() -> None:
     with_prefix.flush()
     assert with_prefix.padding == [(26400, 480 + 7 * 1920)]  # 26400 = 13 frames + 1440
     assert with_prefix.to_client(0.2) == pytest.approx(0.1)
+
+
+def test_a_full_server_and_a_shutdown_say_why_they_close(engine: Engine) -> None:
+    async def main(server: ThreadedServer) -> None:
+        url = realtime_url(server)
+        first, second = await connect(url), await connect(url)
+        for ws in (first, second):
+            assert (await recv(ws))["type"] == "session.created"
+        async with await connect(url) as third:  # batch of 2: no slot left
+            error = await recv(third)
+            assert error["error"]["code"] == "no_free_channels"
+            assert error["error"]["type"] == "server_error"
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                await third.recv()
+            assert closed.value.rcvd.code == 1013
+        await second.close()
+        await first.send(update(None))
+        await recv(first)
+        await send_chunks(first, pcm16(SIGNAL[: 3 * SAMPLE_RATE]), 4800)
+        await asyncio.sleep(0.5)
+        # SIGTERM: the server drains; the open item is final, then a 1001 close
+        assert server.context.loop is not None
+        asyncio.run_coroutine_threadsafe(server.context.drain(), server.context.loop)
+        events = []
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            while True:
+                events.append(await recv(first))
+        assert closed.value.rcvd.code == 1001 and closed.value.rcvd.reason
+        kinds = [e["type"] for e in events]
+        assert kinds[-2:] == [
+            "input_audio_buffer.committed",
+            "conversation.item.input_audio_transcription.completed",
+        ]
+        assert events[-1]["transcript"]
+
+    with threaded_server(ServerConfig(api_keys=(KEY,)), engine) as server:
+        run(main(server))

@@ -155,14 +155,11 @@ class TurnDetection:
         )
         if kind == "semantic_vad":
             eagerness = value.get("eagerness")
-            eagerness = (
-                "auto" if eagerness is None else _choice(eagerness, EAGERNESS, param + ".eagerness")
-            )
-            return cls(type=kind, eagerness=eagerness, unused=unused)
-        got = {
-            key: value.get(key) for key in ("threshold", "prefix_padding_ms", "silence_duration_ms")
-        }
-        threshold = _expect(got["threshold"], (float,), param + ".threshold", nullable=True)
+            if eagerness is not None:
+                _choice(eagerness, EAGERNESS, param + ".eagerness")
+            return cls(type=kind, eagerness=eagerness or "auto", unused=unused)
+        defaults = cls()
+        threshold = _expect(value.get("threshold"), (float,), param + ".threshold", True)
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise RealtimeError(
                 f"Invalid '{param}.threshold': {threshold} is not between 0.0 and 1.0.",
@@ -171,25 +168,19 @@ class TurnDetection:
             )
         ms = {}
         for key in ("prefix_padding_ms", "silence_duration_ms"):
-            number = _expect(got[key], (int,), f"{param}.{key}", nullable=True)
+            number = _expect(value.get(key), (int,), f"{param}.{key}", nullable=True)
             if number is not None and not 0 <= number <= 60_000:
                 raise RealtimeError(
                     f"Invalid '{param}.{key}': {number} is not between 0 and 60000.",
                     "invalid_value",
                     f"{param}.{key}",
                 )
-            ms[key] = number
-        defaults = cls()
+            ms[key] = getattr(defaults, key) if number is None else number
         return cls(
             type=kind,
             threshold=defaults.threshold if threshold is None else float(threshold),
-            prefix_padding_ms=ms["prefix_padding_ms"]
-            if ms["prefix_padding_ms"] is not None
-            else defaults.prefix_padding_ms,
-            silence_duration_ms=ms["silence_duration_ms"]
-            if ms["silence_duration_ms"] is not None
-            else defaults.silence_duration_ms,
             unused=unused,
+            **ms,
         )
 
 
