@@ -1,7 +1,8 @@
 """``dsm_stt.scale``: the server on Ray Serve, two CPU replicas of the tiny talkative model behind
 Serve's ingress, on a local Ray started by the test. Sessions spread over both replicas by free
 slots and get the words their solo runs get; a replica killed mid-stream ends its own sessions
-with a close that says so, the other's finish, and newcomers go to the survivor.
+with a close that says so, the other's finish, and newcomers go to the survivor. And a
+corpus on Ray Data: the local command's outputs byte for byte, resume, failures reported.
 
 Skipped, with the reason, where Ray Serve is not installed (``pip install "dsm-stt[ray]"``).
 """
@@ -47,6 +48,54 @@ from dsm_stt.server.config import ServerConfig  # noqa: E402
 pytestmark = pytest.mark.timeout(240)
 
 SLOTS = 8  # per replica: 16 sessions fill both
+
+
+def test_a_corpus_on_ray_data_gives_the_local_outputs_resumes_and_reports_failures(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Runs before the Serve tests (its own Ray: Serve's replicas would hold every CPU)."""
+    pytest.importorskip("ray.data", reason="needs Ray Data: pip install 'dsm-stt[ray]'")
+    from dsm_stt.cli import main
+
+    checkpoint = write_talkative_checkpoint(tmp_path / "ckpt")
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    files = [
+        str(write_wav(inputs / f"{i:02d}.wav", np.concatenate([silence(0.5), speechlike(1.0, i)])))
+        for i in range(20)
+    ]
+    bad = inputs / "broken.wav"
+    bad.write_bytes(b"RIFF but not audio")
+    common = ["--model", str(checkpoint), "--exact", "--batch-size", "4", "--format", "json"]
+    assert main(["transcribe", *common, "-o", str(tmp_path / "local"), *files]) == 0
+    ray.init(
+        num_cpus=2,
+        object_store_memory=200 * 2**20,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}},
+    )
+    try:
+        capsys.readouterr()
+        on_ray = ["transcribe", *common, "--ray", "--replicas", "1", "-o", str(tmp_path / "ray")]
+        assert main([*on_ray, *files, str(bad)]) == 1  # one file failed: said, not dropped
+        err = capsys.readouterr().err
+        assert "retrying 1 failed file(s) (attempt 2 of 2)" in err
+        assert f"failed: {bad}" in err
+        assert "20 written, 0 skipped, 1 failed" in err
+        assert "x realtime" in err
+        for name in sorted(os.listdir(tmp_path / "local")):
+            local = (tmp_path / "local" / name).read_bytes()
+            assert (tmp_path / "ray" / name).read_bytes() == local, name
+        assert len(os.listdir(tmp_path / "ray")) == 20
+        # resume: a finished output is skipped, a removed one is done again
+        os.remove(tmp_path / "ray" / "07.json")
+        assert main([*on_ray, *files]) == 0
+        assert "1 written, 19 skipped, 0 failed" in capsys.readouterr().err
+        assert (tmp_path / "ray" / "07.json").read_bytes() == (
+            tmp_path / "local" / "07.json"
+        ).read_bytes()
+    finally:
+        ray.shutdown()
 
 
 class Cluster:
