@@ -578,6 +578,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
     from .audio import AudioDecodeError, load_audio
     from .client import ConnectionLost, ServerError, stream_audio
     from .engine.events import EndWord, Word
+    from .engine.turns import EndOfTurn
 
     if _probe_inputs([args.audio]) == [None]:
         return 2
@@ -592,19 +593,25 @@ def cmd_stream(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         words: list[list] = []
-        async for msg in stream_audio(args.url, pcm, api_key=args.api_key, rtf=args.rtf):
+        line = False  # live text: words printed since the last finished turn
+        messages = stream_audio(args.url, pcm, api_key=args.api_key, rtf=args.rtf, end_of_turn=True)
+        async for msg in messages:
             if isinstance(msg, Word) and msg.text.strip():
                 if args.timestamps:
                     words.append([msg.text.strip(), msg.start_time - args.prefix, None])
                 else:
                     sys.stdout.write(msg.text.strip() + " ")
                     sys.stdout.flush()
+                    line = True
             elif isinstance(msg, EndWord) and words and words[-1][2] is None:
                 words[-1][2] = msg.stop_time - args.prefix
+            elif isinstance(msg, EndOfTurn) and line and not args.timestamps:
+                print()  # a finished turn: one line each
+                line = False
         for text, start, end in words:
             end_text = "-" if end is None else f"{max(end, start):8.2f}"
             print(f"{max(start, 0.0):8.2f} {end_text:>8} {text}")
-        if not args.timestamps:
+        if line:
             print()
 
     try:
@@ -641,7 +648,9 @@ def cmd_mic(args: argparse.Namespace) -> int:
     printer = LivePrinter(sys.stdout)
 
     async def run() -> None:
-        async with await SttClient.connect(args.url, api_key=args.api_key) as client:
+        async with await SttClient.connect(
+            args.url, api_key=args.api_key, end_of_turn=True
+        ) as client:
 
             async def send() -> None:
                 try:

@@ -123,11 +123,10 @@ class SttClient:
         "no free channels"…), ``ConnectionLost`` when it cannot be reached.
         ``end_of_turn``: ask for ``EndOfTurn`` messages (``?end_of_turn=1``)."""
         headers = {"kyutai-api-key": api_key} if api_key is not None else None
-        if end_of_turn:
-            url = with_query(url, end_of_turn="1")
+        target = with_query(url, end_of_turn="1") if end_of_turn else url  # messages say url
         try:
             ws = await websockets.connect(
-                url,
+                target,
                 additional_headers=headers,
                 open_timeout=open_timeout,
                 close_timeout=2.0,

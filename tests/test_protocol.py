@@ -9,6 +9,7 @@ import math
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -27,9 +28,11 @@ from server_support import (
     recv_until,
     send_frames,
     threaded_server,
+    write_wav,
 )
 from turn_support import turn_signal, write_turn_checkpoint
 
+from dsm_stt.cli import main
 from dsm_stt.client import LivePrinter, stream_audio
 from dsm_stt.loading import load_engine
 from dsm_stt.server.config import ServerConfig
@@ -539,3 +542,16 @@ def test_the_live_printer_follows_end_of_turn_once_it_has_one() -> None:
         printer.on_message(msg)
     printer.close()
     assert out.getvalue() == "> one [pause]\n> two [pause]\n> three four [pause]\n"
+
+
+def test_the_stream_command_prints_finished_turns_as_lines(
+    turn_server: ThreadedServer, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    wav = write_wav(tmp_path / "turns.wav", TURNS)
+    args = ["stream", str(wav), "--url", turn_server.url, "--rtf", "1000", "--prefix", "0"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all(lines)  # one line per turn
+    assert main([*args, "--timestamps"]) == 0  # word rows, whatever the turns
+    rows = [row.split(None, 2)[2] for row in capsys.readouterr().out.splitlines()]
+    assert " ".join(lines).split() == " ".join(rows).split()
