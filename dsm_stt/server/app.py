@@ -33,6 +33,7 @@ from .context import ServerContext, load_engine, warm_up
 from .file_slots import FileSlots
 from .liveness import protocol_class
 from .metrics import ServerMetrics
+from .realtime import realtime_endpoint
 from .websocket import asr_streaming
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def create_app(
         Route("/v1/audio/transcriptions", openai_files.transcriptions, methods=["POST"]),
         Route("/v1/models", openai_files.list_models),
         Route("/v1/models/{model:path}", openai_files.get_model),
+        WebSocketRoute("/v1/realtime", realtime_endpoint),  # OpenAI's Realtime transcription
         *page.routes(config),  # the browser page at / (unless static_dir takes /)
     ]
     if config.static_dir:
