@@ -34,8 +34,8 @@ from dsm_stt.engine.engine import Engine
 from dsm_stt.loading import load_engine
 from dsm_stt.model.synthetic import random_lm, random_mimi, tiny_config, write_checkpoint
 from dsm_stt.server.config import ServerConfig
-from dsm_stt.server.realtime import _Timeline
 from dsm_stt.server.realtime_config import G711_TABLES, PCMA, PCMU
+from dsm_stt.server.realtime_items import Timeline
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -569,7 +569,7 @@ def test_a_model_without_vad_heads_has_no_turn_detection(
 
 
 def test_the_timeline_takes_the_flushes_silence_out() -> None:
-    timeline = _Timeline(24000.0, 1920, delay=6, prefix=0)
+    timeline = Timeline(24000.0, 1920, delay=6, prefix=0)
     timeline.feed(3000)  # 0.125 s; the flush pads 840 samples to the frame, then 7 frames
     assert timeline.stream_end == pytest.approx(0.125)
     timeline.flush()
@@ -582,7 +582,7 @@ def test_the_timeline_takes_the_flushes_silence_out() -> None:
     assert timeline.to_client(0.125 + pad / 2) == pytest.approx(0.125)  # inside the padding
     assert timeline.to_client(0.125 + pad + 0.05) == pytest.approx(0.175)
     assert timeline.client_end == pytest.approx(0.225)
-    with_prefix = _Timeline(24000.0, 1920, delay=6, prefix=24000)
+    with_prefix = Timeline(24000.0, 1920, delay=6, prefix=24000)
     with_prefix.feed(2400)
     assert with_prefix.stream_end == pytest.approx(0.1)
     with_prefix.flush()

@@ -2,12 +2,14 @@
 slot per connection.
 
 Owns ``RealtimeSession``: the GA event vocabulary of a transcription session (JSON text frames;
-the beta names ``transcription_session.update`` / ``.created`` / ``.updated`` too), its audio
-buffer and conversation items, and the turn detection that commits items by itself. Settings
-and input formats are ``realtime_config.py``'s; the model's VAD heads are read through
-``engine/turns.py``; the stream runs on the runner like ``websocket.py``'s sessions, with the
-same limits (read-ahead back-pressure, the outbound message limit, keep-alive, the audio
-timeout, the graceful drain).
+the beta names ``transcription_session.update`` / ``.created`` / ``.updated`` too), its
+lifecycle, its audio buffer, and the turn detection that commits items by itself. Settings and
+input formats are ``realtime_config.py``'s, the items and the two clocks
+``realtime_items.py``'s; the model's VAD heads are read through ``engine/turns.py``; the
+stream runs on the runner like ``websocket.py``'s sessions, with the same limits (read-ahead
+back-pressure, the outbound message limit, keep-alive, the audio timeout, the graceful
+drain). The receiver task reads and applies client events; the sender task is the only writer
+on the socket and turns what the runner produced into events, in order.
 
 Audio goes to the model as it is appended, so words come out as they are decoded: each one is a
 ``conversation.item.input_audio_transcription.delta`` of the item being spoken. A commit (the
@@ -33,9 +35,7 @@ import contextlib
 import enum
 import json
 import logging
-import math
-import secrets
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,6 +47,7 @@ from ..engine.turns import EndOfTurn, SpeechStarted, TurnDetector
 from .openai_shapes import ModelNames
 from .protocol import Error
 from .realtime_config import InputDecoder, RealtimeError, SessionConfig, TurnDetection
+from .realtime_items import Items, Timeline, new_id, server_event
 from .runner import Channel, Dropped
 from .websocket import NO_FREE_CHANNELS, SHUTTING_DOWN, request_key
 
@@ -102,84 +103,12 @@ def realtime_keys(websocket: WebSocket) -> list[str]:
     return keys if other is None else [*keys, other]
 
 
-def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_urlsafe(15)[:20]
-
-
 @dataclass(frozen=True, slots=True)
 class _Close:
     """Sender instruction: close the socket (after what was queued before)."""
 
     code: int
     reason: str
-
-
-@dataclass(eq=False)
-class _Item:
-    """One user item: the audio between two commits and its words."""
-
-    id: str
-    start: float  # client seconds where its audio begins
-    end: float | None = None  # client seconds where it was committed
-    boundary: float = math.inf  # stream seconds: words that start before it are this item's
-    words: list[list[Any]] = field(default_factory=list)  # [text, start, end] in client seconds
-    discarded: bool = False  # cleared: its words are dropped
-    complete_at: int | None = None  # stream steps after which its words are all out
-
-    @property
-    def transcript(self) -> str:
-        return " ".join(word[0] for word in self.words)
-
-
-class _Timeline:
-    """The stream's clock (audio and the silence flushes insert) against the client's (audio
-    appended). Mirrors the scheduler's padding rule (``Scheduler._pad``): a flush after new
-    audio pads to the end of the frame, then ``D + 1`` frames. Positions in samples; the stream
-    starts with the checkpoint's silence prefix, which its clock leaves out."""
-
-    def __init__(self, sample_rate: float, frame_size: int, delay: int, prefix: int) -> None:
-        self.sample_rate = sample_rate
-        self.frame_size = frame_size
-        self.delay = delay
-        self.prefix = prefix
-        self.samples = prefix  # stream samples queued: prefix, audio, padding
-        self.client = 0  # client samples appended (at 24 kHz)
-        self.padding: list[tuple[int, int]] = []  # (stream position, samples inserted)
-        self._unpadded = prefix > 0
-
-    def feed(self, n: int) -> None:
-        self.samples += n
-        self.client += n
-        self._unpadded = self._unpadded or n > 0
-
-    def flush(self) -> None:
-        """The session asks the scheduler for a flush: note the silence it inserts."""
-        if not self._unpadded:
-            return
-        pad = -self.samples % self.frame_size + (self.delay + 1) * self.frame_size
-        self.padding.append((self.samples, pad))
-        self.samples += pad
-        self._unpadded = False
-
-    @property
-    def stream_end(self) -> float:
-        """Stream seconds where the audio queued so far ends (before any padding after it)."""
-        inserted_last = self.padding[-1][1] if self.padding and not self._unpadded else 0
-        return (self.samples - inserted_last - self.prefix) / self.sample_rate
-
-    @property
-    def client_end(self) -> float:
-        return self.client / self.sample_rate
-
-    def to_client(self, stream_seconds: float) -> float:
-        """Client seconds of a time on the stream's clock (inside a padding: where it began)."""
-        position = stream_seconds * self.sample_rate + self.prefix
-        inserted = 0.0
-        for at, n in self.padding:
-            if position <= at:
-                break
-            inserted += min(n, position - at)
-        return max(0.0, (position - self.prefix - inserted) / self.sample_rate)
 
 
 class RealtimeSession:
@@ -190,23 +119,17 @@ class RealtimeSession:
         self.server = server
         self.config = server.config
         self.state = State.CONNECTING
-        self.id = _new_id("sess_")
+        self.id = new_id("sess_")
         self.channel: Channel | None = None
         self.beta = False  # the client speaks the beta protocol (OpenAI-Beta: realtime=v1)
         self.settings = SessionConfig()
         self._decoder = InputDecoder(self.settings.format)
         self._turns: TurnDetector | None = None
-        self._timeline: _Timeline | None = None
+        self._timeline: Timeline | None = None
+        self._items: Items | None = None
         self._receiver: asyncio.Task[str] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._dropped = False
-        # items: the open one, those still taking words, those waiting for their last words
-        self._open = _Item(_new_id("item_"), 0.0)
-        self._routing: list[_Item] = []
-        self._flushes: dict[int, _Item] = {}
-        self._by_steps: list[_Item] = []
-        self._previous_id: str | None = None
-        self._last_word_item: _Item | None = None
         self._steps = 0  # the stream's steps (Step messages) so far
         self._flush_ids = 0
         self._outbox: list[str] = []  # events produced while routing one channel item
@@ -300,9 +223,10 @@ class RealtimeSession:
         runner = server.runner
         scheduler = runner.scheduler
         prefix_samples = round(prefix * runner.sample_rate)
-        self._timeline = _Timeline(
+        self._timeline = Timeline(
             runner.sample_rate, runner.frame_size, scheduler.delay_tokens, prefix_samples
         )
+        self._items = Items(self._timeline)
         if prefix_samples:  # the checkpoint's silence prefix, which OpenAI clients never send
             runner.feed(self.channel, np.zeros(prefix_samples, dtype=np.float32))
         self.settings = SessionConfig(
@@ -357,20 +281,18 @@ class RealtimeSession:
         assert self.channel is not None
         self.channel.post(list(items))
 
-    def _emit(self, kind: str, **fields: object) -> None:
-        """A server event, in order with everything else the session sends: queued behind
+    def _send(self, *events: dict[str, object]) -> None:
+        """Server events, in order with everything else the session sends: queued behind
         what waits in the channel, or, while the sender routes the runner's output, right
-        after the event being routed."""
-        event = {"type": kind, "event_id": _new_id("event_"), **fields}
+        after the thing being routed."""
         if self._routing_now:
-            self._outbox.append(json.dumps(event))
-        else:
-            self._post(event)
+            self._outbox.extend(json.dumps(event) for event in events)
+        elif events:
+            self._post(*events)
 
     def _session_event(self, kind: str) -> dict[str, object]:
         beta = kind.startswith("transcription_session.")
-        session = self.settings.describe(self.id, beta=beta)
-        return {"type": kind, "event_id": _new_id("event_"), "session": session}
+        return server_event(kind, session=self.settings.describe(self.id, beta=beta))
 
     def _error(self, exc: RealtimeError, event_id: str | None = None) -> None:
         self._post(_error_event(exc.message, exc.code, exc.kind, exc.param, event_id))
@@ -496,10 +418,10 @@ class RealtimeSession:
     # -- items -----------------------------------------------------------------------------------
 
     def _commit_by_client(self) -> None:
-        assert self._timeline is not None
+        assert self._timeline is not None and self._items is not None
         self._feed(self._decoder.close())
         timeline = self._timeline
-        if timeline.client_end <= self._open.start:
+        if timeline.client_end <= self._items.open.start:
             raise RealtimeError(
                 "Error committing input audio buffer: the buffer is empty (no audio appended "
                 "since the last commit).",
@@ -512,61 +434,27 @@ class RealtimeSession:
 
     def _commit(self, boundary: float, client_end: float, flush: bool) -> None:
         """Close the open item at ``boundary`` (stream seconds; ``client_end`` on the client's
-        clock): committed now, completed once its last word is out."""
+        clock): committed now, completed once its last word is out, which a flush brings at
+        once; without one, every word that started before the boundary is out once the
+        stream is its text delay past it."""
         assert self.channel is not None and self._timeline is not None
-        item = self._open
-        item.boundary, item.end = boundary, client_end
-        self._routing.append(item)
+        assert self._items is not None
         if flush:
             self._flush_ids += 1
-            self._flushes[self._flush_ids] = item
             self._timeline.flush()
             self.server.runner.flush(self.channel, self._flush_ids)
-        else:  # every word that started before the boundary is out after the text delay
-            item.complete_at = self._steps + self.server.runner.scheduler.delay_tokens + 1
-            self._by_steps.append(item)
-        self._emit(
-            "input_audio_buffer.committed", previous_item_id=self._previous_id, item_id=item.id
-        )
-        self._previous_id = item.id
-        self._open = _Item(_new_id("item_"), client_end)
+            self._send(*self._items.commit(boundary, client_end, flush_id=self._flush_ids))
+        else:
+            done = self._steps + self.server.runner.scheduler.delay_tokens + 1
+            self._send(*self._items.commit(boundary, client_end, complete_at=done))
 
     def _clear(self) -> None:
-        assert self._timeline is not None
-        self._decoder.close()
-        item, timeline = self._open, self._timeline
-        item.discarded, item.boundary = True, timeline.stream_end
-        self._routing.append(item)
+        assert self._timeline is not None and self._items is not None
+        self._decoder.close()  # what it holds is dropped too
+        self._items.clear()
         if self._turns is not None:
-            self._turns.end_turn(item.boundary)
-        self._open = _Item(_new_id("item_"), timeline.client_end)
-        self._emit("input_audio_buffer.cleared")
-
-    def _complete(self, item: _Item) -> None:
-        if item in self._routing:
-            self._routing.remove(item)
-        if item.discarded:
-            return
-        assert item.end is not None
-        # a word the model never ended (another came without a WORD token between, or it is
-        # the item's last) ends where the next one starts, or where the item does
-        ends = [word[1] for word in item.words[1:]] + [item.end]
-        words = [
-            {
-                "word": text,
-                "start": round(start, 3),
-                "end": round(max(start, later if end is None else end), 3),
-            }
-            for (text, start, end), later in zip(item.words, ends, strict=True)
-        ]
-        self._emit(
-            "conversation.item.input_audio_transcription.completed",
-            item_id=item.id,
-            content_index=0,
-            transcript=item.transcript,
-            usage={"type": "duration", "seconds": round(max(0.0, item.end - item.start), 3)},
-            words=words,  # an extension: OpenAI's clients ignore it
-        )
+            self._turns.end_turn(self._timeline.stream_end)
+        self._send(server_event("input_audio_buffer.cleared"))
 
     # -- sending ---------------------------------------------------------------------------------
 
@@ -591,98 +479,57 @@ class RealtimeSession:
 
     def _route(self, item: object) -> _Close | None:
         """Turn one thing from the channel into events; a ``_Close`` ends the session."""
+        items = self._items
+        assert items is not None
         if isinstance(item, dict):
             self._outbox.append(json.dumps(item))
         elif isinstance(item, Word):
-            self._word(item)
+            if self._turns is not None:
+                self._turn_events(self._turns.push(item))
+            self._send(*items.word(item))
         elif isinstance(item, EndWord):
-            target = self._last_word_item
-            if target is not None and target.words and target.words[-1][2] is None:
-                assert self._timeline is not None
-                target.words[-1][2] = self._timeline.to_client(item.stop_time)
+            items.end_word(item.stop_time)
         elif isinstance(item, Step):
-            self._step(item)
+            self._steps += 1
+            if self._turns is not None:
+                self._turn_events(self._turns.push(item))
+            self._send(*items.stepped(self._steps))
         elif isinstance(item, Flushed):
-            done = self._flushes.pop(item.id, None)
-            if done is not None:
-                self._complete(done)
+            self._send(*items.flushed(item.id))
         elif isinstance(item, Closed):  # shutdown: the stream is transcribed to its end
-            for waiting in [*self._by_steps, *self._flushes.values()]:
-                self._complete(waiting)
-            self._by_steps.clear()
-            self._flushes.clear()
-            if self._open.words:  # what was said since the last commit is final too
-                assert self._timeline is not None
-                item = self._open
-                item.end = self._timeline.client_end
-                self._emit(
-                    "input_audio_buffer.committed",
-                    previous_item_id=self._previous_id,
-                    item_id=item.id,
-                )
-                self._complete(item)
+            self._send(*items.close())
             return _Close(1001, SHUTTING_DOWN)
         elif isinstance(item, Dropped):
-            self._outbox.append(
-                json.dumps(_error_event(item.reason, "session_dropped", "server_error"))
-            )
+            self._send(_error_event(item.reason, "session_dropped", "server_error"))
             return _Close(1011, "stream dropped")
         elif isinstance(item, Error):  # the scheduler refused a command: a bug, say it
-            self._outbox.append(
-                json.dumps(_error_event(item.message, "server_error", "server_error"))
-            )
+            self._send(_error_event(item.message, "server_error", "server_error"))
         elif isinstance(item, _Close):
             return item
         return None
 
-    def _word(self, word: Word) -> None:
-        assert self._timeline is not None
-        if self._turns is not None:
-            self._turn_events(self._turns.push(word))
-        text = word.text.strip()
-        if not text:
-            return
-        while self._routing and self._routing[0].boundary <= word.start_time:
-            self._routing.pop(0)  # its words are all out (later words start after it)
-        item = self._routing[0] if self._routing else self._open
-        self._last_word_item = item
-        if item.discarded:
-            return
-        delta = text if not item.words else " " + text
-        # (a word the model stamped before the item's start, e.g. pieces it emitted after a
-        # flush without a new WORD token, keeps its stamp's word but starts with the item)
-        start = max(self._timeline.to_client(word.start_time), item.start)
-        item.words.append([text, start, None])
-        self._emit(
-            "conversation.item.input_audio_transcription.delta",
-            item_id=item.id,
-            content_index=0,
-            delta=delta,
-        )
-
-    def _step(self, step: Step) -> None:
-        self._steps += 1
-        if self._turns is not None:
-            self._turn_events(self._turns.push(step))
-        while self._by_steps and self._by_steps[0].complete_at <= self._steps:  # type: ignore[operator]
-            self._complete(self._by_steps.pop(0))
-
     def _turn_events(self, events: list[object]) -> None:
-        assert self._timeline is not None and self.channel is not None
+        assert self._timeline is not None and self._items is not None
+        assert self.channel is not None
         for event in events:
+            item = self._items.open
             if isinstance(event, SpeechStarted):
-                start = max(self._timeline.to_client(event.time), self._open.start)
-                self._emit(
-                    "input_audio_buffer.speech_started",
-                    audio_start_ms=round(start * 1000),
-                    item_id=self._open.id,
+                start = max(self._timeline.to_client(event.time), item.start)
+                self._send(
+                    server_event(
+                        "input_audio_buffer.speech_started",
+                        audio_start_ms=round(start * 1000),
+                        item_id=item.id,
+                    )
                 )
             elif isinstance(event, EndOfTurn):
-                end = max(self._timeline.to_client(event.time), self._open.start)
-                self._emit(
-                    "input_audio_buffer.speech_stopped",
-                    audio_end_ms=round(end * 1000),
-                    item_id=self._open.id,
+                end = max(self._timeline.to_client(event.time), item.start)
+                self._send(
+                    server_event(
+                        "input_audio_buffer.speech_stopped",
+                        audio_end_ms=round(end * 1000),
+                        item_id=item.id,
+                    )
                 )
                 # a flush now would insert silence after all the audio queued: only when
                 # that is (almost) nothing, i.e. the client sends at real time
@@ -724,7 +571,7 @@ def _error_event(
     event_id: str | None = None,
 ) -> dict[str, object]:
     error = {"type": kind, "code": code, "message": message, "param": param, "event_id": event_id}
-    return {"type": "error", "event_id": _new_id("event_"), "error": error}
+    return server_event("error", error=error)
 
 
 async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
