@@ -283,3 +283,42 @@ def test_a_killed_replica_ends_its_sessions_and_newcomers_go_to_the_other(
     assert newcomers == expected[len(pcms) :]
     live = cluster.wait_for(lambda v: True, "a view")["replicas"]
     assert all(r["lost"] for r in live if r["replica"] == victim)
+
+
+def test_free_slots_ranks_by_what_a_replica_has_free() -> None:
+    from dsm_stt.scale.router import free_slots
+
+    # the larger of the replica's report and this proxy's open requests counts as used
+    assert free_slots({"total_slots": 8, "used_slots": 3}, 1) == 5
+    assert free_slots({"total_slots": 8, "used_slots": 1}, 3) == 5
+    assert free_slots({"total_slots": 64, "used_slots": 60}, 0) == 4  # sizes differ
+    assert free_slots({"total_slots": 8, "used_slots": 8}, 0) == 0
+    # not reported yet: behind any replica known to have a slot, ahead of full ones
+    unknown = free_slots({}, 0)
+    assert free_slots({"total_slots": 8, "used_slots": 7}, 0) > unknown > 0
+
+
+def test_ray_config_is_a_serve_config_that_builds_the_deployment(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    flags = ["--model", "kyutai/stt-1b-en_fr", "--batch-size", "4", "--queue-timeout", "2"]
+    done = subprocess.run(
+        [sys.executable, "-m", "dsm_stt", "ray-config", "--replicas", "3", "--", *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    document = json.loads(done.stdout)
+    (application,) = document["applications"]
+    assert application["import_path"] == "dsm_stt.scale.serve:app_builder"
+    assert application["args"] == {"serve_args": flags, "replicas": 3}
+    assert document["http_options"] == {"host": "127.0.0.1", "port": 8080}
+    built = ray_serve.app_builder(application["args"])
+    replica = built._bound_deployment
+    assert replica.num_replicas == 3
+    assert replica.max_ongoing_requests == 4 + ray_serve.HTTP_HEADROOM
+    (config, _threads) = built._bound_deployment.init_args
+    assert config.engine.batch_size == 4 and config.queue_timeout == 2.0
