@@ -208,6 +208,26 @@ def test_sessions_spread_over_both_replicas_by_free_slots(
         assert count > 0
 
 
+def test_file_routes_go_through_the_ingress(
+    cluster: Cluster, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The OpenAI file route answers through Serve what ``dsm-stt transcribe`` says."""
+    from dsm_stt.cli import main
+
+    wav = write_wav(tmp_path / "file.wav", signals(1, 2.0, first_seed=90)[0])
+    capsys.readouterr()
+    assert main(["transcribe", "--model", str(cluster.checkpoint), "--exact", str(wav)]) == 0
+    local = capsys.readouterr().out
+    answer = httpx.post(
+        f"{cluster.http}/v1/audio/transcriptions",
+        files={"file": ("file.wav", wav.read_bytes(), "audio/wav"), "model": (None, "whisper-1")},
+        timeout=60,
+    )
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["text"].split() == local.split()
+    assert local.split()  # the talkative model says something
+
+
 async def streamed(url: str, pcm: np.ndarray, pace: float) -> dict:
     """One session that may be cut: its words so far, and how it ended."""
     msgs: list[dict] = []
