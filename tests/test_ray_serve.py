@@ -228,6 +228,37 @@ def test_file_routes_go_through_the_ingress(
     assert local.split()  # the talkative model says something
 
 
+def test_no_free_channels_only_when_every_replica_is_full(cluster: Cluster) -> None:
+    async def main() -> tuple[dict, list[dict]]:
+        held = [await connect(cluster.url) for _ in range(2 * SLOTS)]
+        try:
+            firsts = [await recv(ws) for ws in held]
+            async with await connect(cluster.url) as extra:
+                refused = await recv(extra)
+            return refused, firsts
+        finally:
+            for ws in held:
+                await ws.close()
+
+    refused, firsts = asyncio.run(main())
+    assert [m["type"] for m in firsts] == ["Ready"] * 2 * SLOTS  # every slot of both replicas
+    assert refused == {"type": "Error", "message": "no free channels"}  # moshi-server's answer
+    cluster.wait_for(lambda v: v["used_slots"] == 0, "the slots to be free again")
+
+
+def test_without_request_router_serve_default_router_is_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "dsm_stt.scale.router", None)  # import fails
+    config = ray_serve._router_config()
+    assert "FreeSlotsRouter" not in str(config.request_router_class)
+    assert config.request_routing_stats_period_s == ray_serve.STATS_PERIOD_S
+    monkeypatch.undo()
+    assert "FreeSlotsRouter" in str(ray_serve._router_config().request_router_class)
+
+
 async def streamed(url: str, pcm: np.ndarray, pace: float) -> dict:
     """One session that may be cut: its words so far, and how it ended."""
     msgs: list[dict] = []
