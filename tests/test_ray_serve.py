@@ -373,3 +373,28 @@ def test_ray_config_is_a_serve_config_that_builds_the_deployment(tmp_path: Path)
     assert replica.max_ongoing_requests == 4 + ray_serve.HTTP_HEADROOM
     (config, _threads) = built._bound_deployment.init_args
     assert config.engine.batch_size == 4 and config.queue_timeout == 2.0
+
+
+def test_ray_is_imported_only_by_the_ray_paths() -> None:
+    """``dsm-stt serve`` and ``transcribe`` without ``--ray`` never load Ray; the server
+    package never imports the scale package (it sits on top, as the CLI does)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, dsm_stt.cli, dsm_stt.server.app, dsm_stt.transcriber\n"
+        "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith(('ray.', "
+        "'dsm_stt.scale'))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]"
+    server = Path(ray_serve.__file__).parents[1] / "server"
+    for path in sorted(server.rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "scale" not in {
+            line.split()[1].lstrip(".").split(".")[0]
+            for line in text.splitlines()
+            if line.startswith(("from .", "from ..")) and len(line.split()) > 1
+        }, path
