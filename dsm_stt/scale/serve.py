@@ -121,7 +121,7 @@ def deployment(
     autoscaling config, on ongoing requests, i.e. slots in use). On CUDA each replica takes
     one GPU; on CPU ``cpus_per_replica`` (default: ``threads`` or 1)."""
     slots = config.engine.batch_size
-    cuda = config.engine.device == "cuda" or (config.engine.device == "auto" and _has_gpus())
+    cuda = _on_gpus(config)
     resources: dict[str, Any] = (
         {"num_gpus": 1, "num_cpus": cpus_per_replica or 1}
         if cuda
@@ -144,8 +144,20 @@ def deployment(
     return serve.deployment(SttReplica).options(**options).bind(config, threads)
 
 
-def _has_gpus() -> bool:
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+def _on_gpus(config: ServerConfig) -> bool:
+    """Whether replicas take a GPU each: ``cuda`` asked, or ``auto`` on a cluster with GPUs."""
+    device = config.engine.device
+    has_gpus = ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return device == "cuda" or (device == "auto" and has_gpus)
+
+
+def cpu_share(replicas: int) -> int:
+    """CPUs (and torch threads) for each of ``replicas`` CPU replicas: the cluster's CPUs split
+    evenly, at most one node's (a replica runs on one node), at least one."""
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    if not nodes:
+        return 1
+    return max(1, min(int(sum(nodes) // max(replicas, 1)), int(max(nodes))))
 
 
 def app_builder(args: dict[str, Any]) -> Any:
@@ -155,12 +167,12 @@ def app_builder(args: dict[str, Any]) -> Any:
 
     parsed = build_parser().parse_args(["serve", *args.get("serve_args", [])])
     config = _server_config(parsed)
-    return deployment(
-        config,
-        replicas=int(args.get("replicas", 1)),
-        autoscaling=args.get("autoscaling_config"),
-        threads=args.get("threads"),
-    )
+    replicas = int(args.get("replicas", 1))
+    autoscaling = args.get("autoscaling_config")
+    threads = args.get("threads")
+    if threads is None and ray.is_initialized() and not _on_gpus(config):
+        threads = cpu_share(replicas if autoscaling is None else autoscaling.get("max_replicas", 1))
+    return deployment(config, replicas=replicas, autoscaling=autoscaling, threads=threads)
 
 
 def ray_config(
@@ -200,6 +212,9 @@ def start(
     config's host and port, deploy and wait until every replica is up."""
     if not ray.is_initialized():
         ray.init(address=address, **(init_options or {}))
+    if threads is None and not _on_gpus(config):
+        most = replicas if autoscaling is None else autoscaling.get("max_replicas", 1)
+        threads = cpu_share(most or 1)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(
         deployment(config, replicas, autoscaling, threads=threads),
