@@ -126,6 +126,21 @@ def _spread(points: torch.Tensor, k: int) -> torch.Tensor:
 # words
 
 
+class SlowEngine:
+    """``engine`` with every step ``delay`` seconds longer: a server that cannot keep up, a
+    file that takes a while."""
+
+    def __init__(self, engine: Any, delay: float) -> None:
+        self._engine, self._delay = engine, delay
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._engine, name)
+
+    def begin_step(self, *args: object, **kwargs: object) -> object:
+        time.sleep(self._delay)
+        return self._engine.begin_step(*args, **kwargs)
+
+
 def words_of(events: Sequence[object]) -> list[tuple[str, float, float | None]]:
     """Word/EndWord events → (text, start, end) as ``transcribe`` reports them: text stripped,
     empty words (and their EndWord) dropped, times rounded to the millisecond."""

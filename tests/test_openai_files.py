@@ -23,6 +23,7 @@ import openai
 import pytest
 from engine_support import exact_config
 from server_support import (
+    SlowEngine,
     connect,
     recv,
     reference_words,
@@ -377,20 +378,6 @@ def test_bad_requests_get_the_documented_status_and_error_shape(
 
 # --------------------------------------------------------------------------------------------
 # slots, clients that leave, shutdown
-
-
-class SlowEngine:
-    """``engine`` with every step ``delay`` seconds longer: a file takes a while."""
-
-    def __init__(self, engine: Engine, delay: float) -> None:
-        self._engine, self._delay = engine, delay
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine, name)
-
-    def begin_step(self, *args: object, **kwargs: object) -> object:
-        time.sleep(self._delay)
-        return self._engine.begin_step(*args, **kwargs)
 
 
 def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:

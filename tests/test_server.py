@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from server_support import (
     FRAME,
     SAMPLE_RATE,
+    SlowEngine,
     ThreadedServer,
     audio_msg,
     connect,
@@ -594,20 +595,6 @@ def test_a_client_that_stops_reading_is_dropped_and_its_neighbour_goes_on(
             await ctx.stop()
 
     run(main())
-
-
-class SlowEngine:
-    """``engine`` with every step ``delay`` seconds longer: a server that cannot keep up."""
-
-    def __init__(self, engine: Engine, delay: float) -> None:
-        self._engine, self._delay = engine, delay
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._engine, name)
-
-    def begin_step(self, *args: object, **kwargs: object) -> object:
-        time.sleep(self._delay)
-        return self._engine.begin_step(*args, **kwargs)
 
 
 @pytest.mark.parametrize("read_ahead_mb", [512.0, 0.0])
