@@ -8,17 +8,23 @@ the board: ``/api/cluster`` (totals and one entry per replica), and, through the
 posting (killed, node lost) is shown as lost after ``LOST_AFTER`` seconds and dropped from the
 totals; Serve replaces it, and its successor posts under its own id.
 
+The board also carries the teardown's drain order: Serve, deleting a deployment, waits for
+ongoing requests to end and then kills the replica, and a WebSocket never ends by itself; so
+``serve.stop`` first sets the board's ``draining``, each replica learns it from the answer to
+its next post and finishes its sessions as ``dsm-stt serve`` does on SIGTERM (last words,
+close 1001), and only then is the deployment deleted.
+
 The board is detached (it must outlive the replica that happens to create it) and takes no
-CPU; ``serve.run`` removes it when the deployment is deleted. What it does not do: history or
+CPU; ``serve.stop`` removes it. What it does not do: history or
 rates (Prometheus scraping each replica's own ``/metrics`` does that better).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -45,9 +51,17 @@ class SlotBoard:
 
     def __init__(self) -> None:
         self.posts: dict[str, tuple[float, dict[str, Any]]] = {}
+        self.draining = False
 
-    def post(self, replica: str, figures: dict[str, Any]) -> None:
+    def post(self, replica: str, figures: dict[str, Any]) -> bool:
+        """Record a replica's figures; the answer says whether replicas should drain."""
         self.posts[replica] = (time.time(), figures)
+        return self.draining
+
+    def drain(self) -> None:
+        """From now on every replica is told to finish its sessions (the teardown's first
+        step: Serve itself would wait for WebSockets to end, then kill them)."""
+        self.draining = True
 
     def read(self) -> dict[str, tuple[float, dict[str, Any]]]:
         now = time.time()
@@ -74,6 +88,7 @@ def cluster_view(posts: dict[str, tuple[float, dict[str, Any]]]) -> dict[str, An
         "replicas": replicas,
         "live_replicas": len(live),
         "ready_replicas": sum(1 for r in live if r.get("ready")),
+        "drained": all(r.get("drained") for r in live),
         "used_slots": sum(int(r.get("used_slots", 0)) for r in live),
         "total_slots": sum(int(r.get("total_slots", 0)) for r in live),
         "open_sessions": sum(int(r.get("open_sessions", 0)) for r in live),
@@ -89,12 +104,28 @@ class ClusterRoutes:
     ``asr_cluster_*`` gauges per replica.
     """
 
-    def __init__(self, app: Any, board: Any, replica: str) -> None:
+    def __init__(
+        self,
+        app: Any,
+        board: Any,
+        replica: str,
+        figures: Callable[[], dict[str, Any]],
+        on_drain: Callable[[], None],
+    ) -> None:
         self.app = app
         self.board = board
         self.replica = replica
+        self.figures = figures
+        self.on_drain = on_drain
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":  # the replica's life: post to the board meanwhile
+            poster = asyncio.ensure_future(self._post_forever())
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                poster.cancel()
+            return
         path = scope.get("path", "")
         routes = {
             "/api/cluster": self._cluster,
@@ -109,6 +140,19 @@ class ClusterRoutes:
                 await _respond(send, status, body, kind)
                 return
         await self.app(scope, receive, send)
+
+    async def _post_forever(self, period: float = 0.5) -> None:
+        """Post this replica's figures every ``period`` seconds; drain when the board says."""
+        while True:
+            try:
+                draining = await asyncio.wait_for(
+                    self.board.post.remote(self.replica, self.figures()), 1.0
+                )
+            except Exception:  # the board is restarting or gone: post again next time
+                draining = False
+            if draining:
+                self.on_drain()
+            await asyncio.sleep(period)
 
     async def view(self) -> dict[str, Any] | None:
         """The cluster view, or None when the board does not answer within a second (then
@@ -183,11 +227,3 @@ async def _respond(send: Any, status: int, body: bytes, kind: str) -> None:
     headers = [(b"content-type", kind.encode()), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def post_forever(board: Any, replica: str, figures: Any, period: float = 0.5) -> None:
-    """Post ``figures()`` to ``board`` every ``period`` seconds (a replica's background task)."""
-    while True:
-        with contextlib.suppress(Exception):  # the board may be restarting: try again later
-            board.post.remote(replica, figures())
-        await asyncio.sleep(period)

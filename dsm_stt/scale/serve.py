@@ -22,12 +22,14 @@ that answer only when every replica is full.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import ray
@@ -35,7 +37,7 @@ from ray import serve
 
 from ..server.app import create_app
 from ..server.config import ServerConfig
-from .board import BOARD_NAME, BOARD_NAMESPACE, ClusterRoutes, get_board
+from .board import BOARD_NAME, BOARD_NAMESPACE, ClusterRoutes, cluster_view, get_board
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +64,11 @@ class SttReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.board = get_board()
         self.server_app: Any = None
+        self._draining: Any = None  # the drain's future, once the board has asked for it
 
     def __serve_build_asgi_app__(self) -> Any:
         self.server_app = create_app(self.config)
-        return ClusterRoutes(self.server_app, self.board, self.replica)
+        return ClusterRoutes(self.server_app, self.board, self.replica, self.figures, self._drain)
 
     def figures(self) -> dict[str, Any]:
         """This replica's slots and sessions, as the router and the board read them."""
@@ -82,15 +85,20 @@ class SttReplica:
             "sessions_served": int(served),
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
+            "drained": self._draining is not None and self._draining.done(),
         }
 
     async def record_routing_stats(self) -> dict[str, Any]:
-        """Serve calls this every ``STATS_PERIOD_S``: the router ranks replicas by it, and the
-        same figures go to the slot board for the cluster routes."""
-        figures = self.figures()
-        with contextlib.suppress(Exception):
-            self.board.post.remote(self.replica, figures)
-        return figures
+        """Serve calls this every ``STATS_PERIOD_S``: the router ranks replicas by it (the
+        same figures go to the slot board from ``ClusterRoutes``)."""
+        return self.figures()
+
+    def _drain(self) -> None:
+        """Finish every session (last words, close 1001), once, on the app's event loop."""
+        context = self.server_app.state.server if self.server_app is not None else None
+        if self._draining is not None or context is None or context.loop is None:
+            return
+        self._draining = asyncio.run_coroutine_threadsafe(context.drain(), context.loop)
 
 
 def _router_config() -> Any:
@@ -224,12 +232,27 @@ def start(
     )
 
 
-def stop() -> None:
-    """Delete the application (replicas drain their sessions) and the slot board."""
+def stop(drain_timeout: float = 30.0) -> None:
+    """Drain every replica's sessions (up to ``drain_timeout`` seconds), then delete the
+    application and the slot board."""
+    try:
+        board = ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE)
+    except Exception:
+        board = None
+    if board is not None:
+        with contextlib.suppress(Exception):
+            ray.get(board.drain.remote(), timeout=5)
+            deadline = time.monotonic() + drain_timeout
+            while time.monotonic() < deadline:
+                view = cluster_view(ray.get(board.read.remote(), timeout=5))
+                if view["drained"]:  # every live replica has finished its sessions
+                    break
+                time.sleep(STATS_PERIOD_S)
     with contextlib.suppress(Exception):
         serve.delete(APP_NAME)
-    with contextlib.suppress(Exception):
-        ray.kill(ray.get_actor(BOARD_NAME, namespace=BOARD_NAMESPACE))
+    if board is not None:
+        with contextlib.suppress(Exception):
+            ray.kill(board)
 
 
 def run(
@@ -257,7 +280,7 @@ def run(
     )
     done.wait()
     log.info("stopping: replicas finish their sessions")
-    stop()
+    stop(config.shutdown_timeout)
     return 0
 
 
