@@ -15,8 +15,8 @@ its next post and finishes its sessions as ``dsm-stt serve`` does on SIGTERM (la
 close 1001), and only then is the deployment deleted.
 
 The board is detached (it must outlive the replica that happens to create it) and takes no
-CPU; ``serve.stop`` removes it. What it does not do: history or
-rates (Prometheus scraping each replica's own ``/metrics`` does that better).
+CPU; ``serve.stop`` removes it. What it does not do: history or rates (Prometheus scraping
+each replica's own ``/metrics`` does that better).
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ server's host and port, deploy, wait for a signal, tear down).
 
 Serve's proxy is the one ingress: it routes WebSocket upgrades and HTTP requests to replicas,
 and a WebSocket stays on the replica it was routed to until it closes. When that replica dies
-the proxy closes the socket (the client sees a close code other than 1000, see
+the proxy drops the socket without a close frame (the client reads 1006, abnormal closure;
 docs/scale-out.md); new sessions go to the live replicas while Serve starts a replacement.
+``stop`` has every replica drain its sessions before the deployment is deleted (``board.py``).
 
 Routing: ``router.FreeSlotsRouter`` where Ray has ``RequestRouter`` (alpha; the ``ray`` extra
 pins Ray), Serve's default power-of-two router otherwise. Either way a replica past its slots
