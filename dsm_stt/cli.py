@@ -86,6 +86,15 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> 
     p.add_argument("--exact", action="store_true", help=EXACT_HELP + OFF)
 
 
+def _add_ray_address(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--address",
+        default=None,
+        help="with --ray: the Ray cluster to join ('auto': the one this machine is part of; "
+        "default: start a local one)",
+    )
+
+
 def _add_voice_flags(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument(
@@ -746,12 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
         "device each); needs --output-dir; inputs whose output exists are skipped (resume); "
         "needs pip install 'dsm-stt[ray]'" + OFF,
     )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="with --ray: the Ray cluster to join ('auto': the one this machine is part of; "
-        "default: start a local one)",
-    )
+    _add_ray_address(p)
     p.add_argument(
         "--replicas",
         type=int,
@@ -957,12 +961,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve on Ray Serve: --replicas copies of this server (one per GPU, or CPU "
         "replicas) behind one ingress on --host/--port; needs pip install 'dsm-stt[ray]'" + OFF,
     )
-    p.add_argument(
-        "--address",
-        default=None,
-        help="with --ray: the Ray cluster to join ('auto': the one this machine is part of; "
-        "default: start a local one)",
-    )
+    _add_ray_address(p)
     p.add_argument(
         "--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)"
     )

@@ -6,10 +6,11 @@ the beta names ``transcription_session.update`` / ``.created`` / ``.updated`` to
 lifecycle, its audio buffer, and the turn detection that commits items by itself. Settings and
 input formats are ``realtime_config.py``'s, the items and the two clocks
 ``realtime_items.py``'s; the model's VAD heads are read through ``engine/turns.py``; the
-stream runs on the runner like ``websocket.py``'s sessions, with the same limits (read-ahead
-back-pressure, the outbound message limit, keep-alive, the audio timeout, the graceful
-drain). The receiver task reads and applies client events; the sender task is the only writer
-on the socket and turns what the runner produced into events, in order.
+lifecycle, the channel in the runner and its two tasks are ``session.ChannelSession``'s, as for
+``websocket.py``'s sessions, with the same limits (read-ahead back-pressure, the outbound
+message limit, keep-alive, the audio timeout, the graceful drain). The receiver task reads and
+applies client events; the sender task is the only writer on the socket and turns what the
+runner produced into events, in order.
 
 Audio goes to the model as it is appended, so words come out as they are decoded: each one is a
 ``conversation.item.input_audio_transcription.delta`` of the item being spoken. A commit (the
@@ -31,11 +32,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
-import enum
 import json
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -48,8 +46,9 @@ from .openai_shapes import ModelNames
 from .protocol import Error
 from .realtime_config import InputDecoder, RealtimeError, SessionConfig, TurnDetection
 from .realtime_items import Items, Timeline, new_id, server_event
-from .runner import Channel, Dropped
-from .websocket import NO_FREE_CHANNELS, SHUTTING_DOWN, request_key
+from .runner import Dropped
+from .session import SHUTTING_DOWN, ChannelSession, CloseRequest, SessionState
+from .websocket import request_key
 
 if TYPE_CHECKING:
     from .context import ServerContext
@@ -64,23 +63,6 @@ _CLIENT_EVENTS = (
     "input_audio_buffer.clear",
 )
 _BROWSER_KEY = "openai-insecure-api-key."  # subprotocol prefix OpenAI's browser clients use
-
-
-class State(enum.Enum):
-    CONNECTING = "connecting"
-    WAITING = "waiting"
-    STREAMING = "streaming"
-    FINISHING = "finishing"
-    CLOSED = "closed"
-
-
-_TRANSITIONS: dict[State, frozenset[State]] = {
-    State.CONNECTING: frozenset({State.WAITING, State.CLOSED}),
-    State.WAITING: frozenset({State.STREAMING, State.CLOSED}),
-    State.STREAMING: frozenset({State.FINISHING, State.CLOSED}),
-    State.FINISHING: frozenset({State.CLOSED}),
-    State.CLOSED: frozenset(),
-}
 
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
@@ -103,74 +85,38 @@ def realtime_keys(websocket: WebSocket) -> list[str]:
     return keys if other is None else [*keys, other]
 
 
-@dataclass(frozen=True, slots=True)
-class _Close:
-    """Sender instruction: close the socket (after what was queued before)."""
-
-    code: int
-    reason: str
-
-
-class RealtimeSession:
+class RealtimeSession(ChannelSession):
     """One Realtime transcription connection (see the module docstring)."""
 
+    _kind = "realtime session"
+    _units = "events"
+    _no_slot_code = 1013
+    _refusal_reason = True
+
     def __init__(self, websocket: WebSocket, server: ServerContext) -> None:
-        self.ws = websocket
-        self.server = server
-        self.config = server.config
-        self.state = State.CONNECTING
+        super().__init__(websocket, server)
         self.id = new_id("sess_")
-        self.channel: Channel | None = None
         self.beta = False  # the client speaks the beta protocol (OpenAI-Beta: realtime=v1)
         self.settings = SessionConfig()
         self._decoder = InputDecoder(self.settings.format)
         self._turns: TurnDetector | None = None
         self._timeline: Timeline | None = None
         self._items: Items | None = None
-        self._receiver: asyncio.Task[str] | None = None
-        self._sender: asyncio.Task[None] | None = None
-        self._dropped = False
         self._steps = 0  # the stream's steps (Step messages) so far
         self._flush_ids = 0
         self._outbox: list[str] = []  # events produced while routing one channel item
         self._routing_now = False
 
-    def _move(self, state: State) -> None:
-        if state not in _TRANSITIONS[self.state]:
-            raise RuntimeError(f"session cannot go from {self.state.value} to {state.value}")
-        self.state = state
-
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def run(self) -> None:
-        server, ws = self.server, self.ws
         refusal = self._refusal()
         if refusal is not None:
-            self._move(State.CLOSED)
-            await _deny(ws, *refusal)
+            self._move(SessionState.CLOSED)
+            await _deny(self.ws, *refusal)
             return
-        offered = ws.scope.get("subprotocols", [])
-        try:
-            await ws.accept(subprotocol="realtime" if "realtime" in offered else None)
-        except Exception:  # the client left during the handshake
-            self._move(State.CLOSED)
-            return
-        server.metrics.connect.inc()
-        self._move(State.WAITING)
-        server.register(self)
-        try:
-            await self._serve()
-        except Exception:  # a bug must not take the server down: log it, free the slot
-            log.exception("realtime session failed")
-        finally:
-            if self.channel is not None:
-                server.read_ahead.channels.discard(self.channel)
-                server.runner.remove(self.channel)
-            for task in (self._receiver, self._sender):
-                if task is not None:
-                    task.cancel()
-            self.state = State.CLOSED
-            server.unregister(self)
+        offered = self.ws.scope.get("subprotocols", [])
+        await self._accept_and_serve(subprotocol="realtime" if "realtime" in offered else None)
 
     def _refusal(self) -> tuple[int, str, str] | None:
         """(HTTP status, code, message) when the upgrade is refused, before any slot."""
@@ -202,24 +148,10 @@ class RealtimeSession:
     async def _serve(self) -> None:
         server, ws = self.server, self.ws
         self.beta = ws.headers.get("openai-beta", "").strip().lower().startswith("realtime=v1")
-        self.channel = server.runner.channel(
-            max_pending=self.config.max_outbound_messages, on_overflow=self._on_overflow
-        )
         prefix = server.prefix_seconds
-        admitted = await server.runner.admit(
-            self.channel, timeout=self.config.queue_timeout, time_offset=prefix
-        )
-        if not admitted or self.state is not State.WAITING:
-            if server.accepting:
-                server.metrics.reject("no_free_channels")
-                code, message, close = "no_free_channels", NO_FREE_CHANNELS, 1013
-            else:
-                server.metrics.reject("shutting_down")
-                code, message, close = "shutting_down", SHUTTING_DOWN, 1001
-            await _quietly(ws.send_text(json.dumps(_error_event(message, code, "server_error"))))
-            await _quietly(ws.close(close, message))
+        if not await self._admit(time_offset=prefix):
             return
-        self._move(State.STREAMING)
+        assert self.channel is not None
         runner = server.runner
         scheduler = runner.scheduler
         prefix_samples = round(prefix * runner.sample_rate)
@@ -236,50 +168,13 @@ class RealtimeSession:
             turn_detection=TurnDetection() if server.vad_heads >= 1 else None,
         )
         self._configure_turns()
-        server.read_ahead.channels.add(self.channel)
         created = "transcription_session.created" if self.beta else "session.created"
-        await ws.send_text(json.dumps(self._session_event(created)))
-        self._sender = asyncio.create_task(self._send_loop())
-        self._receiver = asyncio.create_task(self._receive_loop())
-        await asyncio.wait({self._sender, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
-        receiver = self._receiver
-        if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
-            return
-        await asyncio.wait({self._sender})
-        if self._dropped:
-            limit = self.config.max_outbound_messages
-            message = f"more than {limit} events wait unread by this client: closing"
-            event = _error_event(message, "client_too_slow", "server_error")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_quietly(ws.send_text(json.dumps(event))), 1.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_quietly(ws.close(1011, "client does not read")), 1.0)
+        await self._stream(ws.send_text(json.dumps(self._session_event(created))))
 
-    def finish(self) -> None:
-        """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
-        if self.state is State.WAITING and self.channel is not None:
-            self.server.runner.remove(self.channel)
-        elif self.state is State.STREAMING and self.channel is not None:
-            self._move(State.FINISHING)
-            if self._receiver is not None:
-                self._receiver.cancel()
-            self.server.runner.close(self.channel)
-
-    def _on_overflow(self) -> None:
-        if self._dropped:
-            return
-        self._dropped = True
-        log.warning("dropping a realtime session whose client does not read its events")
-        self.server.metrics.reject("too_slow")
-        for task in (self._receiver, self._sender):
-            if task is not None:
-                task.cancel()
+    async def _send_error(self, message: str, code: str) -> None:
+        await self.ws.send_text(json.dumps(_error_event(message, code, "server_error")))
 
     # -- outgoing events -------------------------------------------------------------------------
-
-    def _post(self, *items: object) -> None:
-        assert self.channel is not None
-        self.channel.post(list(items))
 
     def _send(self, *events: dict[str, object]) -> None:
         """Server events, in order with everything else the session sends: queued behind
@@ -308,7 +203,7 @@ class RealtimeSession:
             if remaining <= 0:
                 message = f"no audio received for {timeout:g} s: closing the session"
                 self._post(_error_event(message, "audio_timeout", "server_error"))
-                self._post(_Close(1000, "audio timeout"))
+                self._post(CloseRequest(1000, "audio timeout"))
                 return "timeout"
             try:
                 message = await asyncio.wait_for(self.ws.receive(), remaining)
@@ -477,8 +372,8 @@ class RealtimeSession:
         except (OSError, RuntimeError, WebSocketDisconnect) as exc:  # the client went away
             log.debug("send failed: %s", exc)
 
-    def _route(self, item: object) -> _Close | None:
-        """Turn one thing from the channel into events; a ``_Close`` ends the session."""
+    def _route(self, item: object) -> CloseRequest | None:
+        """Turn one thing from the channel into events; a ``CloseRequest`` ends the session."""
         items = self._items
         assert items is not None
         if isinstance(item, dict):
@@ -498,13 +393,13 @@ class RealtimeSession:
             self._send(*items.flushed(item.id))
         elif isinstance(item, Closed):  # shutdown: the stream is transcribed to its end
             self._send(*items.close())
-            return _Close(1001, SHUTTING_DOWN)
+            return CloseRequest(1001, SHUTTING_DOWN)
         elif isinstance(item, Dropped):
             self._send(_error_event(item.reason, "session_dropped", "server_error"))
-            return _Close(1011, "stream dropped")
+            return CloseRequest(1011, "stream dropped")
         elif isinstance(item, Error):  # the scheduler refused a command: a bug, say it
             self._send(_error_event(item.message, "server_error", "server_error"))
-        elif isinstance(item, _Close):
+        elif isinstance(item, CloseRequest):
             return item
         return None
 
@@ -582,8 +477,3 @@ async def _deny(ws: WebSocket, status: int, code: str, message: str) -> None:
         await ws.send_denial_response(JSONResponse(body, status))
     except RuntimeError:  # an ASGI server without the denial-response extension
         await ws.close(1008, message[:120])
-
-
-async def _quietly(awaitable: object) -> None:
-    with contextlib.suppress(Exception):
-        await awaitable  # type: ignore[misc]

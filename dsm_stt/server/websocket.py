@@ -1,13 +1,14 @@
 """One streaming session per WebSocket connection, wire-compatible with moshi-server (spec §5).
 
-Owns ``Session`` and its explicit lifecycle (``SessionState``):
+Owns ``Session``, a ``session.ChannelSession`` (which owns the lifecycle, ``SessionState``, the
+channel in the runner and the two tasks):
 
 ``CONNECTING`` (auth and capacity checks; refusals are HTTP responses, before any slot is
 taken) → ``WAITING`` (accepted, waiting for a slot: at once, or up to ``queue_timeout``) →
 ``STREAMING`` (``Ready`` sent; audio in, words out) → ``FINISHING`` (server shutdown: input
 stops, the last words go out) → ``CLOSED``.
 
-Two tasks per session: the receiver decodes client frames and turns them into runner commands
+Of the two tasks, the receiver decodes client frames and turns them into runner commands
 (every malformed message gets an ``Error`` and the session goes on); the sender is the only
 writer on the socket and sends what the runner produced, in order. The slot is released the
 moment the client goes away. Keep-alive pings and the 20 s "no frame" rule are the WebSocket
@@ -24,10 +25,7 @@ Without the parameter the messages are exactly moshi-server's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import enum
 import logging
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.responses import PlainTextResponse
@@ -51,49 +49,17 @@ from .protocol import (
     decode_client_message,
     encode_server_message,
 )
-from .runner import Channel, Dropped
+from .runner import Dropped
+from .session import SHUTTING_DOWN, ChannelSession, CloseRequest, SessionState
 
 if TYPE_CHECKING:
     from .context import ServerContext
 
 log = logging.getLogger(__name__)
 
-NO_FREE_CHANNELS = "no free channels"
-SHUTTING_DOWN = "the server is shutting down"
-
-
-class SessionState(enum.Enum):
-    CONNECTING = "connecting"
-    WAITING = "waiting"
-    STREAMING = "streaming"
-    FINISHING = "finishing"
-    CLOSED = "closed"
-
-
-_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
-    SessionState.CONNECTING: frozenset({SessionState.WAITING, SessionState.CLOSED}),
-    SessionState.WAITING: frozenset({SessionState.STREAMING, SessionState.CLOSED}),
-    SessionState.STREAMING: frozenset({SessionState.FINISHING, SessionState.CLOSED}),
-    SessionState.FINISHING: frozenset({SessionState.CLOSED}),
-    SessionState.CLOSED: frozenset(),
-}
-
-
-class SessionStateError(RuntimeError):
-    """An internal lifecycle transition that is not allowed (a bug, never a client error)."""
-
-
 # Ogg/Opus bytes decoded at once: 2 kB of Opus silence (about 3 bytes per 20 ms packet) is
 # some 14 s of audio, so a decompression bomb never decodes far past the session's bound
 _OPUS_SLICE = 2048
-
-
-@dataclass(frozen=True, slots=True)
-class _CloseRequest:
-    """Sender instruction: close the socket after what was queued before."""
-
-    code: int
-    reason: str = ""
 
 
 async def asr_streaming(websocket: WebSocket) -> None:
@@ -138,26 +104,16 @@ def end_of_turn_config(query: object, vad_heads: int) -> TurnConfig | None:
     return config
 
 
-class Session:
+class Session(ChannelSession):
+    """One moshi-protocol connection (see the module docstring)."""
+
     def __init__(self, websocket: WebSocket, server: ServerContext) -> None:
-        self.ws = websocket
-        self.server = server
-        self.config = server.config
-        self.state = SessionState.CONNECTING
-        self.channel: Channel | None = None
-        self._receiver: asyncio.Task[str] | None = None
-        self._sender: asyncio.Task[None] | None = None
+        super().__init__(websocket, server)
         self._opus: OggOpusStreamDecoder | None = None
-        self._dropped = False
         # Markers and Flushes read but not answered yet (at most ``max_pending_markers``)
         self._unanswered = 0
         self._flooded = False  # the session ends: the receive loop reads no more
         self._turns: TurnDetector | None = None  # with ?end_of_turn=1
-
-    def _move(self, state: SessionState) -> None:
-        if state not in _TRANSITIONS[self.state]:
-            raise SessionStateError(f"session cannot go from {self.state.value} to {state.value}")
-        self.state = state
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -188,82 +144,14 @@ class Session:
             return
         if turns is not None:
             self._turns = TurnDetector(turns, server.runner.scheduler.frame_rate)
-        try:
-            await ws.accept()
-        except Exception:  # the client left during the handshake
-            self._move(SessionState.CLOSED)
-            return
-        server.metrics.connect.inc()
-        self._move(SessionState.WAITING)
-        server.register(self)
-        try:
-            await self._serve()
-        except Exception:  # a bug must not take the server down: log it, free the slot
-            log.exception("session failed")
-        finally:
-            if self.channel is not None:
-                server.read_ahead.channels.discard(self.channel)
-                server.runner.remove(self.channel)
-            for task in (self._receiver, self._sender):
-                if task is not None:
-                    task.cancel()
-            self.state = SessionState.CLOSED
-            server.unregister(self)
+        await self._accept_and_serve()
 
     async def _serve(self) -> None:
-        server, ws = self.server, self.ws
-        self.channel = server.runner.channel(
-            max_pending=self.config.max_outbound_messages, on_overflow=self._on_overflow
-        )
-        admitted = await server.runner.admit(self.channel, timeout=self.config.queue_timeout)
-        if not admitted or self.state is not SessionState.WAITING:
-            reason = NO_FREE_CHANNELS if server.accepting else SHUTTING_DOWN
-            server.metrics.reject("no_free_channels" if server.accepting else "shutting_down")
-            await _quietly(ws.send_bytes(encode_server_message(Error(reason))))
-            await _quietly(ws.close(1000 if server.accepting else 1001))
-            return
-        self._move(SessionState.STREAMING)
-        server.read_ahead.channels.add(self.channel)
-        await ws.send_bytes(encode_server_message(Ready()))
-        self._sender = asyncio.create_task(self._send_loop())
-        self._receiver = asyncio.create_task(self._receive_loop())
-        await asyncio.wait({self._sender, self._receiver}, return_when=asyncio.FIRST_COMPLETED)
-        receiver = self._receiver
-        if receiver.done() and not receiver.cancelled() and receiver.result() == "disconnected":
-            return  # nobody to send to: ``run`` removes the stream
-        await asyncio.wait({self._sender})  # (does not raise if the sender was cancelled)
-        if self._dropped:  # say why before closing, if the client reads at all any more
-            limit = self.config.max_outbound_messages
-            error = Error(f"more than {limit} messages wait unread by this client: closing")
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_quietly(ws.send_bytes(encode_server_message(error))), 1.0)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(_quietly(ws.close(1011, "client does not read")), 1.0)
+        if await self._admit():
+            await self._stream(self.ws.send_bytes(encode_server_message(Ready())))
 
-    def finish(self) -> None:
-        """Server shutdown: stop reading, send the last words, close (event-loop thread)."""
-        if self.state is SessionState.WAITING and self.channel is not None:
-            self.server.runner.remove(self.channel)  # the pending admission answers False
-        elif self.state is SessionState.STREAMING and self.channel is not None:
-            self._move(SessionState.FINISHING)
-            if self._receiver is not None:
-                self._receiver.cancel()
-            self.server.runner.close(self.channel)
-
-    def _on_overflow(self) -> None:
-        """The client does not read what we send: drop it so its backlog cannot grow."""
-        if self._dropped:
-            return
-        self._dropped = True
-        log.warning("dropping a session whose client does not read its messages")
-        self.server.metrics.reject("too_slow")
-        for task in (self._receiver, self._sender):
-            if task is not None:
-                task.cancel()
-
-    def _post(self, *items: object) -> None:
-        assert self.channel is not None
-        self.channel.post(list(items))
+    async def _send_error(self, message: str, code: str) -> None:
+        await self.ws.send_bytes(encode_server_message(Error(message)))
 
     # -- receiving -------------------------------------------------------------------------------
 
@@ -276,7 +164,7 @@ class Session:
             if remaining <= 0:
                 self._post(
                     Error(f"no audio received for {timeout:g} s: closing the session"),
-                    _CloseRequest(1000, "audio timeout"),
+                    CloseRequest(1000, "audio timeout"),
                 )
                 return "timeout"
             try:
@@ -347,7 +235,7 @@ class Session:
         if self._unanswered >= limit:
             self._post(
                 Error(f"more than {limit} Markers / Flushes waiting for their answer: closing"),
-                _CloseRequest(1008, "marker flood"),
+                CloseRequest(1008, "marker flood"),
             )
             self._flooded = True
             return False
@@ -369,7 +257,7 @@ class Session:
                         await ws.send_bytes(encode_server_message(Error(item.reason)))
                         await ws.close(1011, "stream dropped")
                         return
-                    if isinstance(item, _CloseRequest):
+                    if isinstance(item, CloseRequest):
                         await ws.close(item.code, item.reason)
                         return
                     await ws.send_bytes(encode_server_message(item))  # type: ignore[arg-type]
@@ -397,9 +285,3 @@ async def _deny(ws: WebSocket, status: int, text: str) -> None:
         await ws.send_denial_response(PlainTextResponse(text, status))
     except RuntimeError:  # an ASGI server without the denial-response extension: plain 403
         await ws.close(1008)
-
-
-async def _quietly(awaitable: object) -> None:
-    """Await a send/close whose failure (client already gone) changes nothing."""
-    with contextlib.suppress(Exception):
-        await awaitable  # type: ignore[misc]
