@@ -410,7 +410,9 @@ def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -
 
     from server_support import FRAME
 
-    pcms = [np.concatenate([silence(0.5), speechlike(2.5, seed)]) for seed in (31, 32)]
+    # seeds whose words do not depend on what shares the batch (the tiny model's first word
+    # for some others, 31 for one, flips with the batch's other rows by rounding)
+    pcms = [np.concatenate([silence(0.5), speechlike(2.5, seed)]) for seed in (21, 22)]
     expected = expected_words(cluster, pcms, tmp_path)
 
     async def session(pcm: np.ndarray, ready: asyncio.Event) -> tuple[list, int | None]:
