@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from engine_support import KERNELS_PROBLEM
 
 from dsm_stt.config import EngineConfig
@@ -147,3 +148,18 @@ def test_third_party_names_a_missing_package_before_starting_anything(tmp_path: 
     assert proc.returncode == 2, proc.stderr
     assert "missing package providing 'a_package_nobody_installed'" in proc.stderr
     assert proc.stdout == ""  # no server was started, no summary printed
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="bench/ray_overhead.py needs Ray Serve: pip install 'dsm-stt[ray]'",
+)
+def test_ray_overhead_measures_both_paths() -> None:
+    """bench/ray_overhead.py, briefly: one session on each path after the warm-up; every
+    figure is there for both, and both paths heard as many words (same model, same audio)."""
+    report = run_script("ray_overhead.py", "--connections", "1", "--seconds", "0.5", "--json")
+    for side in ("direct", "ray"):
+        assert report[side]["connect"]["n"] == 1 and report[side]["flush"]["n"] == 1
+        assert report[side]["step"]["n"] > 5
+        assert all(report[side][k]["p50_ms"] > 0 for k in ("connect", "step", "flush"))
+    assert report["direct"]["word"]["n"] == report["ray"]["word"]["n"]
