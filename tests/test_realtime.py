@@ -10,6 +10,7 @@ import asyncio
 import base64
 import itertools
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -627,3 +628,28 @@ def test_a_full_server_and_a_shutdown_say_why_they_close(engine: Engine) -> None
 
     with threaded_server(ServerConfig(api_keys=(KEY,)), engine) as server:
         run(main(server))
+
+
+def test_a_session_without_audio_gets_an_error_then_a_close(engine: Engine) -> None:
+    """No ``append`` for ``audio_timeout`` (other events do not count): an ``error`` event
+    naming the timeout, then a normal close; audio keeps the session open past it."""
+
+    async def main(server: ThreadedServer) -> None:
+        async with await connect(realtime_url(server)) as ws:
+            assert (await recv(ws))["type"] == "session.created"
+            await asyncio.sleep(0.4)
+            await ws.send(update(None))  # not audio
+            await send_chunks(ws, pcm16(SIGNAL[:4800]), 4800)  # audio: the clock restarts
+            events = []
+            with pytest.raises(websockets.ConnectionClosed) as closed:
+                while True:
+                    events.append(await recv(ws))
+            assert closed.value.rcvd.code == 1000
+            errors = [e for e in events if e["type"] == "error"]
+            assert [e["error"]["code"] for e in errors] == ["audio_timeout"]
+            assert "no audio received for 0.6 s" in errors[0]["error"]["message"]
+
+    with threaded_server(ServerConfig(audio_timeout=0.6), engine) as server:
+        start = time.monotonic()
+        run(main(server))
+        assert time.monotonic() - start > 0.9  # the audio at 0.4 s moved the deadline to 1.0 s

@@ -29,7 +29,6 @@ hears its audio, which keeps its context).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import json
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..engine.events import Closed, EndWord, Flushed, Step, Word
 from ..engine.turns import EndOfTurn, SpeechStarted, TurnDetector
@@ -195,29 +194,16 @@ class RealtimeSession(ChannelSession):
     # -- receiving -------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> str:
-        loop = asyncio.get_running_loop()
-        timeout = self.config.audio_timeout
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                message = f"no audio received for {timeout:g} s: closing the session"
-                self._post(_error_event(message, "audio_timeout", "server_error"))
-                self._post(CloseRequest(1000, "audio timeout"))
-                return "timeout"
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), remaining)
-            except asyncio.TimeoutError:
-                continue
-            except WebSocketDisconnected:
-                return "disconnected"
-            if message["type"] == "websocket.disconnect":
-                return "disconnected"
+        async for message in self._frames():
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
             if await self._handle(data):
-                deadline = loop.time() + timeout
+                self._heard_audio()
+        return self.ended_by
+
+    def _timeout_error(self, message: str) -> object:
+        return _error_event(message, "audio_timeout", "server_error")
 
     async def _handle(self, data: str | bytes) -> bool:
         """One client frame; True if it appended audio."""

@@ -5,7 +5,8 @@ the base of ``websocket.Session`` (moshi-server's protocol) and ``realtime.Realt
 Owns the session's lifecycle (``SessionState``) past the upgrade: the accept, its channel in
 the runner and its admission (at once, or up to ``queue_timeout``; a refusal is an error frame
 and a close), its registration with the server and the read-ahead bound, its two tasks (the
-receiver reads client frames, the sender is the only writer on the socket), the shutdown
+receiver reads client frames, ``_frames``, until the client leaves or sends no audio for
+``audio_timeout``; the sender is the only writer on the socket), the shutdown
 ``finish`` (input stops, the last words go out), the drop of a client that does not read what
 it is sent, and posting to the channel. The cleanup when the session ends, however it ends, is
 here too. The subclasses own what goes over the wire: the HTTP refusals before the upgrade, the
@@ -18,10 +19,11 @@ import asyncio
 import contextlib
 import enum
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnected
 
 from .runner import Channel
 
@@ -83,6 +85,8 @@ class ChannelSession:
         self._receiver: asyncio.Task[str] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._dropped = False
+        self.ended_by = ""  # why ``_frames`` stopped: "disconnected" or "timeout"
+        self._audio_deadline = 0.0  # event-loop time by which audio must come
 
     def _move(self, state: SessionState) -> None:
         if state not in _TRANSITIONS[self.state]:
@@ -105,6 +109,40 @@ class ChannelSession:
     async def _send_error(self, message: str, code: str) -> None:
         """One error frame in the session's protocol (``code``: OpenAI's error code)."""
         raise NotImplementedError
+
+    def _timeout_error(self, message: str) -> object:
+        """What the session posts (before its close) when no audio came for too long."""
+        raise NotImplementedError
+
+    # -- receiving -------------------------------------------------------------------------------
+
+    async def _frames(self) -> AsyncIterator[dict[str, Any]]:
+        """The client's ``websocket.receive`` messages, until it leaves ("disconnected") or no
+        audio came for ``audio_timeout`` ("timeout": the timeout error and a close 1000 are
+        posted); ``ended_by`` says which. ``_heard_audio`` restarts the audio clock."""
+        loop = asyncio.get_running_loop()
+        timeout = self.config.audio_timeout
+        self._audio_deadline = loop.time() + timeout
+        while True:
+            remaining = self._audio_deadline - loop.time()
+            if remaining <= 0:
+                message = f"no audio received for {timeout:g} s: closing the session"
+                self._post(self._timeout_error(message), CloseRequest(1000, "audio timeout"))
+                self.ended_by = "timeout"
+                return
+            try:
+                message = await asyncio.wait_for(self.ws.receive(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            except WebSocketDisconnected:  # the sender closed the socket
+                message = {"type": "websocket.disconnect"}
+            if message["type"] == "websocket.disconnect":
+                self.ended_by = "disconnected"
+                return
+            yield message
+
+    def _heard_audio(self) -> None:
+        self._audio_deadline = asyncio.get_running_loop().time() + self.config.audio_timeout
 
     # -- lifecycle -------------------------------------------------------------------------------
 

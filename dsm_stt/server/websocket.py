@@ -29,7 +29,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from starlette.responses import PlainTextResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..audio import AudioDecodeError, OggOpusStreamDecoder
 from ..engine.events import Closed, Step, Word
@@ -156,29 +156,11 @@ class Session(ChannelSession):
     # -- receiving -------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> str:
-        loop = asyncio.get_running_loop()
-        timeout = self.config.audio_timeout
-        deadline = loop.time() + timeout
-        while True:
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                self._post(
-                    Error(f"no audio received for {timeout:g} s: closing the session"),
-                    CloseRequest(1000, "audio timeout"),
-                )
-                return "timeout"
-            try:
-                message = await asyncio.wait_for(self.ws.receive(), remaining)
-            except asyncio.TimeoutError:
-                continue
-            except WebSocketDisconnected:  # the sender closed the socket
-                return "disconnected"
-            if message["type"] == "websocket.disconnect":
-                return "disconnected"
+        async for message in self._frames():
             data = message.get("bytes")
             if data is None:
                 continue  # text frames are ignored, as moshi-server does
-            deadline = loop.time() + timeout
+            self._heard_audio()
             try:
                 msg = decode_client_message(data, max_message_bytes=self.config.max_message_bytes)
             except ProtocolError as exc:
@@ -187,6 +169,10 @@ class Session(ChannelSession):
             await self._handle(msg)
             if self._flooded:
                 return "flood"
+        return self.ended_by
+
+    def _timeout_error(self, message: str) -> object:
+        return Error(message)
 
     async def _handle(self, msg: ClientMessage) -> None:
         runner, channel = self.server.runner, self.channel
