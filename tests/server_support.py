@@ -40,17 +40,26 @@ SAMPLE_RATE = 24000
 FRAME = 1920
 
 
-def speechlike(seconds: float, seed: int) -> np.ndarray:
-    """A speech-like test signal (gliding tone, on/off bursts, noise), quantised to 16 bits so
-    that a WAV file holds exactly the samples a client sends."""
+def speechlike(
+    seconds: float,
+    seed: int,
+    *,
+    floor: float = 0.2,
+    depth: float = 0.8,
+    noise: float = 0.1,
+    gain: float = 0.5,
+) -> np.ndarray:
+    """A speech-like test signal: a gliding tone in on/off bursts (``floor`` between bursts,
+    ``floor + depth`` in them) plus ``noise`` times Gaussian noise, scaled by ``gain`` and
+    quantised to 16 bits, so that a WAV file holds exactly the samples a client sends."""
     rng = np.random.default_rng(seed)
     n = round(seconds * SAMPLE_RATE)
     t = np.arange(n) / SAMPLE_RATE
     f = 150 + 400 * rng.random()
     x = np.sin(2 * np.pi * (f * t + 80 * np.sin(2 * np.pi * 0.7 * t)))
-    x *= 0.2 + 0.8 * (np.sin(2 * np.pi * (0.9 + rng.random()) * t) > 0)
-    x += 0.1 * rng.standard_normal(n)
-    return np.round(0.5 * x * 32767).astype(np.int16).astype(np.float32) / 32768
+    x *= floor + depth * (np.sin(2 * np.pi * (0.9 + rng.random()) * t) > 0)
+    x = gain * (x + noise * rng.standard_normal(n))
+    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768
 
 
 def silence(seconds: float) -> np.ndarray:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from server_support import FRAME, SAMPLE_RATE, silence, write_talkative_checkpoint
+from server_support import FRAME, SAMPLE_RATE, silence, speechlike, write_talkative_checkpoint
 
 from dsm_stt.model.checkpoint import load_model
 from dsm_stt.model.synthetic import official_lm_tensors
@@ -26,15 +26,8 @@ SPEECH_PROBABILITY = 1 / 6  # and on speech (the class-0 logit is 0 there)
 
 
 def loud_speech(seconds: float, seed: int) -> np.ndarray:
-    """A speech-like signal (gliding tone in bursts over strong noise), 16-bit exact."""
-    rng = np.random.default_rng(seed)
-    n = round(seconds * SAMPLE_RATE)
-    t = np.arange(n) / SAMPLE_RATE
-    f = 150 + 400 * rng.random()
-    x = np.sin(2 * np.pi * (f * t + 80 * np.sin(2 * np.pi * 0.7 * t)))
-    x *= 0.5 + 0.5 * (np.sin(2 * np.pi * (0.9 + rng.random()) * t) > 0)
-    x = 0.9 * (x + 0.5 * rng.standard_normal(n))
-    return np.round(np.clip(x, -1, 1) * 32767).astype(np.int16).astype(np.float32) / 32768
+    """``speechlike`` louder, with half-level pauses and strong noise (16-bit exact)."""
+    return speechlike(seconds, seed, floor=0.5, depth=0.5, noise=0.5, gain=0.9)
 
 
 def turn_signal(parts: list[tuple[str, float]], seed: int = 0) -> np.ndarray:
