@@ -163,9 +163,10 @@ def _compile(progress: bool):
         return KernelUnavailable(problem)
     from torch.utils.cpp_extension import load_inline
 
-    if not cached() and (unwritable := unwritable_cache()) is not None:
+    built = cached()
+    if not built and (unwritable := unwritable_cache()) is not None:
         return KernelUnavailable(f"{unwritable}; set TORCH_EXTENSIONS_DIR to a writable folder")
-    ticking = None if cached() else _announce(progress)
+    ticking = None if built else _announce(progress)
     start = time.monotonic()
     try:
         module = load_inline(
