@@ -14,7 +14,7 @@ from test_lm import TINY, make_lm
 
 from dsm_stt.cpu import fused as fused_module
 from dsm_stt.cpu.fused import FusedTransformer
-from dsm_stt.cpu.kernels.ops import amx_problem, lm_layer_step, vnni_problem
+from dsm_stt.cpu.kernels.ops import amx_problem, avx2_problem, lm_layer_step, vnni_problem
 from dsm_stt.cpu.kvcache import Int8KVCache
 from dsm_stt.cpu.quantize import quantize_lm_w8a8, w8a8_kernels
 from dsm_stt.model.lm import LM
@@ -25,7 +25,11 @@ OWN_KERNELS = [
         kernel,
         marks=pytest.mark.skipif(problem is not None, reason=f"no {kernel} kernel: {problem}"),
     )
-    for kernel, problem in (("amx", amx_problem()), ("vnni", vnni_problem()))
+    for kernel, problem in (
+        ("amx", amx_problem()),
+        ("vnni", vnni_problem()),
+        ("avx2", avx2_problem()),
+    )
 ]
 
 # head size 64 takes the attention kernel's integer (VNNI) path, TINY's 16 the generic one;
@@ -150,7 +154,7 @@ def test_fused_path_is_taken_exactly_where_it_applies(
 
 
 def test_fused_layers_refuse_layers_they_cannot_compute() -> None:
-    with pytest.raises(ValueError, match="w8a8 on the amx or vnni kernel"):
+    with pytest.raises(ValueError, match="w8a8 on the amx, vnni or avx2 kernel"):
         FusedTransformer(make_lm().transformer)  # float projections
     assert not FusedTransformer.supports(torch.nn.ModuleList())
 
@@ -190,5 +194,5 @@ def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
     for message, change in bad.items():
         with pytest.raises(RuntimeError, match=message):
             lm_layer_step(**{**good, **change})
-    with pytest.raises(ValueError, match="product must be one of vnni, amx, got 'tiles'"):
+    with pytest.raises(ValueError, match="product must be one of vnni, amx, avx2, got 'tiles'"):
         lm_layer_step(**{**good, "product": "tiles"})

@@ -18,7 +18,7 @@ pytestmark = needs_kernels
 PATHS = kernel_paths() if build.problem() is None else []
 # the vnni path rounds the query and the softmax weights to 16 bits: outputs within ~1e-4 of
 # their scale (bf16 rounding alone is 4e-3); the float paths are exact up to summation order
-TOLERANCE = {"vnni": 2e-4, "avx512": 1e-5, "generic": 1e-5}
+TOLERANCE = {"vnni": 2e-4, "avx512": 1e-5, "avx2": 1e-5, "generic": 1e-5}
 
 
 def _close(out: torch.Tensor, expected: torch.Tensor, path: str) -> None:
@@ -238,6 +238,52 @@ def test_vnni_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels
         assert torch.equal(y, kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels))
         single = kernels.amx_linear(x[:1], kernels.amx_pack(w), scales, N, levels, sums)
         assert torch.equal(single, y[:1])  # one row with the sums: the VNNI product
+
+
+needs_avx2 = pytest.mark.skipif(
+    kernels.avx2_problem() is not None, reason=f"{kernels.avx2_problem()}"
+)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    ("M", "N", "K"), [(1, 32, 64), (1, 40, 70), (3, 45, 70), (4, 64, 128), (9, 96, 200)]
+)
+@pytest.mark.parametrize("levels", [127, 63])
+def test_avx2_linear_is_the_exact_integer_product(M: int, N: int, K: int, levels: int) -> None:
+    """Sign-adjusted pairs of 8-bit activations and weights (|a|, |w| <= 127) never saturate
+    vpmaddubsw's int16 sums: the exact integer product, with rows in groups of 4 and a ragged
+    last one, a ragged last block of columns and padded inputs; the same results as the VNNI
+    and AMX products where this CPU has them."""
+    g = torch.Generator().manual_seed(M * N + K + levels)
+    w = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    w[0, :] = 127  # the largest pair sums: 2 x 127 x 127 against a row of +-127
+    w[1, :] = -127
+    scales = torch.rand(N, generator=g) * 0.01
+    x = torch.randn(M, K, generator=g) * torch.logspace(-2, 2, M)[:, None]
+    x[0, : K // 2] = x[0].abs().amax()  # many activations on the grid's ends
+    x[0, K // 2 :] = -x[0].abs().amax()
+    m = x.abs().amax(1, keepdim=True)
+    q = torch.round(x / m * levels)
+    expected = (q.double() @ w.double().T) * (m.double() / levels) * scales.double()
+    y = kernels.avx2_linear(x, kernels.amx_pack(w), scales, N, levels)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    torch.testing.assert_close(y.double(), expected, rtol=3e-7, atol=0)
+    sums = w.sum(1, dtype=torch.int32)
+    if kernels.vnni_problem() is None:
+        assert torch.equal(y, kernels.vnni_linear(x, kernels.amx_pack(w), scales, N, levels, sums))
+    if kernels.amx_problem() is None:
+        assert torch.equal(y, kernels.amx_linear(x, kernels.amx_pack(w), scales, N, levels))
+
+
+@needs_avx2
+def test_avx2_linear_rejects_mismatched_inputs() -> None:
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    packed, scales = kernels.amx_pack(w), torch.ones(32)
+    with pytest.raises(RuntimeError, match="disagree on the sizes"):
+        kernels.avx2_linear(torch.randn(2, 200), packed, scales, 32, 127)
+    with pytest.raises(RuntimeError, match="scales must be float32 \\[N\\]"):
+        kernels.avx2_linear(torch.randn(2, 64), packed, torch.ones(31), 32, 127)
 
 
 @needs_vnni

@@ -62,8 +62,8 @@ def plan(family: str, kernels: Kernels | None = None, **settings):
     [
         ("amx", "amx", 8, True),
         ("avx512_vnni", "vnni", 8, True),
-        ("avx512", TORCH_KERNEL, 7, False),
-        ("avx2", TORCH_KERNEL, 7, False),
+        ("avx512", "avx2", 8, True),
+        ("avx2", "avx2", 8, True),
     ],
 )
 def test_auto_on_x86_is_w8a8_with_an_int8_ring(
@@ -99,7 +99,11 @@ def test_a_product_the_machine_refuses_gives_way_to_the_next() -> None:
     assert (got.w8a8_kernel, got.fused_layers, got.kv_cache) == ("vnni", True, "int8")
     assert "not the amx kernel (the OS refuses the AMX tiles)" in got.reason
     assert tiles.asked == [None, "amx", "vnni"]
-    neither = Kernels(refused={"amx": "no tiles", "vnni": "no vnni"})
+    tiles_nor_vnni = Kernels(refused={"amx": "no tiles", "vnni": "no vnni"})
+    got = plan("amx", tiles_nor_vnni)
+    assert (got.w8a8_kernel, got.w8a8_bits, got.fused_layers) == ("avx2", 8, True)
+    assert tiles_nor_vnni.asked == [None, "amx", "vnni", "avx2"]
+    neither = Kernels(refused={"amx": "no tiles", "vnni": "no vnni", "avx2": "no avx2"})
     got = plan("amx", neither)
     assert got.w8a8_kernel in ("fbgemm", "onednn") and not got.fused_layers
     assert got.kv_cache == "int8" and got.compiled_codebooks  # the build itself is fine
@@ -142,11 +146,15 @@ def test_explicit_values_are_kept_and_the_rest_is_auto() -> None:
     assert (got.quantize, got.kv_cache, got.w8a8_kernel, got.w8a8_bits) == (
         "w8a8",
         "float",
-        TORCH_KERNEL,
-        7,
+        "avx2",
+        8,
     )
-    assert kernels.asked == []  # PyTorch's kernel on a float ring: nothing to build on AVX2
+    assert not got.fused_layers  # the fused step needs the int8 ring
+    assert kernels.asked == [None, "avx2"]
     assert "auto (dtype)" in got.reason
+    off = Kernels("off")  # without the kernels: PyTorch's product, 7-bit without VNNI
+    got = plan("avx2", off, quantize="w8a8", kv_cache="float")
+    assert (got.w8a8_kernel, got.w8a8_bits) == (TORCH_KERNEL, 7)
     got = plan("amx", kernels, quantize="int8", dtype="float32", kv_cache="float")
     assert (got.quantize, got.dtype, got.w8a8_kernel) == ("int8", torch.float32, None)
     assert got.reason == "as asked"

@@ -1,8 +1,8 @@
-"""The LM's decode step as one compiled call per layer, on CPUs with AMX or AVX512-VNNI.
+"""The LM's decode step as one compiled call per layer, on CPUs with AMX, AVX512-VNNI or AVX2.
 
 Owns ``FusedTransformer``: the LM's ``model.transformer.Transformer`` whose one-position steps
 over an ``Int8KVCache`` run each layer as a single call of ``kernels.ops.lm_layer_step``, for
-layers whose four projections are ``W8A8Linear`` on this package's ``amx`` or ``vnni`` kernel.
+layers whose four projections are ``W8A8Linear`` on one of this package's kernels.
 At one slot the sixty-odd PyTorch operations of a layer cost more than its attention (each a
 few microseconds of dispatch and allocation); the fused call computes the same thing with the
 same roundings, so its results equal the module path's bit for bit (``tests/test_fused.py``).
@@ -30,7 +30,7 @@ class FusedTransformer(Transformer):
         layers = transformer.layers
         if not self.supports(layers):
             raise ValueError(
-                "fused layers need LM layers whose four projections are w8a8 on the amx or vnni "
+                "fused layers need LM layers whose four projections are w8a8 on the amx, vnni or avx2 "
                 "kernel (one for all), with one activation grid and one norm eps per layer"
             )
         super().__init__(

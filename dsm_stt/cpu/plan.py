@@ -75,7 +75,7 @@ class Plan:
     dtype: torch.dtype
     quantize: str  # none | int8 | w8a8
     kv_cache: str  # float | int8
-    w8a8_kernel: str | None = None  # with quantize w8a8: fbgemm | onednn | amx | vnni
+    w8a8_kernel: str | None = None  # with quantize w8a8: fbgemm | onednn | amx | vnni | avx2
     w8a8_bits: int | None = None  # the activation grid of w8a8
     fused_layers: bool = False  # one compiled call per LM layer (cpu.fused)
     compiled_codebooks: bool = False  # Mimi's codebook search in one compiled call
@@ -87,7 +87,7 @@ class Plan:
         """Whether this plan runs this package's compiled CPU kernels."""
         return (
             self.kv_cache == "int8"
-            or self.w8a8_kernel in ("amx", "vnni")
+            or self.w8a8_kernel in ("amx", "vnni", "avx2")
             or self.fused_layers
             or self.compiled_codebooks
         )
@@ -125,11 +125,11 @@ def kernels_problem(product: str | None = None) -> str | None:
     (``amx`` or ``vnni``), when that int8 product runs here (the OS may refuse the AMX tiles,
     a compiler may lack them); else why not."""
     from .kernels.build import problem
-    from .kernels.ops import amx_problem, vnni_problem
+    from .kernels.ops import amx_problem, avx2_problem, vnni_problem
 
     reason = problem()
     if reason is None and product is not None:
-        reason = {"amx": amx_problem, "vnni": vnni_problem}[product]()
+        reason = {"amx": amx_problem, "vnni": vnni_problem, "avx2": avx2_problem}[product]()
     return reason
 
 
@@ -220,8 +220,12 @@ _FUSED_DTYPES = (torch.float32, torch.bfloat16)  # what the fused layer step com
 
 def _own_kernels(features: CpuFeatures) -> list[str]:
     """This package's w8a8 kernels the CPU has, fastest first: ``amx`` with AMX tiles, then
-    ``vnni`` with AVX512-VNNI (AMX CPUs have both; both need the compiled kernels)."""
-    return [k for k, has in (("amx", features.amx), ("vnni", features.vnni)) if has]
+    ``vnni`` with AVX512-VNNI (AMX CPUs have both), then ``avx2`` (every x86-64 CPU with AVX2
+    and FMA; all need the compiled kernels)."""
+    avx2 = features.arch == "x86_64" and features.has("avx2") and features.has("fma")
+    return [
+        k for k, has in (("amx", features.amx), ("vnni", features.vnni), ("avx2", avx2)) if has
+    ]
 
 
 def _torch_kernel(features: CpuFeatures, batch_size: int) -> str | None:

@@ -33,7 +33,15 @@ from torch import Tensor, nn
 
 from ..model.lm import LM
 from .features import CpuFeatures, detect
-from .kernels.ops import amx_linear, amx_pack, amx_problem, vnni_linear, vnni_problem
+from .kernels.ops import (
+    amx_linear,
+    amx_pack,
+    amx_problem,
+    avx2_linear,
+    avx2_problem,
+    vnni_linear,
+    vnni_problem,
+)
 
 
 class Int8Linear(nn.Module):
@@ -70,8 +78,9 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
-W8A8_KERNELS = ("fbgemm", "onednn", "amx", "vnni")
-OWN_KERNELS = ("amx", "vnni")  # this package's compiled kernels, fastest first
+W8A8_KERNELS = ("fbgemm", "onednn", "amx", "vnni", "avx2")
+OWN_KERNELS = ("amx", "vnni", "avx2")  # this package's compiled kernels, fastest first
+_OWN_PROBLEMS = {"amx": amx_problem, "vnni": vnni_problem, "avx2": avx2_problem}
 
 
 class W8A8Linear(nn.Module):
@@ -83,14 +92,18 @@ class W8A8Linear(nn.Module):
     pairwise products of CPUs without VNNI (``vpmaddubsw``) from saturating; the default is
     what ``activation_bits`` says ``kernel`` computes exactly on this CPU.
 
-    Four CPU kernels compute the integer product: ``fbgemm`` (PyTorch's quantized linear,
+    Five CPU kernels compute the integer product: ``fbgemm`` (PyTorch's quantized linear,
     which also quantizes the input), ``onednn`` (oneDNN's int8 GEMM, which uses AMX tiles from
     a few rows on: about 2.5x fbgemm's speed at 32 rows, a little slower at one), ``amx``
     (``kernels.amx_linear``, this package's own AMX kernel, compiled on first use: the weights
     stream once per call at close to the memory bandwidth, 1.4-1.7x oneDNN's speed at 1 to 64
     rows) and ``vnni`` (``kernels.vnni_linear``, the same packed weights on AVX512-VNNI, for
-    CPUs without AMX; ``amx`` also hands it single rows, which it streams faster). All get the
-    same int8 weights and the same activation grid; ``amx`` and ``vnni`` give identical results.
+    CPUs without AMX; ``amx`` also hands it single rows, which it streams faster) and ``avx2``
+    (``kernels.avx2_linear``, the same packed weights on AVX2 for CPUs without AVX-512, 8-bit
+    activations through ``vpsignb`` / ``vpmaddubsw``, which never saturate with both operands
+    within +-127: one row streams the weights at close to the memory bandwidth, about twice
+    fbgemm's speed). All get the same int8 weights and the same activation grid; ``amx``,
+    ``vnni`` and ``avx2`` give identical results.
     """
 
     def __init__(self, weight: Tensor, bits: int | None = None, kernel: str = "fbgemm") -> None:
@@ -115,7 +128,7 @@ class W8A8Linear(nn.Module):
         q = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
         zero_points = torch.zeros(w.shape[0], dtype=torch.long)
         if kernel in OWN_KERNELS:
-            problem = amx_problem() if kernel == "amx" else vnni_problem()
+            problem = _OWN_PROBLEMS[kernel]()
             if problem is not None:
                 raise RuntimeError(f"w8a8 kernel {kernel}: {problem}")
             # the AMX tiles' packing serves both, and the column sums are the VNNI product's
@@ -138,7 +151,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
         # this package's kernels quantize each row and scale it back inside the kernel
-        own = {"amx": amx_linear, "vnni": vnni_linear}.get(self.kernel)
+        own = {"amx": amx_linear, "vnni": vnni_linear, "avx2": avx2_linear}.get(self.kernel)
         if own is not None:
             y = own(
                 flat, self.packed, self.scales, self.out_features, self.levels, self.column_sums
@@ -177,8 +190,8 @@ class W8A8Linear(nn.Module):
 def activation_bits(kernel: str, features: CpuFeatures | None = None) -> int:
     """The activation grid ``kernel`` computes without saturating on this CPU: 8 bits where
     the integer products accumulate u8 x s8 pairs in 32 bits (``vpdpbusd``: this package's
-    ``amx`` and ``vnni`` kernels always; fbgemm and oneDNN on AVX512-VNNI, where they use it),
-    else 7. Without VNNI both libraries use ``vpmaddubsw``, which adds two u8 x s8 products
+    ``amx`` and ``vnni`` kernels always, and its ``avx2`` kernel adds sign-adjusted pairs that
+    cannot saturate; fbgemm and oneDNN on AVX512-VNNI, where they use it), else 7. Without VNNI both libraries use ``vpmaddubsw``, which adds two u8 x s8 products
     into a saturating int16: 2 x 255 x 127 = 64770 overflows 32767, while 7-bit activations
     (at most 2 x 127 x 127 = 32258) never do."""
     features = detect() if features is None else features
@@ -209,8 +222,8 @@ def w8a8_kernels(own: bool = True) -> tuple[str, ...]:
 def w8a8_kernel_problem(kernel: str) -> str | None:
     """None when ``kernel`` runs here (tried once, on a tiny product; this package's kernels
     are built for it), else why not."""
-    if kernel == "amx" or kernel == "vnni":
-        problem = amx_problem() if kernel == "amx" else vnni_problem()
+    if kernel in OWN_KERNELS:
+        problem = _OWN_PROBLEMS[kernel]()
         if problem is not None:
             return problem
     try:

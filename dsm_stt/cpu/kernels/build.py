@@ -31,6 +31,7 @@ FUNCTIONS = (
     "paths",
     "amx_problem",
     "vnni_problem",
+    "avx2_problem",
     "int8_linear",
     "lm_layer_step",
     "vq_encode",

@@ -11,22 +11,23 @@
 #include <cstring>
 #include <string>
 #include <vector>
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#define DSM_AVX2 1
 #endif
 
 namespace {
 
-enum Path : int64_t { PATH_BEST = 0, PATH_VNNI = 1, PATH_AVX512 = 2, PATH_GENERIC = 3 };
+enum Path : int64_t {
+  PATH_BEST = 0, PATH_VNNI = 1, PATH_AVX512 = 2, PATH_GENERIC = 3, PATH_AVX2 = 4
+};
 
 // The int8 products of the W8A8 projections, by the index ops.PRODUCTS gives them (a new one
-// is a new value here, a branch in int8_product and a name there).
-enum Product : int64_t { PRODUCT_VNNI = 0, PRODUCT_AMX = 1, PRODUCT_COUNT = 2 };
+// is a new value here, a branch in Projection::apply and a name there).
+enum Product : int64_t { PRODUCT_VNNI = 0, PRODUCT_AMX = 1, PRODUCT_AVX2 = 2, PRODUCT_COUNT = 3 };
 
-inline bool uses_tiles(int64_t product) {
-  TORCH_CHECK(product >= 0 && product < PRODUCT_COUNT, "unknown int8 product ", product);
-  return product == PRODUCT_AMX;
-}
 
 struct Views {
   const float* q; float* out;
@@ -145,6 +146,72 @@ void pair_avx512(const Views& a, int64_t b, int64_t h, float* p) {
     }
     float* out = a.out + ((b * a.H + h) * a.T + t) * a.D;
     for (int i = 0; i < N; ++i) _mm512_storeu_ps(out + 16 * i, o[i]);
+  }
+}
+#endif
+
+#if defined(DSM_AVX2)
+inline __m256 load8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One (slot, head) pair, head size 8 * N (N a multiple of 8), on AVX2 (CPUs without AVX-512):
+// four key rows in flight at a time, the output accumulated 64 dims (8 registers) at a time.
+template <int N>
+void pair_avx2(const Views& a, int64_t b, int64_t h, float* p) {
+  static_assert(N % 8 == 0, "head size must be a multiple of 64");
+  const Pair r(a, b, h);
+  const int8_t* kb = r.k; const int8_t* vb = r.v; const float* ksb = r.ks; const float* vsb = r.vs;
+  for (int64_t t = 0; t < a.T; ++t) {
+    const float* q = a.q + ((b * a.H + h) * a.T + t) * a.D;
+    int64_t s = 0;
+    for (; s + 4 <= a.S; s += 4) {
+      const int8_t* r0 = kb + s * a.k2;
+      const int8_t* r1 = r0 + a.k2;
+      const int8_t* r2 = r1 + a.k2;
+      const int8_t* r3 = r2 + a.k2;
+      __m256 c0 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps();
+      __m256 c2 = _mm256_setzero_ps(), c3 = _mm256_setzero_ps();
+      for (int i = 0; i < N; ++i) {
+        const __m256 qv = _mm256_loadu_ps(q + 8 * i);
+        c0 = _mm256_fmadd_ps(load8(r0 + 8 * i), qv, c0);
+        c1 = _mm256_fmadd_ps(load8(r1 + 8 * i), qv, c1);
+        c2 = _mm256_fmadd_ps(load8(r2 + 8 * i), qv, c2);
+        c3 = _mm256_fmadd_ps(load8(r3 + 8 * i), qv, c3);
+      }
+      p[s] = hsum8(c0) * ksb[s * a.ks2] * a.scale;
+      p[s + 1] = hsum8(c1) * ksb[(s + 1) * a.ks2] * a.scale;
+      p[s + 2] = hsum8(c2) * ksb[(s + 2) * a.ks2] * a.scale;
+      p[s + 3] = hsum8(c3) * ksb[(s + 3) * a.ks2] * a.scale;
+    }
+    for (; s < a.S; ++s) {
+      const int8_t* r0 = kb + s * a.k2;
+      __m256 c0 = _mm256_setzero_ps();
+      for (int i = 0; i < N; ++i) c0 = _mm256_fmadd_ps(load8(r0 + 8 * i), _mm256_loadu_ps(q + 8 * i), c0);
+      p[s] = hsum8(c0) * ksb[s * a.ks2] * a.scale;
+    }
+    const float inv = softmax_in_place(p, a.mask + b * a.m0 + t * a.m1, a.m2, a.S);
+    for (s = 0; s < a.S; ++s) p[s] = p[s] * inv * vsb[s * a.vs2];
+    float* out = a.out + ((b * a.H + h) * a.T + t) * a.D;
+    for (int i0 = 0; i0 < N; i0 += 8) {
+      __m256 o[8];
+      for (int i = 0; i < 8; ++i) o[i] = _mm256_setzero_ps();
+      for (s = 0; s < a.S; ++s) {
+        if (p[s] == 0.f) continue;
+        const int8_t* vr = vb + s * a.v2 + 8 * i0;
+        const __m256 wv = _mm256_set1_ps(p[s]);
+        for (int i = 0; i < 8; ++i) o[i] = _mm256_fmadd_ps(load8(vr + 8 * i), wv, o[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + 8 * (i0 + i), o[i]);
+    }
   }
 }
 #endif
@@ -355,12 +422,15 @@ torch::Tensor run(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Ten
           k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
           ks.stride(0), ks.stride(1), ks.stride(2), vs.stride(0), vs.stride(1), vs.stride(2),
           mask.stride(0), mask.stride(1), mask.stride(2), static_cast<float>(scale)};
-  TORCH_CHECK(path >= PATH_BEST && path <= PATH_GENERIC, "unknown kernel path");
+  TORCH_CHECK(path >= PATH_BEST && path <= PATH_AVX2, "unknown kernel path");
 #if !defined(DSM_VNNI)
   TORCH_CHECK(path != PATH_VNNI, "this build has no AVX512-VNNI path");
 #endif
 #if !defined(__AVX512F__)
   TORCH_CHECK(path != PATH_AVX512, "this build has no AVX-512 path");
+#endif
+#if !defined(DSM_AVX2)
+  TORCH_CHECK(path != PATH_AVX2, "this build has no AVX2 path");
 #endif
   const bool wide = D == 64 || D == 128 || D == 256;
 #if defined(DSM_VNNI)
@@ -369,7 +439,12 @@ torch::Tensor run(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Ten
 #else
   const bool vnni = false;
 #endif
+#if defined(__AVX512F__)
   const bool avx512 = wide && !vnni && (path == PATH_BEST || path == PATH_AVX512);
+#else
+  const bool avx512 = false;
+#endif
+  const bool avx2 = wide && !vnni && !avx512 && (path == PATH_BEST || path == PATH_AVX2);
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
 #if defined(DSM_VNNI)
     if (vnni) {
@@ -390,6 +465,11 @@ torch::Tensor run(torch::Tensor q, torch::Tensor k, torch::Tensor ks, torch::Ten
       if (avx512 && D == 64) { pair_avx512<4>(a, b, h, p.data()); continue; }
       if (avx512 && D == 128) { pair_avx512<8>(a, b, h, p.data()); continue; }
       if (avx512 && D == 256) { pair_avx512<16>(a, b, h, p.data()); continue; }
+#endif
+#if defined(DSM_AVX2)
+      if (avx2 && D == 64) { pair_avx2<8>(a, b, h, p.data()); continue; }
+      if (avx2 && D == 128) { pair_avx2<16>(a, b, h, p.data()); continue; }
+      if (avx2 && D == 256) { pair_avx2<32>(a, b, h, p.data()); continue; }
 #endif
       pair_generic(a, b, h, p.data());
     }
@@ -467,6 +547,115 @@ void vnni_rows_any(int64_t R, const uint8_t* A, int64_t lda, const int8_t* B, in
 }
 #endif
 
+#if defined(DSM_AVX2)
+// Row x [K] on the symmetric grid of ``levels`` steps per side into out: round(x / max|x| *
+// levels), the same float operations in the same order as the AVX-512 quantize_row (so the
+// same bytes); returns max|x| / levels.
+float quantize_row_avx2(const float* x, int64_t K, float levels, int8_t* out) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 vmax = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(x + k), magnitude));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, vmax);
+  float mx = 0.f;
+  for (float lane : lanes) mx = std::fmax(mx, lane);
+  for (; k < K; ++k) mx = std::fmax(mx, std::fabs(x[k]));
+  mx = std::fmax(mx, 1e-30f);
+  const __m256 vm = _mm256_set1_ps(mx), vl = _mm256_set1_ps(levels);
+  for (k = 0; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_div_ps(_mm256_loadu_ps(x + k), vm), vl),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i w = _mm256_cvtps_epi32(v);
+    const __m128i w16 = _mm_packs_epi32(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(w16, w16));
+  }
+  for (; k < K; ++k) out[k] = static_cast<int8_t>(std::nearbyint(x[k] / mx * levels));
+  return mx / levels;
+}
+
+// C [R, 16] (row stride 16) = A [R, 64 * KB] (int8 rows, row stride lda, with U their
+// magnitudes) times one block of 16 weight columns packed as for the AMX tiles (KB tiles of
+// 1 KB). AVX2 has no u8 x s8 dot product into 32 bits; ``vpmaddubsw`` adds two u8 x s8
+// products into a saturating int16, so it gets |a| and w with a's sign (``vpsignb``): at most
+// 2 x 127 x 127 = 32258, never saturated, and ``vpmaddwd`` against ones adds the pairs into
+// exact int32 sums (the same integer sums as the VNNI and AMX products).
+template <int R>
+void avx2_rows(const int8_t* A, const uint8_t* U, int64_t lda, const int8_t* B, int64_t KB,
+               int32_t* C) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const int8_t* b = B + kb * 1024;
+    const int64_t a0 = kb * 64;
+    for (int k4 = 0; k4 < 16; ++k4) {
+      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * k4));
+      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * k4 + 32));
+      for (int r = 0; r < R; ++r) {
+        int32_t sv, uv;
+        std::memcpy(&sv, A + r * lda + a0 + 4 * k4, 4);
+        std::memcpy(&uv, U + r * lda + a0 + 4 * k4, 4);
+        const __m256i xs = _mm256_set1_epi32(sv), xu = _mm256_set1_epi32(uv);
+        acc[r][0] = _mm256_add_epi32(
+            acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xu, _mm256_sign_epi8(w0, xs)), ones));
+        acc[r][1] = _mm256_add_epi32(
+            acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xu, _mm256_sign_epi8(w1, xs)), ones));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + 16 * r), acc[r][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(C + 16 * r + 8), acc[r][1]);
+  }
+}
+
+// y [M, N] = (round(x / max|x| * levels) . w^T) * max|x| / levels * ws on AVX2, for float32
+// rows x [M, K] and int8 weights packed into NB x KB tiles (see avx2_rows): the weights stream
+// once per call, each block of 16 columns against up to 4 rows at a time.
+void avx2_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64_t NB,
+                  int64_t KB, const float* ws, int64_t N, float lv, float* yp) {
+  const int64_t Kp = 64 * KB;
+  std::vector<int8_t> A(M * Kp, 0);
+  std::vector<uint8_t> U(M * Kp, 0);
+  std::vector<float> xs(M, 0.f);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      xs[m] = quantize_row_avx2(xp + m * K, K, lv, A.data() + m * Kp);
+      for (int64_t k = 0; k < Kp; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.data() + m * Kp + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(U.data() + m * Kp + k), _mm256_abs_epi8(v));
+      }
+    }
+  });
+  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
+    alignas(32) int32_t C[4 * 16];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int8_t* B = wp + nb * KB * 1024;
+      const int64_t n0 = 16 * nb, nn = std::min<int64_t>(16, N - n0);
+      if (nn <= 0) continue;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {  // later rows find the block's weights in cache
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const int8_t* a = A.data() + m0 * Kp;
+        const uint8_t* u = U.data() + m0 * Kp;
+        switch (rows) {
+          case 1: avx2_rows<1>(a, u, Kp, B, KB, C); break;
+          case 2: avx2_rows<2>(a, u, Kp, B, KB, C); break;
+          case 3: avx2_rows<3>(a, u, Kp, B, KB, C); break;
+          default: avx2_rows<4>(a, u, Kp, B, KB, C); break;
+        }
+        for (int64_t m = 0; m < rows; ++m) {  // float(C) * xs * ws, as store_block
+          float* y = yp + (m0 + m) * N + n0;
+          const float x = xs[m0 + m];
+          for (int64_t n = 0; n < nn; ++n) y[n] = static_cast<float>(C[16 * m + n]) * x * ws[n0 + n];
+        }
+      }
+    }
+  });
+}
+#endif
+
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(DSM_VNNI) && defined(__linux__)
 #define DSM_AMX 1
 
@@ -537,6 +726,15 @@ std::string amx_problem() {
   return "";
 #else
   return "this CPU (or compiler) has no AMX-INT8";
+#endif
+}
+
+// Whether the AVX2 product can run here (built for a CPU with AVX2 and FMA).
+std::string avx2_problem() {
+#if defined(DSM_AVX2)
+  return "";
+#else
+  return "this CPU (or compiler) has no AVX2";
 #endif
 }
 
@@ -628,14 +826,22 @@ void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64
   });
 }
 
+}  // namespace
+#endif
+
+#if defined(DSM_VNNI) || defined(DSM_AVX2)
+#define DSM_INT8 1
+namespace {
+
 // One W8A8 projection: packed weights [NB, KB, 1024], float32 scales [N], its output size,
 // the int32 column sums [N] of its weights (the VNNI product's offset) and which product runs.
 struct Projection {
-  const int8_t* w; int64_t NB, KB; const float* ws; const int32_t* colsum; int64_t N; bool amx;
+  const int8_t* w; int64_t NB, KB; const float* ws; const int32_t* colsum; int64_t N;
+  int64_t product;
   Projection(const torch::Tensor& packed, const torch::Tensor& scales, const torch::Tensor& sums,
-             int64_t n, int64_t K, bool use_amx)
+             int64_t n, int64_t K, int64_t which)
       : w(packed.data_ptr<int8_t>()), NB(packed.size(0)), KB(packed.size(1)),
-        ws(scales.data_ptr<float>()), colsum(nullptr), N(n), amx(use_amx) {
+        ws(scales.data_ptr<float>()), colsum(nullptr), N(n), product(which) {
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar &&
                 packed.is_contiguous() && packed.size(2) == 1024 && NB % 2 == 0,
                 "packed weights expected");
@@ -643,21 +849,38 @@ struct Projection {
                 "x and the packed weights disagree on the sizes");
     TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
                 scales.is_contiguous(), "scales must be float32 [N]");
+    TORCH_CHECK(product >= 0 && product < PRODUCT_COUNT, "unknown int8 product ", product);
 #if !defined(DSM_AMX)
-    TORCH_CHECK(!amx, amx_problem());
+    TORCH_CHECK(product != PRODUCT_AMX, amx_problem());
+#endif
+#if !defined(DSM_VNNI)
+    TORCH_CHECK(product != PRODUCT_VNNI, vnni_problem());
+#endif
+#if !defined(DSM_AVX2)
+    TORCH_CHECK(product != PRODUCT_AVX2, avx2_problem());
 #endif
     if (sums.defined() && sums.numel() > 0) {
       TORCH_CHECK(sums.dim() == 1 && sums.size(0) == N && sums.scalar_type() == torch::kInt &&
                   sums.is_contiguous(), "column sums must be int32 [N]");
       colsum = sums.data_ptr<int32_t>();
     }
-    TORCH_CHECK(amx || colsum != nullptr, "the VNNI product needs the weights' column sums");
+    TORCH_CHECK(product != PRODUCT_VNNI || colsum != nullptr,
+                "the VNNI product needs the weights' column sums");
   }
   // A single row goes to the VNNI product even where the tiles run (with the column sums):
   // the tiles multiply 16 rows whatever the count, and one row streams the weights faster
   // without them (stt-1b, 16 layers' projections: 26 against 30 ms). Same integer sums.
   void apply(const float* x, int64_t M, int64_t K, float levels, float* y) const {
+#if defined(DSM_AVX2)
+    if (product == PRODUCT_AVX2) {
+      avx2_product(x, M, K, w, NB, KB, ws, N, levels, y);
+      return;
+    }
+#endif
+#if defined(DSM_VNNI)
+    const bool amx = product == PRODUCT_AMX;
     int8_product(x, M, K, w, NB, KB, ws, colsum, N, levels, y, amx && (M > 1 || !colsum));
+#endif
   }
 };
 
@@ -682,17 +905,17 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
                           double levels, torch::Tensor column_sums, int64_t product) {
   // Python waits without the GIL: the server's event loop runs while a model step computes.
   pybind11::gil_scoped_release no_gil;
-  const bool amx = uses_tiles(product);
-#if defined(DSM_VNNI)
+#if defined(DSM_INT8)
   TORCH_CHECK(x.dim() == 2, "x must be a contiguous float32 [M, K] tensor");
-  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), amx), levels);
+  return linear(x, Projection(packed, scales, column_sums, N, x.size(1), product), levels);
 #else
-  TORCH_CHECK(false, amx ? amx_problem() : vnni_problem());
+  TORCH_CHECK(false, product == PRODUCT_AMX ? amx_problem()
+                     : product == PRODUCT_AVX2 ? avx2_problem() : vnni_problem());
   return x;
 #endif
 }
 
-#if defined(DSM_VNNI)
+#if defined(DSM_INT8)
 namespace {
 
 // float32 -> nearest bfloat16 (ties to even), kept in a float: what ``.to(torch.bfloat16)``
@@ -719,6 +942,7 @@ void rms_norm_row(const float* x, const float* alpha, int64_t D, float var, Roun
   for (int64_t d = 0; d < D; ++d) y[d] = r(x[d] * (alpha[d] * inv));
 }
 
+#if defined(__AVX512F__)
 // bfloat16 rounding of 16 floats (ties to even; inf and nan are not expected here).
 inline __m512 to_bf16(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);
@@ -754,10 +978,24 @@ void rope_row(float* x, const float* c, const float* s, int64_t half, Rounding r
     x[2 * i + 1] = r(e + f);
   }
 }
+#else
+// RoPE on the interleaved pairs (2i, 2i + 1) of one head row, in place, rounded: the products
+// and sums of ``apply_rope`` (no fused multiply-adds), one pair at a time.
+__attribute__((optimize("fp-contract=off")))
+void rope_row(float* x, const float* c, const float* s, int64_t half, Rounding r) {
+  for (int64_t i = 0; i < half; ++i) {
+    const float xr = x[2 * i], xi = x[2 * i + 1];
+    const float a = xr * c[i], b = xi * s[i], e = xr * s[i], f = xi * c[i];
+    x[2 * i] = r(a - b);
+    x[2 * i + 1] = r(e + f);
+  }
+}
+#endif
 
 // The int8 row and scale of one key or value row: round(x / (max|x| / 127)), as
 // ``quantize_rows`` computes it.
 void quantize_kv_row(const float* x, int64_t D, int8_t* q, float* scale) {
+#if defined(__AVX512F__)
   __m512 vmax = _mm512_setzero_ps();
   int64_t d = 0;
   for (; d + 16 <= D; d += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + d)));
@@ -772,6 +1010,12 @@ void quantize_kv_row(const float* x, int64_t D, int8_t* q, float* scale) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + d),
                      _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
   }
+#else
+  float mx = 0.f;
+  for (int64_t d = 0; d < D; ++d) mx = std::fmax(mx, std::fabs(x[d]));
+  const float sc = std::fmax(mx, 1e-30f) / 127.f;
+  int64_t d = 0;
+#endif
   for (; d < D; ++d) {
     const float v = std::nearbyint(x[d] / sc);
     q[d] = static_cast<int8_t>(std::fmin(std::fmax(v, -127.f), 127.f));
@@ -807,8 +1051,7 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
                             std::vector<torch::Tensor> column_sums, int64_t product) {
   // Python waits without the GIL: the server's event loop runs while a model step computes.
   pybind11::gil_scoped_release no_gil;
-  const bool amx = uses_tiles(product);
-#if defined(DSM_VNNI)
+#if defined(DSM_INT8)
   TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == torch::kFloat ||
                                x.scalar_type() == torch::kBFloat16),
               "x must be float32 or bfloat16 [B, D]");
@@ -821,10 +1064,10 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   TORCH_CHECK(sizes[0] == 3 * D && sizes[1] == D && F2 % 2 == 0 && sizes[3] == D,
               "projection sizes do not fit a layer of width ", D);
   TORCH_CHECK(column_sums.size() == 4, "four column sums expected");
-  const Projection p_in(packed[0], scales[0], column_sums[0], sizes[0], D, amx),
-      p_out(packed[1], scales[1], column_sums[1], D, D, amx),
-      p_ffn_in(packed[2], scales[2], column_sums[2], F2, D, amx),
-      p_ffn_out(packed[3], scales[3], column_sums[3], D, F, amx);
+  const Projection p_in(packed[0], scales[0], column_sums[0], sizes[0], D, product),
+      p_out(packed[1], scales[1], column_sums[1], D, D, product),
+      p_ffn_in(packed[2], scales[2], column_sums[2], F2, D, product),
+      p_ffn_out(packed[3], scales[3], column_sums[3], D, F, product);
   for (const auto& ring : {keys, values}) {
     TORCH_CHECK(ring.dim() == 5 && ring.scalar_type() == torch::kChar && ring.size(1) == B &&
                 ring.size(2) == H && ring.size(4) == hd && ring.stride(4) == 1,
@@ -945,7 +1188,7 @@ torch::Tensor lm_layer_step(torch::Tensor x, torch::Tensor alpha1, torch::Tensor
   rows(D, [&](int64_t i) { op[i] = rd(hp[i] + op[i]); });
   return out.to(x.scalar_type());
 #else
-  TORCH_CHECK(false, vnni_problem());
+  TORCH_CHECK(false, "the fused layer step needs AVX2 or AVX512-VNNI: ", avx2_problem());
   return x;
 #endif
 }
@@ -981,6 +1224,9 @@ std::vector<std::string> paths() {
 #endif
 #if defined(__AVX512F__)
   names.push_back("avx512");
+#endif
+#if defined(DSM_AVX2)
+  names.push_back("avx2");
 #endif
   names.push_back("generic");
   return names;

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .build import module
 
-PRODUCTS = ("vnni", "amx")  # the compiled int8 products, by their index in kernels.cpp
+PRODUCTS = ("vnni", "amx", "avx2")  # the compiled int8 products, by their index in kernels.cpp
 
 
 def amx_problem() -> str | None:
@@ -29,6 +29,11 @@ def vnni_problem() -> str | None:
     return _problem("vnni_problem")
 
 
+def avx2_problem() -> str | None:
+    """None when ``avx2_linear`` can run here (the kernels built now if need be), else why not."""
+    return _problem("avx2_problem")
+
+
 def _problem(check: str) -> str | None:
     from .build import KernelUnavailable
 
@@ -39,13 +44,13 @@ def _problem(check: str) -> str | None:
     return getattr(built, check)() or None
 
 
-_PATHS = {"best": 0, "vnni": 1, "avx512": 2, "generic": 3}
+_PATHS = {"best": 0, "vnni": 1, "avx512": 2, "generic": 3, "avx2": 4}
 
 
 def kernel_paths() -> list[str]:
     """The code paths of this machine's build, best first: ``vnni`` (integer dot products,
-    AVX512-VNNI), ``avx512`` (int8 converted to float32 in registers), ``generic`` (plain
-    loops). The first is what ``int8_attention`` takes by default for head sizes 64, 128 and
+    AVX512-VNNI), ``avx512`` (int8 converted to float32 in registers), ``avx2`` (the same on
+    8-float registers), ``generic`` (plain loops). The first is what ``int8_attention`` takes by default for head sizes 64, 128 and
     256; other head sizes take ``generic``."""
     return list(module().paths())
 
@@ -121,6 +126,24 @@ def vnni_linear(
     ``vpdpbusd`` offset by 128 to be unsigned, and ``128 * column_sums`` is taken off the exact
     int32 sums). The same integer sums, so the same results as ``amx_linear``."""
     return _int8_linear(x, packed, scales, out_features, levels, column_sums, "vnni")
+
+
+def avx2_linear(
+    x: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    out_features: int,
+    levels: int,
+    column_sums: Tensor | None = None,
+) -> Tensor:
+    """``amx_linear``'s product on AVX2 (CPUs without AVX-512): the same packed weights and
+    the same exact integer sums (``vpsignb`` / ``vpmaddubsw`` / ``vpmaddwd``, which never
+    saturate with activations and weights within +-127), so the same results; the column sums
+    are not needed (accepted and ignored, so every product takes the same arguments)."""
+    del column_sums
+    return _int8_linear(
+        x, packed, scales, out_features, levels, torch.empty(0, dtype=torch.int32), "avx2"
+    )
 
 
 def _int8_linear(
