@@ -1,8 +1,9 @@
 """``install(lm, mimi, plan)``: swaps the accelerated CPU pieces a plan names into a model.
 
 Owns the one place where the model meets this package: the LM's projections quantized (int8
-or w8a8), its transformer replaced by the fused one, Mimi's codebook search by the compiled
-one, and the KV cache type the engine should allocate. Each swap replaces a module with another
+or w8a8), its transformer replaced by the fused one, Mimi's float32 products by the compiled
+ones and its codebook search by a compiled one, and the KV cache type the engine should
+allocate. Each swap replaces a module with another
 that computes the same function (within the agreement bounds of its precision) and keeps the
 checkpoint's parameter names; nothing is patched into the model's own classes. A plan with
 nothing to install (``Plan.exact``) leaves the model as it is: the exact float path.
@@ -33,14 +34,19 @@ def install(lm: LM, mimi: MimiEncoder, plan: Plan) -> type[KVCache]:
 
         if not isinstance(lm.transformer, FusedTransformer):
             lm.transformer = FusedTransformer(lm.transformer)
-    if plan.compiled_codebooks:
-        from .codebook import CompiledResidualVQ
+    if plan.mimi_kernels:
+        from .float_linear import pack_mimi
 
+        pack_mimi(mimi)
+    if plan.compiled_codebooks or plan.mimi_kernels:
+        from .codebook import CompiledResidualVQ, KernelResidualVQ
+
+        search = KernelResidualVQ if plan.mimi_kernels else CompiledResidualVQ
         quantizer = mimi.quantizer
         for half in ("rvq_first", "rvq_rest"):
             rvq = getattr(quantizer, half)
-            if not isinstance(rvq, CompiledResidualVQ):
-                setattr(quantizer, half, CompiledResidualVQ(rvq))
+            if not isinstance(rvq, search):
+                setattr(quantizer, half, search(rvq))
     if plan.kv_cache == "int8":
         from .kvcache import Int8KVCache
 

@@ -29,6 +29,9 @@ class Choice:
     quantize: str
     kv_cache: str
     measured: str  # stt-1b, random weights, ``dsm-stt bench`` (or "untested: ...")
+    # Mimi's projections, strided convolutions and codebook search on the compiled float32
+    # AVX2 kernels (``float_linear``, ``codebook.KernelResidualVQ``) where the kernels run
+    mimi_kernels: bool = False
 
 
 # One row per family of ``features.FAMILIES``. Figures: docs/performance.md, where each
@@ -52,6 +55,7 @@ AUTO: dict[str, Choice] = {
         "w8a8",
         "int8",
         "untested: the choice of the AVX2 and VNNI families, whose figures it lies between",
+        mimi_kernels=True,
     ),
     "avx2": Choice(
         "bfloat16",
@@ -59,6 +63,7 @@ AUTO: dict[str, Choice] = {
         "int8",
         "stt-1b 103.7 ms/step at 1 slot against 294.8 ms on the float path (2-core AMD EPYC, "
         "AVX2 only)",
+        mimi_kernels=True,
     ),
     "aarch64": Choice(
         "auto", "none", "float", "untested: no ARM machine was measured; the float path"
@@ -79,6 +84,9 @@ class Plan:
     w8a8_bits: int | None = None  # the activation grid of w8a8
     fused_layers: bool = False  # one compiled call per LM layer (cpu.fused)
     compiled_codebooks: bool = False  # Mimi's codebook search in one compiled call
+    # Mimi's float32 products and codebook distances on this package's AVX2 kernels (float32,
+    # another order of summation: codes equal but at near-ties)
+    mimi_kernels: bool = False
     family: str = ""  # the CPU family (CPU plans)
     reason: str = ""  # why, in words
 
@@ -90,6 +98,7 @@ class Plan:
             or self.w8a8_kernel in ("amx", "vnni", "avx2")
             or self.fused_layers
             or self.compiled_codebooks
+            or self.mimi_kernels
         )
 
     @property
@@ -108,7 +117,9 @@ class Plan:
             parts.append("int8 KV cache")
         if self.fused_layers:
             parts.append("fused layer step")
-        if self.compiled_codebooks:
+        if self.mimi_kernels:
+            parts.append("Mimi on the compiled float32 kernels")
+        elif self.compiled_codebooks:
             parts.append("compiled codebook search")
         return ", ".join(parts) + (f"; {self.reason}" if reason and self.reason else "")
 
@@ -210,6 +221,7 @@ def choose(
         bits,
         fused_layers=own is not None and kv == "int8" and dtype in _FUSED_DTYPES,
         compiled_codebooks=kernels,
+        mimi_kernels=kernels and choice.mimi_kernels and _has_avx2(features),
         family=family,
         reason="; ".join(reasons),
     )
@@ -222,10 +234,14 @@ def _own_kernels(features: CpuFeatures) -> list[str]:
     """This package's w8a8 kernels the CPU has, fastest first: ``amx`` with AMX tiles, then
     ``vnni`` with AVX512-VNNI (AMX CPUs have both), then ``avx2`` (every x86-64 CPU with AVX2
     and FMA; all need the compiled kernels)."""
-    avx2 = features.arch == "x86_64" and features.has("avx2") and features.has("fma")
+    avx2 = _has_avx2(features)
     return [
         k for k, has in (("amx", features.amx), ("vnni", features.vnni), ("avx2", avx2)) if has
     ]
+
+
+def _has_avx2(features: CpuFeatures) -> bool:
+    return features.arch == "x86_64" and features.has("avx2") and features.has("fma")
 
 
 def _torch_kernel(features: CpuFeatures, batch_size: int) -> str | None:

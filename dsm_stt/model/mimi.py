@@ -114,9 +114,13 @@ class CausalConv1d(nn.Module):
         buffer.copy_(torch.where(active[:, None, None], x[..., -self.context :], buffer))
         kernel = self.conv.conv.kernel_size[0]
         outputs = (x.shape[-1] - kernel) // self.stride + 1
-        if self.stride > 1 and outputs <= 16 and self.conv.conv.dilation == (1,):
+        if self._as_product(outputs):
             return self._strided(x)
         return self.conv.conv(x)
+
+    def _as_product(self, outputs: int) -> bool:
+        """Whether a step with ``outputs`` output positions takes ``_strided``."""
+        return self.stride > 1 and outputs <= 16 and self.conv.conv.dilation == (1,)
 
     def _strided(self, x: Tensor) -> Tensor:
         # A strided conv with few output steps as one matrix product of its windows: oneDNN's

@@ -1216,6 +1216,158 @@ torch::Tensor vq_encode(torch::Tensor residual, std::vector<torch::Tensor> augme
   return at::stack(codes, 1);
 }
 
+#if defined(DSM_AVX2)
+namespace {
+
+// acc[r][j] (8 columns each) = X row r . W block j for R rows and 4 blocks of 8 columns,
+// packed [K, 8] each (see float_pack): one fused multiply-add per input, in input order.
+template <int R>
+void float_rows(const float* X, int64_t ldx, const float* const* W, int64_t K, float* out,
+                int64_t ldo) {
+  __m256 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) acc[r][j] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(W[0] + 8 * k), w1 = _mm256_loadu_ps(W[1] + 8 * k);
+    const __m256 w2 = _mm256_loadu_ps(W[2] + 8 * k), w3 = _mm256_loadu_ps(W[3] + 8 * k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 x = _mm256_broadcast_ss(X + r * ldx + k);
+      acc[r][0] = _mm256_fmadd_ps(x, w0, acc[r][0]);
+      acc[r][1] = _mm256_fmadd_ps(x, w1, acc[r][1]);
+      acc[r][2] = _mm256_fmadd_ps(x, w2, acc[r][2]);
+      acc[r][3] = _mm256_fmadd_ps(x, w3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j) _mm256_storeu_ps(out + r * ldo + 8 * j, acc[r][j]);
+}
+
+}  // namespace
+#endif
+
+// y [M, N] = x [M, K] . w^T (+ bias) in float32 for weights packed by ops.float_pack into
+// [NB, K, 8] (blocks of 8 output columns, NB a multiple of 4): each output is one sequential
+// chain of fused multiply-adds over the inputs, whatever M, so a row's result does not depend
+// on the other rows. The weights stream once per call (rows two at a time against each group
+// of 32 columns); bound by memory bandwidth at a few rows, where PyTorch's GEMM is not.
+torch::Tensor float_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor bias, int64_t N) {
+  pybind11::gil_scoped_release no_gil;
+#if defined(DSM_AVX2)
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
+              "x must be a contiguous float32 [M, K] tensor");
+  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kFloat &&
+              packed.is_contiguous() && packed.size(2) == 8 && packed.size(0) % 4 == 0,
+              "packed weights [NB, K, 8] expected");
+  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0);
+  TORCH_CHECK(packed.size(1) == K, "x has ", K, " inputs, the weights ", packed.size(1));
+  TORCH_CHECK(N <= 8 * NB && 8 * NB < N + 32, "the packed weights do not have ", N, " outputs");
+  const float* bp = nullptr;
+  if (bias.defined() && bias.numel() > 0) {
+    TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == torch::kFloat &&
+                bias.is_contiguous(), "bias must be float32 [N]");
+    bp = bias.data_ptr<float>();
+  }
+  auto y = torch::empty({M, N}, x.options());
+  if (M == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const float* wp = packed.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, NB / 4, 1, [&](int64_t begin, int64_t end) {
+    alignas(32) float C[2 * 32];
+    for (int64_t g = begin; g < end; ++g) {
+      const float* W[4];
+      for (int j = 0; j < 4; ++j) W[j] = wp + (4 * g + j) * K * 8;
+      const int64_t n0 = 32 * g, nn = std::min<int64_t>(32, N - n0);
+      if (nn <= 0) continue;
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
+        const int64_t rows = std::min<int64_t>(2, M - m0);
+        if (rows == 2) float_rows<2>(xp + m0 * K, K, W, K, C, 32);
+        else float_rows<1>(xp + m0 * K, K, W, K, C, 32);
+        for (int64_t m = 0; m < rows; ++m) {
+          float* out = yp + (m0 + m) * N + n0;
+          for (int64_t n = 0; n < nn; ++n) out[n] = bp ? C[32 * m + n] + bp[n0 + n] : C[32 * m + n];
+        }
+      }
+    }
+  });
+  return y;
+#else
+  TORCH_CHECK(false, "float_linear: ", avx2_problem());
+  return x;
+#endif
+}
+
+// Mimi's residual codebook search with float32 distances computed here (AVX2), stage after
+// stage: at each stage the entry n of least sqrt(max(|b_n|^2 - 2 x . b_n + |x|^2, 1e-30))
+// (the lowest index among equals, as argmin), whose vector is taken off the residual.
+// residual [B, dim]; books [stages] of [bins, dim]; norms [stages] of [bins] (|b_n|^2).
+// The same function as vq_encode, the dot products in another order of summation (one chain
+// per 8 lanes): codes equal except where two distances are within float rounding.
+torch::Tensor vq_search(torch::Tensor residual, std::vector<torch::Tensor> books,
+                        std::vector<torch::Tensor> norms) {
+  pybind11::gil_scoped_release no_gil;
+#if defined(DSM_AVX2)
+  TORCH_CHECK(residual.dim() == 2 && residual.scalar_type() == torch::kFloat,
+              "residual must be float32 [B, dim]");
+  TORCH_CHECK(books.size() == norms.size() && !books.empty(), "one codebook per stage");
+  const int64_t B = residual.size(0), dim = residual.size(1);
+  TORCH_CHECK(dim % 8 == 0, "the codebook width must be a multiple of 8, got ", dim);
+  auto x = residual.contiguous().clone();
+  float* xp = x.data_ptr<float>();
+  auto codes = torch::empty({B, static_cast<int64_t>(books.size())}, torch::kLong);
+  int64_t* cp = codes.data_ptr<int64_t>();
+  std::vector<float> xx(B);
+  for (size_t s = 0; s < books.size(); ++s) {
+    const auto& book = books[s];
+    TORCH_CHECK(book.dim() == 2 && book.size(1) == dim && book.scalar_type() == torch::kFloat &&
+                book.is_contiguous(), "codebooks must be contiguous float32 [bins, dim]");
+    const int64_t bins = book.size(0);
+    TORCH_CHECK(norms[s].dim() == 1 && norms[s].size(0) == bins &&
+                norms[s].scalar_type() == torch::kFloat && norms[s].is_contiguous(),
+                "norms must be float32 [bins]");
+    const float* bk = book.data_ptr<float>();
+    const float* nm = norms[s].data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b) {
+      float acc = 0.f;
+      for (int64_t d = 0; d < dim; ++d) acc += xp[b * dim + d] * xp[b * dim + d];
+      xx[b] = acc;
+    }
+    std::vector<float> dist(B * bins);
+    at::parallel_for(0, bins / 4 + (bins % 4 ? 1 : 0), 16, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t n0 = 4 * g, nn = std::min<int64_t>(4, bins - n0);
+        for (int64_t b = 0; b < B; ++b) {
+          const float* xr = xp + b * dim;
+          __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                           _mm256_setzero_ps()};
+          for (int64_t d = 0; d < dim; d += 8) {
+            const __m256 xv = _mm256_loadu_ps(xr + d);
+            for (int j = 0; j < 4; ++j)
+              if (j < nn) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(bk + (n0 + j) * dim + d), xv, acc[j]);
+          }
+          for (int j = 0; j < nn; ++j) {
+            const float v = nm[n0 + j] - 2.f * hsum8(acc[j]) + xx[b];
+            dist[b * bins + n0 + j] = std::sqrt(std::fmax(v, 1e-30f));
+          }
+        }
+      }
+    });
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = dist.data() + b * bins;
+      int64_t best = 0;
+      for (int64_t n = 1; n < bins; ++n) if (row[n] < row[best]) best = n;
+      cp[b * books.size() + s] = best;
+      const float* e = bk + best * dim;
+      for (int64_t d = 0; d < dim; ++d) xp[b * dim + d] -= e[d];
+    }
+  }
+  return codes;
+#else
+  TORCH_CHECK(false, "vq_search: ", avx2_problem());
+  return residual;
+#endif
+}
+
 // The code paths this build has, best first (the first is the one taken by default).
 std::vector<std::string> paths() {
   std::vector<std::string> names;

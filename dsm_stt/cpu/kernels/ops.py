@@ -231,3 +231,33 @@ def vq_encode(residual: Tensor, augmented: list[Tensor], books: list[Tensor]) ->
     projection) in one compiled call: the same PyTorch operations in the same order, so the
     same codes bit for bit, without returning to Python between the stages."""
     return module().vq_encode(residual, augmented, books)
+
+
+def float_pack(weight: Tensor) -> Tensor:
+    """float32 weights [N, K] → ``float_linear``'s layout [NB, K, 8]: blocks of 8 output
+    columns side by side for each input (``NB`` a multiple of 4, the padding columns zero):
+    element ``(nb, k, j)`` is ``weight[8 nb + j, k]``."""
+    if weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"float_pack takes float [N, K] weights, got {weight.dtype} {list(weight.shape)}")
+    N, K = weight.shape
+    NB = 4 * -(-N // 32)
+    padded = weight.new_zeros(8 * NB, K, dtype=torch.float32)
+    padded[:N] = weight.detach().float()
+    return padded.view(NB, 8, K).transpose(1, 2).contiguous()
+
+
+def float_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+    """``x @ w.T (+ bias)`` in float32 for ``x`` [M, K] and ``packed = float_pack(w)``: one
+    sequential chain of fused multiply-adds per output (the same for a row whatever the other
+    rows), streaming the weights once per call (AVX2). Returns float32 [M, N]."""
+    b = torch.empty(0) if bias is None else bias.float().contiguous()
+    return module().float_linear(x.float().contiguous(), packed, b, out_features)
+
+
+def vq_search(residual: Tensor, books: list[Tensor], norms: list[Tensor]) -> Tensor:
+    """Mimi's residual codebook search (``mimi.ResidualVQ.search``) with the distances
+    computed in this package's AVX2 code: ``residual`` [B, dim] float32, per stage the
+    codebook [bins, dim] and its squared norms [bins]. The same function as ``vq_encode``
+    with the dot products summed in another order, so the same codes except where two
+    distances lie within float32 rounding of each other. Returns the codes [B, stages]."""
+    return module().vq_search(residual.float(), books, norms)
