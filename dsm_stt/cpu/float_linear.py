@@ -30,12 +30,17 @@ class PackedLinear(nn.Module):
     """``y = x @ weight.T (+ bias)``: the compiled product up to ``MAX_ROWS`` rows, PyTorch's
     above. Keeps ``weight`` (and ``bias``) under their names, so a state dict still loads."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, register: bool = True) -> None:
         super().__init__()
-        self.weight = nn.Parameter(weight.detach().float(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        weight = weight.detach().float()
+        bias = None if bias is None else bias.detach().float()
+        if register:  # ``weight`` / ``bias``, the names of the module it replaces
+            self.weight = nn.Parameter(weight, requires_grad=False)
+            self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        else:  # the owner keeps the parameter under its own name (``in_proj_weight``)
+            self.weight, self.bias = weight, bias
         self.out_features, self.in_features = weight.shape
-        self.packed = float_pack(self.weight)
+        self.packed = float_pack(weight)
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -84,7 +89,8 @@ def pack_mimi(mimi: MimiEncoder) -> MimiEncoder:
         if not isinstance(layer, MimiLayer) or isinstance(layer.linear1, PackedLinear):
             continue
         attn = layer.self_attn
-        attn.set_in_proj(PackedLinear(attn.in_proj_weight))
+        # ``in_proj_weight`` stays the attention's parameter (the checkpoint's name)
+        attn.in_proj = PackedLinear(attn.in_proj_weight, register=False)
         attn.out_proj = PackedLinear(attn.out_proj.weight)
         layer.linear1 = PackedLinear(layer.linear1.weight)
         layer.linear2 = PackedLinear(layer.linear2.weight)

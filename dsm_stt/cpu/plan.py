@@ -235,9 +235,7 @@ def _own_kernels(features: CpuFeatures) -> list[str]:
     ``vnni`` with AVX512-VNNI (AMX CPUs have both), then ``avx2`` (every x86-64 CPU with AVX2
     and FMA; all need the compiled kernels)."""
     avx2 = _has_avx2(features)
-    return [
-        k for k, has in (("amx", features.amx), ("vnni", features.vnni), ("avx2", avx2)) if has
-    ]
+    return [k for k, has in (("amx", features.amx), ("vnni", features.vnni), ("avx2", avx2)) if has]
 
 
 def _has_avx2(features: CpuFeatures) -> bool:

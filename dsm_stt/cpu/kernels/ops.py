@@ -238,7 +238,9 @@ def float_pack(weight: Tensor) -> Tensor:
     columns side by side for each input (``NB`` a multiple of 4, the padding columns zero):
     element ``(nb, k, j)`` is ``weight[8 nb + j, k]``."""
     if weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"float_pack takes float [N, K] weights, got {weight.dtype} {list(weight.shape)}")
+        raise ValueError(
+            f"float_pack takes float [N, K] weights, got {weight.dtype} {list(weight.shape)}"
+        )
     N, K = weight.shape
     NB = 4 * -(-N // 32)
     padded = weight.new_zeros(8 * NB, K, dtype=torch.float32)
@@ -246,7 +248,9 @@ def float_pack(weight: Tensor) -> Tensor:
     return padded.view(NB, 8, K).transpose(1, 2).contiguous()
 
 
-def float_linear(x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None) -> Tensor:
+def float_linear(
+    x: Tensor, packed: Tensor, out_features: int, bias: Tensor | None = None
+) -> Tensor:
     """``x @ w.T (+ bias)`` in float32 for ``x`` [M, K] and ``packed = float_pack(w)``: one
     sequential chain of fused multiply-adds per output (the same for a row whatever the other
     rows), streaming the weights once per call (AVX2). Returns float32 [M, N]."""
