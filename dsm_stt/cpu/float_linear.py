@@ -104,9 +104,9 @@ def _pack_strided(encoder: SEANetEncoder) -> None:
     # the convolutions of the last two strides, whose steps have 16 and 2 outputs per slot
     tail = [m for m in encoder.model if isinstance(m, CausalConv1d)][-2:]
     for i, layer in enumerate(encoder.model):
-        if isinstance(layer, CausalConv1d) and not isinstance(layer, PackedStridedConv):
-            if layer.stride > 1 or any(layer is t for t in tail):
-                encoder.model[i] = PackedStridedConv(layer)
+        fresh = isinstance(layer, CausalConv1d) and not isinstance(layer, PackedStridedConv)
+        if fresh and (layer.stride > 1 or any(layer is t for t in tail)):
+            encoder.model[i] = PackedStridedConv(layer)
 
 
 def is_packed(mimi: MimiEncoder) -> bool:
