@@ -36,8 +36,12 @@ def install(lm: LM, mimi: MimiEncoder, plan: Plan) -> type[KVCache]:
             lm.transformer = FusedTransformer(lm.transformer)
     if plan.mimi_kernels:
         from .float_linear import pack_mimi
+        from .mimi_step import FusedMimiTransformer
 
         pack_mimi(mimi)
+        holder = mimi.encoder_transformer
+        if not isinstance(holder.transformer, FusedMimiTransformer):
+            holder.transformer = FusedMimiTransformer(holder.transformer)
     if plan.compiled_codebooks or plan.mimi_kernels:
         from .codebook import CompiledResidualVQ, KernelResidualVQ
 

@@ -37,6 +37,7 @@ FUNCTIONS = (
     "vq_encode",
     "float_linear",
     "vq_search",
+    "mimi_layer_step",
 )
 BUILD_SECONDS = 60  # what a first build takes on a 2-core VM (20-50 s measured)
 

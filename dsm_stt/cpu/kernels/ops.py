@@ -265,3 +265,46 @@ def vq_search(residual: Tensor, books: list[Tensor], norms: list[Tensor]) -> Ten
     with the dot products summed in another order, so the same codes except where two
     distances lie within float32 rounding of each other. Returns the codes [B, stages]."""
     return module().vq_search(residual.float(), books, norms)
+
+
+def mimi_layer_step(
+    x: Tensor,
+    norms: tuple[Tensor, Tensor, Tensor, Tensor],
+    eps: float,
+    projections: list[tuple[Tensor, int]],
+    layer_scales: tuple[Tensor, Tensor],
+    rings: tuple[Tensor, Tensor],
+    layer: int,
+    write_index: Tensor,
+    rot: tuple[Tensor, Tensor],
+    mask: Tensor,
+    num_heads: int,
+) -> Tensor:
+    """T positions of a Mimi encoder-transformer layer (``MimiLayer``) for every slot in one
+    compiled call (AVX2, float32): both LayerNorms, the four products (``float_pack``ed), RoPE,
+    the new keys and values written to the float ring, the attention, GELU, the layer scales
+    and both residuals.
+
+    ``x`` [B, T, D] float32; ``norms`` the weights and biases of norm1 and norm2;
+    ``projections`` the (packed, out_features) of the fused QKV, attention output, linear1 and
+    linear2; ``rings`` the keys and values [L, B, H, C + 1, hd]; ``write_index`` [B, T] the ring
+    entry of each new row; ``rot`` the RoPE cos / sin [B, T, hd / 2]; ``mask`` [B, T, S] the
+    entries each query attends. Returns the layer's output [B, T, D]."""
+    packed, sizes = zip(*projections, strict=True)
+    return module().mimi_layer_step(
+        x.float().contiguous(),
+        list(norms),
+        float(eps),
+        list(packed),
+        list(sizes),
+        layer_scales[0],
+        layer_scales[1],
+        rings[0],
+        rings[1],
+        layer,
+        write_index,
+        rot[0],
+        rot[1],
+        mask,
+        num_heads,
+    )
