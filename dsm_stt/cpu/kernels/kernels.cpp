@@ -163,6 +163,50 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// e^x for x <= 0 on 8 floats (0 below -100, so e^-inf = 0): 2^n * 2^f, |f| <= 1/2, with 2^f by
+// its Taylor series to the 7th power (relative error below 1e-7): the AVX-512 exp_nonpositive.
+inline __m256 exp_nonpositive8(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(x, _mm256_set1_ps(-104.f)), _mm256_set1_ps(1.44269504f));
+  const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, n), _mm256_set1_ps(0.693147181f));
+  __m256 y = _mm256_set1_ps(1.f / 5040.f);
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 720.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 120.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 24.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f / 6.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.f));
+  // 2^n for n in [-150, 0]: the exponent bits, in two steps so that n below -126 stays exact
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i half1 = _mm256_srai_epi32(ni, 1), half2 = _mm256_sub_epi32(ni, half1);
+  const __m256 p1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half1, _mm256_set1_epi32(127)), 23));
+  const __m256 p2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(half2, _mm256_set1_epi32(127)), 23));
+  const __m256 r = _mm256_mul_ps(_mm256_mul_ps(y, p1), p2);
+  return _mm256_and_ps(r, _mm256_cmp_ps(x, _mm256_set1_ps(-100.f), _CMP_GE_OQ));
+}
+
+// Softmax over p[0..S) in place (masked entries first set to -inf), 8 entries at a time;
+// returns 1 / sum.
+float softmax_avx2(float* p, const bool* mrow, int64_t m2, int64_t S) {
+  const float mx = mask_and_max(p, mrow, m2, S);
+  const __m256 vm = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(p + s), vm));
+    _mm256_storeu_ps(p + s, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  float sum = hsum8(acc);
+  for (; s < S; ++s) {
+    const float e = std::exp(p[s] - mx);
+    p[s] = e;
+    sum += e;
+  }
+  return 1.f / sum;
+}
+
 // One (slot, head) pair, head size 8 * N (N a multiple of 8), on AVX2 (CPUs without AVX-512):
 // four key rows in flight at a time, the output accumulated 64 dims (8 registers) at a time.
 template <int N>
@@ -198,7 +242,7 @@ void pair_avx2(const Views& a, int64_t b, int64_t h, float* p) {
       for (int i = 0; i < N; ++i) c0 = _mm256_fmadd_ps(load8(r0 + 8 * i), _mm256_loadu_ps(q + 8 * i), c0);
       p[s] = hsum8(c0) * ksb[s * a.ks2] * a.scale;
     }
-    const float inv = softmax_in_place(p, a.mask + b * a.m0 + t * a.m1, a.m2, a.S);
+    const float inv = softmax_avx2(p, a.mask + b * a.m0 + t * a.m1, a.m2, a.S);
     for (s = 0; s < a.S; ++s) p[s] = p[s] * inv * vsb[s * a.vs2];
     float* out = a.out + ((b * a.H + h) * a.T + t) * a.D;
     for (int i0 = 0; i0 < N; i0 += 8) {
