@@ -58,23 +58,27 @@ def plan(family: str, kernels: Kernels | None = None, **settings):
 
 @needs_torch_w8a8
 @pytest.mark.parametrize(
-    ("family", "kernel", "bits", "fused"),
+    ("family", "kernel", "dtype", "mimi"),
     [
-        ("amx", "amx", 8, True),
-        ("avx512_vnni", "vnni", 8, True),
-        ("avx512", "avx2", 8, True),
-        ("avx2", "avx2", 8, True),
+        ("amx", "amx", torch.bfloat16, False),
+        ("avx512_vnni", "vnni", torch.bfloat16, False),
+        # no native bf16 on these families: float32 beside the int8 products, Mimi compiled
+        ("avx512", "avx2", torch.float32, True),
+        ("avx2", "avx2", torch.float32, True),
     ],
 )
 def test_auto_on_x86_is_w8a8_with_an_int8_ring(
-    family: str, kernel: str, bits: int, fused: bool
+    family: str, kernel: str, dtype: torch.dtype, mimi: bool
 ) -> None:
     got = plan(family)
-    assert (got.quantize, got.kv_cache, got.dtype) == ("w8a8", "int8", torch.bfloat16)
-    assert (got.w8a8_kernel, got.w8a8_bits, got.fused_layers) == (kernel, bits, fused)
+    assert (got.quantize, got.kv_cache, got.dtype) == ("w8a8", "int8", dtype)
+    assert (got.w8a8_kernel, got.w8a8_bits, got.fused_layers) == (kernel, 8, True)
     assert got.compiled_codebooks and got.needs_kernels and got.family == family
+    assert got.mimi_kernels == mimi
     assert AUTO[family].measured in got.reason and "auto (dtype, quantize, kv_cache)" in got.reason
-    assert got.describe().startswith(f"cpu ({family}), bfloat16, w8a8 on {kernel}")
+    name = str(dtype).removeprefix("torch.")
+    assert got.describe().startswith(f"cpu ({family}), {name}, w8a8 on {kernel}")
+    assert ("Mimi on the compiled float32 kernels" in got.describe()) == mimi
 
 
 @needs_torch_w8a8
