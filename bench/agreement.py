@@ -1,4 +1,5 @@
-"""How far the fast LM variants move the logits: bf16, int8, w8a8, int8 KV against float32.
+"""How far the fast variants move the results: bf16, int8, w8a8, int8 KV against float32 for
+the LM; the compiled Mimi's codes; the words of the whole ``auto`` pipeline against the exact one.
 
 Builds one architecture with random weights (or loads a checkpoint), encodes an audio signal
 with Mimi once, then streams the same inputs through the LM in float32 and in each variant:
@@ -8,10 +9,21 @@ absolute logit difference (also relative to the float32 logits' spread), the sha
 whose argmax token is the same, the share where float32's token is in the variant's top 5, and
 the largest VAD difference.
 
-Random weights give flat logit distributions (close runners-up), so the argmax agreement
-printed for them is a lower bound of what trained, peaked distributions give.
+Then, for every Mimi variant a plan can pick (``Plan.mimi_kernels``: the compiled float32
+products, layer step and codebook search), the share of code positions equal to the float
+path's on the same audio, overall and for the first (semantic) codebook. Then the words: the
+whole exact pipeline (float32 Mimi and LM) and the whole ``auto`` one, each free-running (its
+own codes, its own greedy tokens) over the audio, compared step by step and as the sequence of
+words (the text tokens that are not padding), with the word error rate of ``auto`` against
+exact.
 
-    python bench/agreement.py --model kyutai/stt-1b-en_fr-candle --random-weights --steps 60
+Random weights give flat logit distributions (close runners-up), so the argmax agreement
+printed for them is a lower bound of what trained, peaked distributions give; a token that
+differs once changes every later input of a free-running run, so the word figures are a lower
+bound too.
+
+    python bench/agreement.py --model kyutai/stt-1b-en_fr-candle --random-weights --steps 60 \
+        --audio ../shared/audio/bria.mp3
 """
 
 from __future__ import annotations
@@ -26,7 +38,7 @@ import torch
 
 from dsm_stt.audio import load_audio
 from dsm_stt.config import EngineConfig
-from dsm_stt.cpu.install import install
+from dsm_stt.cpu.install import install, install_mimi
 from dsm_stt.cpu.kernels.build import problem as kernels_problem
 from dsm_stt.cpu.plan import Plan, choose
 from dsm_stt.cpu.quantize import activation_bits, w8a8_kernels
@@ -90,6 +102,64 @@ def run_lm(
     return torch.stack(logits), torch.stack(vads), torch.stack(tokens)
 
 
+def mimi_agreement(mimi, pcm: torch.Tensor) -> dict | None:
+    """Codes of the compiled Mimi (what ``auto`` installs where ``mimi_kernels``) against the
+    float path's, streamed frame by frame over ``pcm`` [N]; None where no plan here has it."""
+    auto = choose(EngineConfig(batch_size=1, device="cpu"))
+    if not auto.mimi_kernels:
+        return None
+    fast = copy.deepcopy(mimi)
+    install_mimi(fast, auto)
+    frames = pcm.shape[-1] // mimi.frame_size
+    x = pcm[: frames * mimi.frame_size].reshape(1, 1, -1)
+    ref = mimi.encode_chunk(x, mimi.allocate_state(1))[0]  # [K, T]
+    got = fast.encode_chunk(x, fast.allocate_state(1))[0]
+    return {
+        "frames": frames,
+        "code_agreement": round((ref == got).float().mean().item(), 6),
+        "semantic_agreement": round((ref[0] == got[0]).float().mean().item(), 6),
+    }
+
+
+def free_running(model, plan: Plan | None, pcm: torch.Tensor) -> list[int]:
+    """The greedy text tokens of the whole pipeline (Mimi, then the LM on its codes) under
+    ``plan`` (None: the exact float path), with the §2.8 alignment."""
+    lm, mimi = copy.deepcopy(model.lm), copy.deepcopy(model.mimi)
+    cache_type = KVCache
+    if plan is not None:
+        lm = lm.to(plan.dtype)
+        cache_type = install(lm, mimi, plan)
+    frames = pcm.shape[-1] // mimi.frame_size
+    codes = mimi.encode_chunk(
+        pcm[: frames * mimi.frame_size].reshape(1, 1, -1), mimi.allocate_state(1)
+    )[0]
+    _, _, tokens = run_lm(lm, codes, None, cache_type)
+    return [int(x) for x in tokens]
+
+
+def word_agreement(exact: list[int], auto: list[int], padding: set[int]) -> dict:
+    words = [[x for x in seq if x not in padding] for seq in (exact, auto)]
+    return {
+        "steps": len(exact),
+        "step_agreement": round(
+            sum(a == b for a, b in zip(exact, auto, strict=True)) / len(exact), 4
+        ),
+        "words_exact": len(words[0]),
+        "words_auto": len(words[1]),
+        "same_words": words[0] == words[1],
+        "wer_auto_vs_exact": round(_edits(words[0], words[1]) / max(len(words[0]), 1), 4),
+    }
+
+
+def _edits(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
 def compare(ref: torch.Tensor, ref_vad: torch.Tensor, out: torch.Tensor, vad: torch.Tensor) -> dict:
     diff = (out - ref).abs()
     spread = ref.std().item()
@@ -134,7 +204,22 @@ def main() -> int:
         out, vad, _ = run_lm(lm, codes, tokens, cache_type)
         results[name] = compare(ref, ref_vad, out.float(), vad.float())
         del lm
-    report = {"model": model.name, "steps": codes.shape[1], "variants": results}
+    mimi_codes = mimi_agreement(model.mimi, torch.from_numpy(np.ascontiguousarray(pcm)))
+    auto = choose(EngineConfig(batch_size=1, device="cpu"))
+    cfg = model.lm.cfg
+    padding = {cfg.text_padding_id, cfg.end_of_padding_id}
+    pcm_t = torch.from_numpy(np.ascontiguousarray(pcm))
+    words = word_agreement(
+        free_running(model, None, pcm_t), free_running(model, auto, pcm_t), padding
+    )
+    report = {
+        "model": model.name,
+        "steps": codes.shape[1],
+        "variants": results,
+        "mimi": mimi_codes,
+        "words": words,
+        "auto": auto.describe(reason=False),
+    }
     if args.json:
         print(json.dumps(report))
         return 0
@@ -150,6 +235,21 @@ def main() -> int:
             f"{r['max_dlogit_over_spread']} | {r['argmax_agreement']:.1%} | "
             f"{r['top5_agreement']:.1%} | {r['max_dvad']} |"
         )
+    if mimi_codes is not None:
+        print(
+            f"\ncompiled Mimi against the float path, {mimi_codes['frames']} frames: "
+            f"{mimi_codes['code_agreement']:.4%} of code positions equal "
+            f"(semantic codebook {mimi_codes['semantic_agreement']:.4%})"
+        )
+    else:
+        print("\nno plan here compiles Mimi: its codes are the float path's")
+    print(
+        f"\nwhole pipeline, free-running, auto ({report['auto']}) against exact, "
+        f"{words['steps']} steps: {words['step_agreement']:.1%} of steps give the same token; "
+        f"{words['words_exact']} words exact, {words['words_auto']} auto, "
+        f"{'the same words' if words['same_words'] else 'different words'}, "
+        f"WER of auto against exact {words['wer_auto_vs_exact']:.1%}"
+    )
     return 0
 
 

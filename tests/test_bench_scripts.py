@@ -78,6 +78,12 @@ def test_agreement_compares_every_variant_with_float32() -> None:
         assert 0 < result["max_abs_dlogit"] < 1.0
         assert 0 <= result["mean_abs_dlogit"] <= result["max_abs_dlogit"]
         assert 0 <= result["argmax_agreement"] <= 1
+    words = report["words"]
+    assert words["steps"] == 6 and 0 <= words["step_agreement"] <= 1
+    assert words["same_words"] == (words["wer_auto_vs_exact"] == 0)
+    mimi = report["mimi"]
+    if mimi is not None:  # the compiled Mimi (AVX2 machines): its codes against the float path
+        assert mimi["frames"] == 6 and 0.99 <= mimi["code_agreement"] <= 1
 
 
 def test_soak_holds_a_long_session_and_churn() -> None:

@@ -13,6 +13,7 @@ from dsm_stt.cpu.codebook import KernelResidualVQ
 from dsm_stt.cpu.float_linear import PackedLinear, PackedStridedConv, is_packed, pack_mimi
 from dsm_stt.cpu.kernels import ops
 from dsm_stt.cpu.kernels.build import problem as kernels_problem
+from dsm_stt.cpu.mimi_step import FusedMimiTransformer
 from dsm_stt.model.mimi import MimiEncoder
 
 
@@ -25,6 +26,8 @@ pytestmark = pytest.mark.skipif(_avx2_problem() is not None, reason=f"{_avx2_pro
 
 def packed_encoder(seed: int) -> MimiEncoder:
     model = pack_mimi(tiny_encoder(seed))
+    holder = model.encoder_transformer
+    holder.transformer = FusedMimiTransformer(holder.transformer)
     for half in ("rvq_first", "rvq_rest"):
         setattr(model.quantizer, half, KernelResidualVQ(getattr(model.quantizer, half)))
     return model

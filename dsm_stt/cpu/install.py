@@ -34,6 +34,17 @@ def install(lm: LM, mimi: MimiEncoder, plan: Plan) -> type[KVCache]:
 
         if not isinstance(lm.transformer, FusedTransformer):
             lm.transformer = FusedTransformer(lm.transformer)
+    install_mimi(mimi, plan)
+    if plan.kv_cache == "int8":
+        from .kvcache import Int8KVCache
+
+        return Int8KVCache
+    return KVCache
+
+
+def install_mimi(mimi: MimiEncoder, plan: Plan) -> None:
+    """The Mimi half of ``install``: its compiled float32 products, layer step and codebook
+    search (``plan.mimi_kernels``) or the bit-exact compiled search (``compiled_codebooks``)."""
     if plan.mimi_kernels:
         from .float_linear import pack_mimi
         from .mimi_step import FusedMimiTransformer
@@ -51,8 +62,3 @@ def install(lm: LM, mimi: MimiEncoder, plan: Plan) -> type[KVCache]:
             rvq = getattr(quantizer, half)
             if not isinstance(rvq, search):
                 setattr(quantizer, half, search(rvq))
-    if plan.kv_cache == "int8":
-        from .kvcache import Int8KVCache
-
-        return Int8KVCache
-    return KVCache
