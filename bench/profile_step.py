@@ -7,7 +7,8 @@ transformer, its downsampling and codebook search; the LM's four projections ove
 (one row per slot), its attention over full rings, its output heads; and the whole LM and
 Mimi steps, whose remainder over the pieces is the host work (norms, RoPE, embeddings,
 Python). Each piece gets its floor: the bytes it must read at the measured memory bandwidth,
-or its multiply-adds at the measured float32 peak of ``torch.mm``, whichever is larger.
+or its multiply-adds at the measured float32 peak of ``torch.mm`` (the int8 products: at the
+rate of the plan's own int8 product on weights that stay in cache), whichever is larger.
 Prints a Markdown table per batch size.
 
     python bench/profile_step.py --model kyutai/stt-1b-en_fr-candle --batch-sizes 1 8 32
@@ -53,6 +54,21 @@ def peak_gflops() -> float:
     return 2 * 1024**3 / ms / 1e6
 
 
+def int8_gmacs() -> float:
+    """The int8 product's multiply-add rate where memory does not bind: the ``W8A8Linear``
+    ``auto`` picks, 32 rows against a 1024 x 1024 weight that stays in the caches."""
+    from dsm_stt.cpu.plan import choose
+    from dsm_stt.cpu.quantize import W8A8Linear
+
+    plan = choose(EngineConfig(batch_size=32, device="cpu"))
+    if plan.quantize != "w8a8":
+        return 0.0
+    linear = W8A8Linear(torch.randn(1024, 1024), plan.w8a8_bits, plan.w8a8_kernel)
+    x = torch.randn(32, 1024)
+    ms = median_ms(lambda: linear(x), 20)
+    return 32 * 1024 * 1024 / ms / 1e6
+
+
 def mimi_macs(mimi, B: int) -> dict[str, float]:
     """Multiply-adds of one Mimi step per piece (SEANet convolutions, transformer)."""
     frame = mimi.frame_size
@@ -74,15 +90,16 @@ def row(name: str, ms: float, floor_ms: float | None, what: str) -> str:
     return f"| {name} | {ms:.2f} | {floor} | {ratio} | {what} |"
 
 
-def profile(engine, B: int, repeats: int, gbs: float, gflops: float) -> list[str]:
+def profile(engine, B: int, repeats: int, gbs: float, gflops: float, int8_rate: float) -> list[str]:
     lm, mimi, state = engine.lm, engine.mimi, engine.state
     assume_history(state, 1.0)
     active = torch.ones(B, dtype=torch.bool)
     g = torch.Generator().manual_seed(0)
     pcm = torch.randn(B, 1, mimi.frame_size, generator=g) * 0.1
 
-    def floor(nbytes: float = 0.0, macs: float = 0.0) -> float:
-        return max(nbytes / gbs / 1e6, 2 * macs / gflops / 1e6)
+    def floor(nbytes: float = 0.0, macs: float = 0.0, int8: bool = False) -> float:
+        compute = macs / int8_rate / 1e6 if int8 and int8_rate else 2 * macs / gflops / 1e6
+        return max(nbytes / gbs / 1e6, compute)
 
     lines = []
     # Mimi: the whole step, then its pieces on the same state
@@ -134,7 +151,10 @@ def profile(engine, B: int, repeats: int, gbs: float, gflops: float) -> list[str
         nbytes = sum(_weight_bytes(m) for m in mods)
         n_macs = B * sum(m.in_features * m.out_features for m in mods)
         pieces += ms
-        lines.append(row(f"LM {label} (x{len(mods)})", ms, floor(nbytes, n_macs), _kind(mods[0])))
+        int8 = getattr(mods[0], "kernel", None) is not None
+        lines.append(
+            row(f"LM {label} (x{len(mods)})", ms, floor(nbytes, n_macs, int8), _kind(mods[0]))
+        )
     cache = state.lm
     H = lm.cfg.num_heads
     S = cache.context
@@ -160,8 +180,10 @@ def profile(engine, B: int, repeats: int, gbs: float, gflops: float) -> list[str
         pieces += att_ms
     h = torch.randn(B, D).to(lm.dtype)
     heads_ms = median_ms(lambda: lm._heads(h), repeats)
-    head_bytes = lm.text_linear.weight.nbytes + sum(x.weight.nbytes for x in lm.extra_heads)
-    lines.append(row("LM heads", heads_ms, floor(head_bytes), "text + VAD"))
+    heads = [lm.text_linear, *lm.extra_heads]
+    head_bytes = sum(x.weight.nbytes for x in heads)
+    head_macs = B * sum(x.weight.numel() for x in heads)
+    lines.append(row("LM heads", heads_ms, floor(head_bytes, head_macs), "text + VAD"))
     pieces += heads_ms
     lines.append(row("LM rest (norms, RoPE, embeddings, host)", lm_ms - pieces, None, ""))
     lines.append(row("**LM step**", lm_ms, None, ""))
@@ -194,10 +216,12 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
-    gbs, gflops = bandwidth_gbs(), peak_gflops()
+    gbs, gflops, int8_rate = bandwidth_gbs(), peak_gflops(), int8_gmacs()
     print(
         f"{torch.get_num_threads()} threads; read bandwidth {gbs:.1f} GB/s, "
-        f"float32 torch.mm {gflops:.0f} GFLOP/s"
+        f"float32 torch.mm {gflops:.0f} GFLOP/s, the int8 product in cache "
+        f"{int8_rate:.0f} G multiply-adds/s (the floors: bytes at the bandwidth, or "
+        "multiply-adds at these rates)"
     )
     model = None
     for B in args.batch_sizes:
@@ -215,7 +239,7 @@ def main() -> int:
         print(f"\n{args.model}, batch {B}: {plan.describe(reason=False)}\n")
         print("| piece | ms | floor ms | over floor | what |")
         print("|---|---|---|---|---|")
-        for line in profile(engine, B, args.repeats, gbs, gflops):
+        for line in profile(engine, B, args.repeats, gbs, gflops, int8_rate):
             print(line)
         del engine
     return 0

@@ -1518,8 +1518,10 @@ torch::Tensor mimi_layer_step(torch::Tensor x, std::vector<torch::Tensor> norms,
   for (int64_t r = 0; r < R; ++r)
     layer_norm_row(h.data() + r * D, nf[2].data_ptr<float>(), nf[3].data_ptr<float>(), D, fe, n.data() + r * D);
   p_l1.apply(n.data(), R, a.data());
-  for (int64_t i = 0; i < R * F; ++i) a[i] = 0.5f * a[i] * (1.f + std::erf(a[i] * 0.70710678118654752f));
-  p_l2.apply(a.data(), R, op);
+  // GELU (erf) through ATen's vectorized kernel, as the module path computes it
+  const auto fopt = torch::TensorOptions().dtype(torch::kFloat);
+  const auto g = at::gelu(torch::from_blob(a.data(), {R, F}, fopt));
+  p_l2.apply(g.data_ptr<float>(), R, op);
   const float* l2 = s2.data_ptr<float>();
   for (int64_t r = 0; r < R; ++r)
     for (int64_t d = 0; d < D; ++d) op[r * D + d] = h[r * D + d] + op[r * D + d] * l2[d];
