@@ -9,7 +9,7 @@ absolute logit difference (also relative to the float32 logits' spread), the sha
 whose argmax token is the same, the share where float32's token is in the variant's top 5, and
 the largest VAD difference.
 
-Then, for every Mimi variant a plan can pick (``Plan.mimi_kernels``: the compiled float32
+Then, for every Mimi variant a plan can pick (``Plan.float_kernels``: the compiled float32
 products, layer step and codebook search), the share of code positions equal to the float
 path's on the same audio, overall and for the first (semantic) codebook. Then the words: the
 whole exact pipeline (float32 Mimi and LM) and the whole ``auto`` one, each free-running (its
@@ -103,10 +103,10 @@ def run_lm(
 
 
 def mimi_agreement(mimi, pcm: torch.Tensor) -> dict | None:
-    """Codes of the compiled Mimi (what ``auto`` installs where ``mimi_kernels``) against the
+    """Codes of the compiled Mimi (what ``auto`` installs where ``float_kernels``) against the
     float path's, streamed frame by frame over ``pcm`` [N]; None where no plan here has it."""
     auto = choose(EngineConfig(batch_size=1, device="cpu"))
-    if not auto.mimi_kernels:
+    if not auto.float_kernels:
         return None
     fast = copy.deepcopy(mimi)
     install_mimi(fast, auto)

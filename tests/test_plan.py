@@ -74,7 +74,7 @@ def test_auto_on_x86_is_w8a8_with_an_int8_ring(
     assert (got.quantize, got.kv_cache, got.dtype) == ("w8a8", "int8", dtype)
     assert (got.w8a8_kernel, got.w8a8_bits, got.fused_layers) == (kernel, 8, True)
     assert got.compiled_codebooks and got.needs_kernels and got.family == family
-    assert got.mimi_kernels == mimi
+    assert got.float_kernels == mimi
     assert AUTO[family].measured in got.reason and "auto (dtype, quantize, kv_cache)" in got.reason
     name = str(dtype).removeprefix("torch.")
     assert got.describe().startswith(f"cpu ({family}), {name}, w8a8 on {kernel}")
@@ -200,6 +200,11 @@ def test_installing_the_auto_plan_swaps_each_piece_once() -> None:
     assert isinstance(lm.transformer, FusedTransformer) == got.fused_layers
     assert isinstance(model.mimi.quantizer.rvq_first, CompiledResidualVQ) == got.compiled_codebooks
     assert set(model.mimi.state_dict()) == mimi_keys  # the checkpoint's names stay
+    if got.float_kernels:  # the compiled float32 Mimi and (float32 LMs) text head
+        from dsm_stt.cpu.float_linear import PackedLinear, is_packed
+
+        assert is_packed(model.mimi)
+        assert isinstance(lm.text_linear, PackedLinear) == (got.dtype == torch.float32)
     transformer = lm.transformer
     assert install(lm, model.mimi, got) is cache_type  # a second time changes nothing
     assert lm.transformer is transformer

@@ -1,4 +1,4 @@
-"""Mimi's float32 projections on this package's compiled AVX2 product (``kernels.float_linear``).
+"""float32 projections on this package's compiled AVX2 product (``kernels.float_linear``).
 
 Owns ``PackedLinear`` (a bias-free or biased linear whose weights are packed once for the
 compiled product), ``PackedStridedConv`` (a ``model.mimi.CausalConv1d`` whose few-output strided
@@ -11,6 +11,8 @@ layers' projections 11.5 ms against 2.9 ms). The product is float32 like the mod
 order of summation differs (one chain of fused multiply-adds per output), so Mimi's latents move
 by float rounding and its codes agree with the float path's except at near-ties
 (``bench/agreement.py`` publishes how often). A row's result never depends on the other rows.
+``install.install`` also gives a float32 LM's text head (2048 x 8000, 65 MB) a ``PackedLinear``:
+at one or two slots PyTorch reads it at a third of the bandwidth too.
 """
 
 from __future__ import annotations

@@ -29,9 +29,10 @@ class Choice:
     quantize: str
     kv_cache: str
     measured: str  # stt-1b, random weights, ``dsm-stt bench`` (or "untested: ...")
-    # Mimi's projections, strided convolutions and codebook search on the compiled float32
-    # AVX2 kernels (``float_linear``, ``codebook.KernelResidualVQ``) where the kernels run
-    mimi_kernels: bool = False
+    # float32 products on the compiled AVX2 kernels where the kernels run: Mimi's projections,
+    # few-output convolutions, layer step and codebook search, and the LM's text head where
+    # the LM computes in float32 (``float_linear``, ``mimi_step``, ``codebook``)
+    float_kernels: bool = False
 
 
 # One row per family of ``features.FAMILIES``. Figures: docs/performance.md, where each
@@ -55,7 +56,7 @@ AUTO: dict[str, Choice] = {
         "w8a8",
         "int8",
         "untested: the choice of the AVX2 and VNNI families, whose figures it lies between",
-        mimi_kernels=True,
+        float_kernels=True,
     ),
     "avx2": Choice(
         "auto",
@@ -63,7 +64,7 @@ AUTO: dict[str, Choice] = {
         "int8",
         "stt-1b 52.5 ms/step at 1 slot, 3.36 real-time streams at 8 (2-core AMD EPYC, AVX2 "
         "only; float32 beside the int8 products: bf16, emulated there, read 71.7 ms)",
-        mimi_kernels=True,
+        float_kernels=True,
     ),
     "aarch64": Choice(
         "auto", "none", "float", "untested: no ARM machine was measured; the float path"
@@ -84,9 +85,10 @@ class Plan:
     w8a8_bits: int | None = None  # the activation grid of w8a8
     fused_layers: bool = False  # one compiled call per LM layer (cpu.fused)
     compiled_codebooks: bool = False  # Mimi's codebook search in one compiled call
-    # Mimi's float32 products and codebook distances on this package's AVX2 kernels (float32,
-    # another order of summation: codes equal but at near-ties)
-    mimi_kernels: bool = False
+    # Mimi's float32 products, layer step and codebook distances, and a float32 LM's text
+    # head, on this package's AVX2 kernels (float32, another order of summation: the same
+    # codes and tokens but at near-ties)
+    float_kernels: bool = False
     family: str = ""  # the CPU family (CPU plans)
     reason: str = ""  # why, in words
 
@@ -98,7 +100,7 @@ class Plan:
             or self.w8a8_kernel in ("amx", "vnni", "avx2")
             or self.fused_layers
             or self.compiled_codebooks
-            or self.mimi_kernels
+            or self.float_kernels
         )
 
     @property
@@ -117,8 +119,10 @@ class Plan:
             parts.append("int8 KV cache")
         if self.fused_layers:
             parts.append("fused layer step")
-        if self.mimi_kernels:
+        if self.float_kernels:
             parts.append("Mimi on the compiled float32 kernels")
+            if self.dtype == torch.float32:
+                parts.append("compiled text head")
         elif self.compiled_codebooks:
             parts.append("compiled codebook search")
         return ", ".join(parts) + (f"; {self.reason}" if reason and self.reason else "")
@@ -221,7 +225,7 @@ def choose(
         bits,
         fused_layers=own is not None and kv == "int8" and dtype in _FUSED_DTYPES,
         compiled_codebooks=kernels,
-        mimi_kernels=kernels and choice.mimi_kernels and _has_avx2(features),
+        float_kernels=kernels and choice.float_kernels and _has_avx2(features),
         family=family,
         reason="; ".join(reasons),
     )
