@@ -63,14 +63,15 @@ def test_float_linear_without_bias_and_bad_inputs() -> None:
         ops.float_pack(torch.ones(3, 4, 5))
 
 
-def test_packed_linear_keeps_the_replaced_modules_names_and_falls_back_on_many_rows() -> None:
+def test_packed_linear_keeps_the_replaced_modules_names_and_rows_their_results() -> None:
     linear = torch.nn.Linear(24, 40)
     packed = PackedLinear(linear.weight, linear.bias)
     assert set(packed.state_dict()) == {"weight", "bias"}
     assert set(PackedLinear(linear.weight, register=False).state_dict()) == set()
-    for rows in (1, 3, 100):  # 100 rows: PyTorch's GEMM
-        x = torch.randn(rows, 2, 24)
-        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    many = torch.randn(100, 2, 24)
+    for rows in (1, 3, 100):  # any number of rows: the same bits for each row
+        torch.testing.assert_close(packed(many[:rows]), linear(many[:rows]), rtol=1e-5, atol=1e-5)
+        assert torch.equal(packed(many[:rows]), packed(many)[:rows])
 
 
 @pytest.mark.parametrize("batch", [1, 5, 33])

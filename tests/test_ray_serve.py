@@ -161,11 +161,32 @@ def signals(count: int, seconds: float, first_seed: int) -> list[np.ndarray]:
     ]
 
 
-def expected_words(cluster: Cluster, pcms: list[np.ndarray], directory: Path) -> list[list]:
-    """Each signal's solo run: alone in a batch of ``SLOTS`` (what a session alone on a
-    replica gets; beside other files, the tiny model's first word can differ by rounding)."""
+class Outcomes(list):
+    """The words a signal may get: its solo run, or its run beside the other signals. The
+    exact path's matrix products round by the number of rows (PyTorch's GEMM picks its
+    blocking by it), and the tiny model's near-ties turn that into a word here and there (on a
+    2-core AMD EPYC with AVX2 one signal of 16 loses its last word beside others), so a
+    session whose neighbours change every step may get either; equality is membership."""
+
+    def __eq__(self, other: object) -> bool:
+        return other in list(self)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def expected_words(cluster: Cluster, pcms: list[np.ndarray], directory: Path) -> list[Outcomes]:
+    """Each signal's solo run (alone in a batch of ``SLOTS``: what a session alone on a
+    replica gets) and its runs beside the others (all of them, in batches of ``SLOTS``)."""
     files = [write_wav(directory / f"{i}.wav", pcm) for i, pcm in enumerate(pcms)]
-    return [reference_words(cluster.checkpoint, [f], SLOTS)[0] for f in files]
+    solo = [reference_words(cluster.checkpoint, [f], SLOTS)[0] for f in files]
+    together = reference_words(cluster.checkpoint, files, SLOTS)
+    halves = [
+        words
+        for part in (files[: len(files) // 2], files[len(files) // 2 :])
+        if part
+        for words in reference_words(cluster.checkpoint, part, SLOTS)
+    ]
+    return [Outcomes([s, t, h]) for s, t, h in zip(solo, together, halves, strict=True)]
 
 
 def test_sessions_spread_over_both_replicas_by_free_slots(
@@ -181,7 +202,8 @@ def test_sessions_spread_over_both_replicas_by_free_slots(
         )
 
     results = asyncio.run(main())  # every session got Ready: none met "no free channels"
-    assert results == expected  # each session's words are its solo run's
+    # each session's words are its solo run's (or, at a near-tie, its run beside others)
+    assert all(expected[i] == words for i, words in enumerate(results)), results
     view = cluster.wait_for(
         lambda v: (
             sum(r["sessions_served"] for r in v["replicas"] if not r["lost"]) - sum(before.values())
@@ -332,8 +354,9 @@ def test_a_killed_replica_ends_its_sessions_and_newcomers_go_to_the_other(
         assert r["close"] is None or r["close"].code not in (1000, 1001), r["close"]
         assert not any(m["type"] == "Flushed" for m in r["messages"])
     for i, r in whole:
-        assert r["words"] == expected[i]  # the survivor's sessions ran to the end
-    assert newcomers == expected[len(pcms) :]
+        assert expected[i] == r["words"]  # the survivor's sessions ran to the end
+    assert len(newcomers) == len(fresh)
+    assert all(expected[len(pcms) + i] == w for i, w in enumerate(newcomers))
     live = cluster.wait_for(lambda v: True, "a view")["replicas"]
     assert all(r["lost"] for r in live if r["replica"] == victim)
 
@@ -437,5 +460,6 @@ def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -
         return list(await asyncio.wait_for(asyncio.gather(*tasks), 30))
 
     results = asyncio.run(main())
-    assert [words for words, _ in results] == expected  # the last words came out
+    # the last words came out
+    assert all(expected[i] == words for i, (words, _) in enumerate(results))
     assert [code for _, code in results] == [1001, 1001]  # "going away", not a dropped socket

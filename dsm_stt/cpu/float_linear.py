@@ -24,13 +24,14 @@ from ..model.mimi import CausalConv1d, MimiEncoder, SEANetEncoder
 from ..model.transformer import MimiLayer
 from .kernels.ops import float_linear, float_pack
 
-MAX_ROWS = 32  # from here on PyTorch's GEMM reuses the weights better than the streaming product
 FEW_OUTPUTS = 4  # a conv step with at most this many output positions (per slot) is a product
 
 
 class PackedLinear(nn.Module):
-    """``y = x @ weight.T (+ bias)``: the compiled product up to ``MAX_ROWS`` rows, PyTorch's
-    above. Keeps ``weight`` (and ``bias``) under their names, so a state dict still loads."""
+    """``y = x @ weight.T (+ bias)`` on the compiled product (CPU; other devices PyTorch's),
+    whatever the number of rows, so that a row's result never depends on how many slots run
+    beside it (PyTorch's GEMM picks its blocking by the row count). Keeps ``weight`` (and
+    ``bias``) under their names, so a state dict still loads."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, register: bool = True) -> None:
         super().__init__()
@@ -46,7 +47,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         flat = x.reshape(-1, self.in_features)
-        if flat.shape[0] > MAX_ROWS or flat.device.type != "cpu":
+        if flat.device.type != "cpu":
             y = torch.nn.functional.linear(flat, self.weight, self.bias)
         else:
             y = float_linear(flat, self.packed, self.out_features, self.bias)
