@@ -33,7 +33,7 @@ QUANTIZE_HELP = (
     "the LM's projections: auto (default: w8a8 on x86-64 CPUs, where it was measured fastest; "
     "none elsewhere), none (the model's dtype), int8 (int8 weights, per-row scales), w8a8 "
     "(int8 weights and activations on the CPU's integer dot-product units; CPU only; on "
-    "CPUs with AMX-INT8 or AVX512-VNNI this package's compiled kernel)"
+    "CPUs with AMX-INT8, AVX512-VNNI or AVX2 this package's compiled kernel)"
 )
 KV_CACHE_HELP = (
     "the LM's attention cache: auto (default: int8 on x86-64 CPUs with the compiled kernels, "

@@ -55,7 +55,7 @@ AUTO: dict[str, Choice] = {
         "auto",
         "w8a8",
         "int8",
-        "untested: the choice of the AVX2 and VNNI families, whose figures it lies between",
+        "untested: the AVX2 family's choice (no native bf16; the AVX2 kernels run here)",
         float_kernels=True,
     ),
     "avx2": Choice(
