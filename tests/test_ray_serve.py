@@ -176,17 +176,11 @@ class Outcomes(list):
 
 def expected_words(cluster: Cluster, pcms: list[np.ndarray], directory: Path) -> list[Outcomes]:
     """Each signal's solo run (alone in a batch of ``SLOTS``: what a session alone on a
-    replica gets) and its runs beside the others (all of them, in batches of ``SLOTS``)."""
+    replica gets) and its run beside the others (all of them through ``SLOTS`` slots)."""
     files = [write_wav(directory / f"{i}.wav", pcm) for i, pcm in enumerate(pcms)]
     solo = [reference_words(cluster.checkpoint, [f], SLOTS)[0] for f in files]
     together = reference_words(cluster.checkpoint, files, SLOTS)
-    halves = [
-        words
-        for part in (files[: len(files) // 2], files[len(files) // 2 :])
-        if part
-        for words in reference_words(cluster.checkpoint, part, SLOTS)
-    ]
-    return [Outcomes([s, t, h]) for s, t, h in zip(solo, together, halves, strict=True)]
+    return [Outcomes([s, t]) for s, t in zip(solo, together, strict=True)]
 
 
 def test_sessions_spread_over_both_replicas_by_free_slots(
