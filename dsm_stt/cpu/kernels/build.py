@@ -1,6 +1,7 @@
-"""Building and loading this package's compiled CPU kernels (``kernels.cpp``, next to this file).
+"""Building and loading this package's compiled CPU kernels (the C++ sources next to this file).
 
-Owns the one build of the C++ source for this machine: its compiler flags (``-march=native``
+Owns the one build of the C++ sources for this machine (``SOURCES``, one per kernel after the
+shared ``kernels.cpp``, joined in that order into one extension): its compiler flags (``-march=native``
 narrowed to the features ``features.detect()`` reports, so a restricted family gets code for
 that family only), its cache key, whether it is built already, the line that announces a build
 before it starts, and ``KernelUnavailable`` with the reason in words when it cannot be had
@@ -25,7 +26,23 @@ import torch
 
 from ..features import KERNELS_ENV, CpuFeatures, detect, kernels_enabled
 
-SOURCE_FILE = Path(__file__).parent / "kernels.cpp"
+_HERE = Path(__file__).parent
+# joined in this order: each may use what the ones before it define
+SOURCES = tuple(
+    _HERE / name
+    for name in (
+        "kernels.cpp",  # includes, enums, the attention's views
+        "attention.cpp",  # int8 KV attention, its code paths
+        "int8_product.cpp",  # the W8A8 products (AMX, AVX512-VNNI, AVX2)
+        "lm_layer_step.cpp",  # the LM's fused layer step
+        "float_product.cpp",  # float32 streaming products, Mimi's fused layer step
+        "codebook.cpp",  # Mimi's codebook searches
+    )
+)
+
+
+def _sources() -> list[str]:
+    return [path.read_text(encoding="utf-8") for path in SOURCES]
 FUNCTIONS = (
     "attend",
     "paths",
@@ -70,7 +87,7 @@ def build_name(features: CpuFeatures | None = None) -> str:
     features = detect() if features is None else features
     key = "\n".join(
         [
-            SOURCE_FILE.read_text(encoding="utf-8"),
+            *_sources(),
             " ".join(compiler_flags(features)),
             torch.__version__,
             features.arch,
@@ -175,7 +192,7 @@ def _compile(progress: bool):
     try:
         module = load_inline(
             build_name(),
-            cpp_sources=SOURCE_FILE.read_text(encoding="utf-8"),
+            cpp_sources=_sources(),
             functions=list(FUNCTIONS),
             extra_cflags=compiler_flags(),
             extra_ldflags=["-fopenmp"],

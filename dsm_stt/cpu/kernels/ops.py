@@ -1,4 +1,4 @@
-"""Python signatures of the compiled CPU kernels (``kernels.cpp``): what each takes and returns.
+"""Python signatures of the compiled CPU kernels (the ``.cpp`` sources here): what each takes and returns.
 
 Owns the thin wrappers over the compiled module: ``int8_attention`` (attention of new queries
 over an int8 KV ring, for ``kvcache.Int8KVCache``), ``amx_pack`` / ``amx_linear`` /
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .build import module
 
-PRODUCTS = ("vnni", "amx", "avx2")  # the compiled int8 products, by their index in kernels.cpp
+PRODUCTS = ("vnni", "amx", "avx2")  # the compiled int8 products, by their index in int8_product.cpp
 
 
 def amx_problem() -> str | None:
