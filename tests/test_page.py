@@ -333,6 +333,13 @@ def _sent_audio(sent: list[dict]) -> np.ndarray:
     return np.concatenate(frames)
 
 
+def _segment_correlations(sent: np.ndarray, wav: np.ndarray, seconds: float = 0.5) -> list[float]:
+    """``_best_correlation`` of each ``seconds`` of the WAV that is not silence, on its own."""
+    size = int(seconds * 24000)
+    pieces = [wav[i : i + size] for i in range(0, wav.size - size + 1, size)]
+    return [_best_correlation(sent, piece) for piece in pieces if np.abs(piece).max() > 0.05]
+
+
 def _best_correlation(sent: np.ndarray, wav: np.ndarray) -> float:
     """The highest normalised correlation of the WAV with the sent audio at any lag (the page
     sends from its Ready on, so the WAV may have started before the first frame sent)."""
@@ -358,12 +365,16 @@ def test_the_microphone_streams_words_turns_and_the_vad(
         tab.wait(lambda: "Listening" in tab.status(), "Ready")
         meter: set[float] = set()
         shot = False
-        deadline = time.monotonic() + 25
-        # until the whole WAV has been sent and the second turn closed
-        while len(tab.sent) * 1920 < wav.size + 12 * 1920 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 45
+        # until the whole WAV has been sent and the second turn closed, and (on a loaded
+        # machine the server's words lag the frames sent) the screenshot of the second turn
+        # taken while its words arrive: the microphone keeps sending silence after the WAV
+        while (
+            len(tab.sent) * 1920 < wav.size + 12 * 1920 or not shot
+        ) and time.monotonic() < deadline:
             meter.add(float(tab.page.get_attribute("#vad", "aria-valuenow") or 0))
             live = tab.page.locator("#transcript .turn.live .word").count()
-            if not shot and len(tab.turns()) >= 2 and live >= 3:
+            if not shot and len(tab.turns()) >= 2 and live >= 1:
                 # a closed turn, and the next one's words arriving
                 tab.screenshot(tmp_path, "mic-mid-stream.png")
                 shot = True
@@ -398,7 +409,10 @@ def test_the_microphone_streams_words_turns_and_the_vad(
 
         # the audio sent is the WAV's, at 24 kHz, in 1920-sample Audio frames
         sent = _sent_audio(tab.sent)
-        assert _best_correlation(sent, wav) > 0.9
+        # each 0.5 s of the WAV's speech is in it (Chromium's fake capture can drop a buffer
+        # on a loaded machine, which shifts the rest: a single alignment would not hold)
+        found = _segment_correlations(sent, wav)
+        assert len(found) >= 6 and float(np.median(found)) > 0.9, found
         assert [m["type"] for m in tab.sent][-1] == "Flush"
 
         # the same audio from a plain client: the same words, which the JSON download holds

@@ -64,7 +64,7 @@ void float_product(const float* xp, int64_t M, int64_t K, const float* wp, int64
 // One float32 projection packed for float_product.
 struct FloatProjection {
   const float* w; int64_t NB, K, N;
-  FloatProjection(const torch::Tensor& packed, int64_t n, int64_t k) : N(n), K(k) {
+  FloatProjection(const torch::Tensor& packed, int64_t n, int64_t k) : K(k), N(n) {
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kFloat &&
                 packed.is_contiguous() && packed.size(2) == 8 && packed.size(0) % 4 == 0,
                 "packed weights [NB, K, 8] expected");
