@@ -31,7 +31,8 @@ class PackedLinear(nn.Module):
     """``y = x @ weight.T (+ bias)`` on the compiled product (CPU; other devices PyTorch's),
     whatever the number of rows, so that a row's result never depends on how many slots run
     beside it (PyTorch's GEMM picks its blocking by the row count). Keeps ``weight`` (and
-    ``bias``) under their names, so a state dict still loads."""
+    ``bias``) under their names, so the state dict's keys stay the checkpoint's; the packed
+    copy is made once, here: weights are loaded before a plan is installed, never after."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, register: bool = True) -> None:
         super().__init__()
