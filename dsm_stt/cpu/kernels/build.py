@@ -43,6 +43,8 @@ SOURCES = tuple(
 
 def _sources() -> list[str]:
     return [path.read_text(encoding="utf-8") for path in SOURCES]
+
+
 FUNCTIONS = (
     "attend",
     "paths",
