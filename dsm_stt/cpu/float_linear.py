@@ -68,7 +68,10 @@ class PackedStridedConv(CausalConv1d):
         self.stride = conv.stride
         self.context = conv.context
         weight = self.conv.conv.weight
-        self.product = [PackedLinear(weight.reshape(weight.shape[0], -1), self.conv.conv.bias)]
+        # the conv keeps its parameters: the product holds views of them and adds no keys
+        self.product = PackedLinear(
+            weight.reshape(weight.shape[0], -1), self.conv.conv.bias, register=False
+        )
 
     def _as_product(self, outputs: int) -> bool:
         # stride 1 too: PyTorch's convolution takes 1.2 ms for the last one (1024 -> 512,
@@ -80,7 +83,7 @@ class PackedStridedConv(CausalConv1d):
         out_channels, _, kernel = self.conv.conv.weight.shape
         windows = x.unfold(-1, kernel, self.stride).transpose(1, 2)  # [B, T, C_in, k]
         B, T = windows.shape[:2]
-        y = self.product[0](windows.reshape(B * T, -1))
+        y = self.product(windows.reshape(B * T, -1))
         return y.view(B, T, out_channels).transpose(1, 2)
 
 

@@ -68,12 +68,14 @@ struct FloatProjection {
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kFloat &&
                 packed.is_contiguous() && packed.size(2) == 8 && packed.size(0) % 4 == 0,
                 "packed weights [NB, K, 8] expected");
-    TORCH_CHECK(packed.size(1) == K, "the input has ", K, " features, the weights ", packed.size(1));
+    TORCH_CHECK(packed.size(1) == K, "x has ", K, " inputs, the weights ", packed.size(1));
     NB = packed.size(0);
     TORCH_CHECK(N <= 8 * NB && 8 * NB < N + 32, "the packed weights do not have ", N, " outputs");
     w = packed.data_ptr<float>();
   }
-  void apply(const float* x, int64_t M, float* y) const { float_product(x, M, K, w, NB, nullptr, N, y); }
+  void apply(const float* x, int64_t M, float* y, const float* bias = nullptr) const {
+    float_product(x, M, K, w, NB, bias, N, y);
+  }
 };
 
 // LayerNorm of row x [D] into y (two passes: mean, then variance of the deviations).
@@ -101,12 +103,8 @@ torch::Tensor float_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor 
 #if defined(DSM_AVX2)
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat && x.is_contiguous(),
               "x must be a contiguous float32 [M, K] tensor");
-  TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kFloat &&
-              packed.is_contiguous() && packed.size(2) == 8 && packed.size(0) % 4 == 0,
-              "packed weights [NB, K, 8] expected");
-  const int64_t M = x.size(0), K = x.size(1), NB = packed.size(0);
-  TORCH_CHECK(packed.size(1) == K, "x has ", K, " inputs, the weights ", packed.size(1));
-  TORCH_CHECK(N <= 8 * NB && 8 * NB < N + 32, "the packed weights do not have ", N, " outputs");
+  const FloatProjection proj(packed, N, x.size(1));
+  const int64_t M = x.size(0);
   const float* bp = nullptr;
   if (bias.defined() && bias.numel() > 0) {
     TORCH_CHECK(bias.dim() == 1 && bias.size(0) == N && bias.scalar_type() == torch::kFloat &&
@@ -115,7 +113,7 @@ torch::Tensor float_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor 
   }
   auto y = torch::empty({M, N}, x.options());
   if (M == 0) return y;
-  float_product(x.data_ptr<float>(), M, K, packed.data_ptr<float>(), NB, bp, N, y.data_ptr<float>());
+  proj.apply(x.data_ptr<float>(), M, y.data_ptr<float>(), bp);
   return y;
 #else
   TORCH_CHECK(false, "float_linear: ", avx2_problem());
