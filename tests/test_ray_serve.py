@@ -43,6 +43,7 @@ from server_support import (  # noqa: E402
 )
 
 from dsm_stt.scale import serve as ray_serve  # noqa: E402
+from dsm_stt.scale.proxy import LOST_MESSAGE  # noqa: E402
 from dsm_stt.server.config import ServerConfig  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
@@ -106,7 +107,7 @@ class Cluster:
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}/api/asr-streaming"
         self.http = f"http://127.0.0.1:{self.port}"
-        config = ServerConfig(
+        self.config = config = ServerConfig(
             model=str(checkpoint), host="127.0.0.1", port=self.port, log_level="warning"
         ).replace(engine=exact_config(batch_size=SLOTS))
         ray_serve.start(
@@ -246,6 +247,42 @@ def test_file_routes_go_through_the_ingress(
     assert local.split()  # the talkative model says something
 
 
+def test_a_realtime_session_goes_through_the_ingress(cluster: Cluster, tmp_path: Path) -> None:
+    """OpenAI's Realtime transcription WebSocket through Serve: one commit, the item's
+    transcript the words of the same audio's solo run."""
+    import base64
+    import json
+
+    pcm = signals(1, 2.0, first_seed=95)[0]
+    (expected,) = expected_words(cluster, [pcm], tmp_path)
+    audio = np.round(pcm * 32768).clip(-32768, 32767).astype("<i2").tobytes()
+    url = f"ws://127.0.0.1:{cluster.port}/v1/realtime?intent=transcription"
+
+    async def main() -> list[dict]:
+        async def event(ws: websockets.ClientConnection) -> dict:
+            return json.loads(await asyncio.wait_for(ws.recv(), 30))
+
+        async with websockets.connect(url, proxy=None, max_size=None) as ws:
+            assert (await event(ws))["type"] == "session.created"
+            session = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+            await ws.send(json.dumps({"type": "session.update", "session": session}))
+            assert (await event(ws))["type"] == "session.updated"
+            for i in range(0, len(audio), 9600):
+                chunk = base64.b64encode(audio[i : i + 9600]).decode()
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": chunk}))
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+            seen = []
+            while not seen or not seen[-1]["type"].endswith("transcription.completed"):
+                seen.append(await event(ws))
+            return seen
+
+    seen = asyncio.run(main())
+    assert [e for e in seen if e["type"] == "error"] == []
+    transcript = seen[-1]["transcript"]
+    assert transcript  # the talkative model says something
+    assert Outcomes(" ".join(w[0] for w in words) for words in expected) == transcript
+
+
 def test_no_free_channels_only_when_every_replica_is_full(cluster: Cluster) -> None:
     async def main() -> tuple[dict, list[dict]]:
         held = [await connect(cluster.url) for _ in range(2 * SLOTS)]
@@ -274,27 +311,37 @@ def test_without_request_router_serve_default_router_is_used(
     assert "FreeSlotsRouter" not in str(config.request_router_class)
     assert config.request_routing_stats_period_s == ray_serve.STATS_PERIOD_S
     monkeypatch.undo()
-    assert "FreeSlotsRouter" in str(ray_serve._router_config().request_router_class)
+    config = ray_serve._router_config()
+    assert "FreeSlotsRouter" in str(config.request_router_class)
+    assert config.request_router_kwargs == {"headroom": ray_serve.HTTP_HEADROOM}
 
 
 async def streamed(url: str, pcm: np.ndarray, pace: float) -> dict:
-    """One session that may be cut: its words so far, and how it ended."""
+    """One session that may be cut: its words so far, its messages (those the server sent
+    before closing included), and how it ended."""
     msgs: list[dict] = []
-    try:
-        async with await connect(url) as ws:
-            assert (await recv(ws))["type"] == "Ready"
-            sender = asyncio.ensure_future(send_frames(ws, pcm, pace=pace))
-            try:
-                while not sender.done():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        msgs.append(await recv(ws, timeout=0.1))
-                await sender
-                await ws.send(pack({"type": "Flush", "id": 1}))
-                msgs += await recv_until(ws, "Flushed", id=1)
-            finally:
-                sender.cancel()
-    except websockets.ConnectionClosed as exc:
-        return {"cut": True, "words": words_of(events(msgs)), "close": exc.rcvd, "messages": msgs}
+    async with await connect(url) as ws:
+        assert (await recv(ws))["type"] == "Ready"
+        sender = asyncio.ensure_future(send_frames(ws, pcm, pace=pace))
+        try:
+            while not sender.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    msgs.append(await recv(ws, timeout=0.1))
+            await sender
+            await ws.send(pack({"type": "Flush", "id": 1}))
+            msgs += await recv_until(ws, "Flushed", id=1)
+        except websockets.ConnectionClosed:
+            with contextlib.suppress(websockets.ConnectionClosed, asyncio.TimeoutError):
+                while True:  # what came before the close frame
+                    msgs.append(await recv(ws, timeout=5.0))
+            return {
+                "cut": True,
+                "words": words_of(events(msgs)),
+                "close": ws.protocol.close_rcvd,
+                "messages": msgs,
+            }
+        finally:
+            sender.cancel()
     return {"cut": False, "words": words_of(events(msgs)), "close": None, "messages": msgs}
 
 
@@ -343,9 +390,10 @@ def test_a_killed_replica_ends_its_sessions_and_newcomers_go_to_the_other(
             r["close"],
             [m for m in r["messages"] if m["type"] == "Error"],
         )
-        # Serve's proxy drops the socket without a close frame (the client reads 1006,
-        # abnormal closure): never the 1000 of a session that ended well
-        assert r["close"] is None or r["close"].code not in (1000, 1001), r["close"]
+        # the ingress says so: moshi-server's Error, then close 1011 "replica lost" (never
+        # the 1000 of a session that ended well, nor the bare drop Serve's proxy alone gives)
+        assert r["messages"][-1] == {"type": "Error", "message": LOST_MESSAGE}
+        assert (r["close"].code, r["close"].reason) == (1011, "replica lost")
         assert not any(m["type"] == "Flushed" for m in r["messages"])
     for i, r in whole:
         assert expected[i] == r["words"]  # the survivor's sessions ran to the end
@@ -363,7 +411,11 @@ def test_free_slots_ranks_by_what_a_replica_has_free() -> None:
     assert free_slots({"total_slots": 8, "used_slots": 1}, 3) == 5
     assert free_slots({"total_slots": 64, "used_slots": 60}, 0) == 4  # sizes differ
     assert free_slots({"total_slots": 8, "used_slots": 8}, 0) == 0
-    # not reported yet: behind any replica known to have a slot, ahead of full ones
+    # not reported yet (just started): as many free as its size from max_ongoing_requests,
+    # less what this proxy has sent it
+    assert free_slots({}, 0, capacity=8) == 8
+    assert free_slots({}, 3, capacity=8) == 5
+    # of unknown size: behind any replica known to have a slot, ahead of full ones
     unknown = free_slots({}, 0)
     assert free_slots({"total_slots": 8, "used_slots": 7}, 0) > unknown > 0
 
@@ -420,7 +472,7 @@ def test_ray_is_imported_only_by_the_ray_paths() -> None:
 
 
 def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -> None:
-    """Last in the module (it deletes the deployment): Serve alone would wait for the open
+    """Deletes the deployment (the autoscaling test after it starts its own): Serve alone would wait for the open
     WebSockets to end and then kill them; ``stop`` has each replica finish its sessions as
     ``dsm-stt serve`` does on SIGTERM: the last words, then close 1001."""
     import threading
@@ -457,3 +509,87 @@ def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -
     # the last words came out
     assert all(expected[i] == words for i, (words, _) in enumerate(results))
     assert [code for _, code in results] == [1001, 1001]  # "going away", not a dropped socket
+
+
+def test_autoscaling_adds_a_replica_under_load_and_drains_the_one_it_removes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """After the teardown above, a new deployment on Serve's autoscaling (1 to 2 replicas, 2
+    sessions per replica as the target). Five open sessions bring up a second replica; a
+    newcomer goes to it (the most free slots); when the five leave, Serve removes the newer
+    replica, and the board has it drain: the newcomer gets its last words and close 1001, not
+    a cut when the graceful-shutdown period runs out."""
+    from server_support import FRAME
+
+    autoscaling = {
+        "min_replicas": 1,
+        "max_replicas": 2,
+        "initial_replicas": 1,
+        "target_ongoing_requests": 2,
+        "metrics_interval_s": 0.5,
+        "look_back_period_s": 1.0,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 1.0,
+    }
+    deadline = time.monotonic() + 60  # the teardown above deletes the application
+    while ray_serve.APP_NAME in serve.status().applications:
+        assert time.monotonic() < deadline, "the application was not deleted"
+        time.sleep(0.2)
+    ray_serve.start(cluster.config, replicas=None, autoscaling=autoscaling, threads=1)
+    cluster.wait_for(lambda v: v["ready_replicas"] == 1, "the first replica")
+    pcm = np.concatenate([silence(0.5), speechlike(2.5, 22)])
+    (expected,) = expected_words(cluster, [pcm], tmp_path)
+
+    async def newcomer(ready: asyncio.Event) -> tuple[list, int | None, float]:
+        async with await connect(cluster.url) as ws:
+            assert (await recv(ws))["type"] == "Ready"
+            await send_frames(ws, pcm)  # no Flush: the drain says the last words
+            msgs: list[dict] = []
+            while len([m for m in msgs if m["type"] == "Step"]) < pcm.size // FRAME:
+                msgs.append(await recv(ws))
+            ready.set()
+            with pytest.raises(websockets.ConnectionClosed):
+                while True:
+                    msgs.append(await recv(ws, timeout=60))
+            close = ws.protocol.close_rcvd
+            return words_of(events(msgs)), None if close is None else close.code, time.monotonic()
+
+    async def main() -> tuple[list, int | None, float, dict, dict]:
+        loop = asyncio.get_running_loop()
+        holders = [await connect(cluster.url) for _ in range(5)]
+        assert [(await recv(ws))["type"] for ws in holders] == ["Ready"] * 5
+        up = await loop.run_in_executor(
+            None, lambda: cluster.wait_for(lambda v: v["ready_replicas"] == 2, "a second replica")
+        )
+        ready = asyncio.Event()
+        late = asyncio.ensure_future(newcomer(ready))
+        await asyncio.wait_for(ready.wait(), 30)
+        placed = await loop.run_in_executor(
+            None,
+            lambda: cluster.wait_for(
+                lambda v: sorted(r["open_sessions"] for r in v["replicas"] if not r["lost"])
+                == [1, 5],
+                "the newcomer alone on the added replica (the five on the first)",
+                timeout=10,
+            ),
+        )
+        for ws in holders:
+            await ws.close()
+        left = time.monotonic()
+        words, code, closed = await asyncio.wait_for(late, 90)
+        down = await loop.run_in_executor(
+            None,
+            lambda: cluster.wait_for(lambda v: v["live_replicas"] == 1, "back to one", 30),
+        )
+        return words, code, closed - left, {"up": up, "placed": placed}, down
+
+    words, code, after, views, down = asyncio.run(main())
+    print(f"the newcomer was drained {after:.1f} s after the others left")
+    placed = {r["replica"]: r["open_sessions"] for r in views["placed"]["replicas"]}
+    # the replica Serve removed is the newcomer's (newest first), the five's stays
+    assert [r["replica"] for r in down["replicas"] if not r["lost"]] == [
+        k for k, n in placed.items() if n == 5
+    ]
+    assert expected == words  # its last words came out
+    assert code == 1001  # going away: the replica was removed, the session was not cut
+    assert down["total_slots"] == SLOTS

@@ -10,9 +10,12 @@ totals; Serve replaces it, and its successor posts under its own id.
 
 The board also carries the teardown's drain order: Serve, deleting a deployment, waits for
 ongoing requests to end and then kills the replica, and a WebSocket never ends by itself; so
-``serve.stop`` first sets the board's ``draining``, each replica learns it from the answer to
+``serve.stop`` first has the board mark the replicas as ``draining``, each one learns it from the answer to
 its next post and finishes its sessions as ``dsm-stt serve`` does on SIGTERM (last words,
-close 1001), and only then is the deployment deleted.
+close 1001), and only then is the deployment deleted. A replica Serve stops on its own
+(autoscaling down, fewer replicas in a new config, a new version rolled out) drains the same
+way: ``ClusterRoutes`` asks ``stopping`` at each post, and Serve's wait for the replica's
+requests then ends with its sessions instead of cutting them when its grace period runs out.
 
 The board is detached (it must outlive the replica that happens to create it) and takes no
 CPU; ``serve.stop`` removes it. What it does not do: history or rates (Prometheus scraping
@@ -51,17 +54,18 @@ class SlotBoard:
 
     def __init__(self) -> None:
         self.posts: dict[str, tuple[float, dict[str, Any]]] = {}
-        self.draining = False
+        self.draining: set[str] = set()
 
     def post(self, replica: str, figures: dict[str, Any]) -> bool:
-        """Record a replica's figures; the answer says whether replicas should drain."""
+        """Record a replica's figures; the answer says whether it should drain."""
         self.posts[replica] = (time.time(), figures)
-        return self.draining
+        return replica in self.draining
 
     def drain(self) -> None:
-        """From now on every replica is told to finish its sessions (the teardown's first
-        step: Serve itself would wait for WebSockets to end, then kill them)."""
-        self.draining = True
+        """Every replica that has posted is told to finish its sessions (the teardown's first
+        step: Serve itself would wait for WebSockets to end, then kill them). Only those: a
+        replica of the next deployment, posting before this board is removed, is not."""
+        self.draining |= set(self.posts)
 
     def read(self) -> dict[str, tuple[float, dict[str, Any]]]:
         now = time.time()
@@ -111,12 +115,14 @@ class ClusterRoutes:
         replica: str,
         figures: Callable[[], dict[str, Any]],
         on_drain: Callable[[], None],
+        stopping: Callable[[], bool] = lambda: False,
     ) -> None:
         self.app = app
         self.board = board
         self.replica = replica
         self.figures = figures
         self.on_drain = on_drain
+        self.stopping = stopping
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":  # the replica's life: post to the board meanwhile
@@ -142,7 +148,8 @@ class ClusterRoutes:
         await self.app(scope, receive, send)
 
     async def _post_forever(self, period: float = 0.5) -> None:
-        """Post this replica's figures every ``period`` seconds; drain when the board says."""
+        """Post this replica's figures every ``period`` seconds; drain when the board says,
+        or when Serve has begun to stop this replica."""
         while True:
             try:
                 draining = await asyncio.wait_for(
@@ -150,7 +157,7 @@ class ClusterRoutes:
                 )
             except Exception:  # the board is restarting or gone: post again next time
                 draining = False
-            if draining:
+            if draining or self.stopping():
                 self.on_drain()
             await asyncio.sleep(period)
 

@@ -27,13 +27,17 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 __all__ = ["FreeSlotsRouter", "free_slots"]
 
 
-def free_slots(stats: dict, in_flight: int) -> float:
-    """A replica's free slots from its routing stats and this router's in-flight count; a
-    replica that has not reported yet counts as empty but unsized (ranked after sized ones
-    with room)."""
+def free_slots(stats: dict, in_flight: int, capacity: int | None = None) -> float:
+    """A replica's free slots from its routing stats and this router's in-flight count. A
+    replica that has not reported yet (it has just started: Serve routes only to replicas
+    that are up) counts as ``capacity`` slots (its ``max_ongoing_requests`` less the HTTP
+    headroom) with this router's requests in use; without ``capacity``, as empty but
+    unsized: behind any replica known to have a slot."""
     total = stats.get("total_slots")
     if total is None:
-        return 0.5 - in_flight  # unknown: behind any replica known to have a slot
+        if capacity is None:
+            return 0.5 - in_flight
+        return float(capacity - in_flight)
     used = max(int(stats.get("used_slots", 0)), in_flight)
     return float(int(total) - used)
 
@@ -50,6 +54,18 @@ class FreeSlotsRouter(RequestRouter):
     """
 
     RESERVATION_S = 2.0
+
+    def initialize_state(self, headroom: int | None = None, **kwargs: Any) -> None:
+        """``headroom``: requests a replica takes beyond its slots (``request_router_kwargs``),
+        which sizes a replica that has not reported its slots yet."""
+        super().initialize_state(**kwargs)
+        self._dsm_headroom = headroom
+
+    def _capacity(self, replica: RunningReplica) -> int | None:
+        headroom = getattr(self, "_dsm_headroom", None)
+        if headroom is None:
+            return None
+        return max(int(replica.max_ongoing_requests) - int(headroom), 0)
 
     def _books(self) -> tuple[dict[Any, list[float]], dict[Any, int]]:
         if not hasattr(self, "_dsm_reserved"):
@@ -76,7 +92,11 @@ class FreeSlotsRouter(RequestRouter):
             return []
 
         def score(replica: RunningReplica) -> float:
-            return free_slots(replica.routing_stats or {}, self.in_flight(replica.replica_id))
+            return free_slots(
+                replica.routing_stats or {},
+                self.in_flight(replica.replica_id),
+                self._capacity(replica),
+            )
 
         ranked = sorted(candidate_replicas, key=score, reverse=True)
         reserved, _ = self._books()

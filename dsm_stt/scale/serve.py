@@ -39,6 +39,7 @@ from ray import serve
 from ..server.app import create_app
 from ..server.config import ServerConfig
 from .board import BOARD_NAME, BOARD_NAMESPACE, ClusterRoutes, cluster_view, get_board
+from .proxy import CALLBACK, CALLBACK_ENV
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ APP_NAME = "dsm-stt"
 # channels" (or queues it for ``queue_timeout``) as a single server would.
 HTTP_HEADROOM = 16
 STATS_PERIOD_S = 0.5  # how often each replica reports its slots (router and slot board)
+# Serve's controller starts the proxies, which inherit its environment: this one has them wrap
+# their app in ``proxy.ReplicaLoss`` (a lost replica's sessions get an Error and close 1011)
+CONTROLLER_OPTIONS = {"runtime_env": {"env_vars": {CALLBACK_ENV: CALLBACK}}}
 
 
 @serve.ingress()
@@ -69,7 +73,9 @@ class SttReplica:
 
     def __serve_build_asgi_app__(self) -> Any:
         self.server_app = create_app(self.config)
-        return ClusterRoutes(self.server_app, self.board, self.replica, self.figures, self._drain)
+        return ClusterRoutes(
+            self.server_app, self.board, self.replica, self.figures, self._drain, _stopping
+        )
 
     def figures(self) -> dict[str, Any]:
         """This replica's slots and sessions, as the router and the board read them."""
@@ -102,6 +108,26 @@ class SttReplica:
         self._draining = asyncio.run_coroutine_threadsafe(context.drain(), context.loop)
 
 
+def _stopping() -> bool:
+    """Whether Serve has begun this replica's graceful shutdown (scaled down, replaced, or its
+    application deleted). Serve tells a replica's own code only once its requests are over,
+    and a WebSocket never ends by itself, so this reads the flag Serve sets on the replica
+    actor when the shutdown starts (Ray's internals: the ``ray`` extra pins the version, and
+    ``tests/test_ray_serve.py`` fails if it moves). False where it cannot be read."""
+    global _STOPPING_UNREADABLE
+    try:
+        actors = ray._private.worker.global_worker.actors  # this process's actor instance
+        return any(bool(a._replica_impl._shutting_down) for a in actors.values())
+    except Exception as exc:
+        if not _STOPPING_UNREADABLE:
+            _STOPPING_UNREADABLE = True
+            log.warning("cannot tell when Serve stops this replica (%s): no drain", exc)
+        return False
+
+
+_STOPPING_UNREADABLE = False
+
+
 def _router_config() -> Any:
     """The free-slots router where this Ray has the API, else Serve's default router."""
     from ray.serve.config import RequestRouterConfig
@@ -116,6 +142,7 @@ def _router_config() -> Any:
         log.warning("Ray Serve has no RequestRouter (%s): power-of-two routing", exc)
     else:
         settings["request_router_class"] = FreeSlotsRouter
+        settings["request_router_kwargs"] = {"headroom": HTTP_HEADROOM}
     return RequestRouterConfig(**settings)
 
 
@@ -196,6 +223,7 @@ def ray_config(
     # JSON is YAML: no YAML writer needed, and the quoting is exact
     document = {
         "proxy_location": "EveryNode",
+        "controller_options": CONTROLLER_OPTIONS,
         "http_options": {"host": host, "port": port},
         "applications": [
             {
@@ -224,7 +252,10 @@ def start(
     if threads is None and not _on_gpus(config):
         most = replicas if autoscaling is None else autoscaling.get("max_replicas", 1)
         threads = cpu_share(most or 1)
-    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.start(
+        http_options={"host": config.host, "port": config.port},
+        controller_options=CONTROLLER_OPTIONS,  # the proxies a new Serve starts load it
+    )
     serve.run(
         deployment(config, replicas, autoscaling, threads=threads),
         name=APP_NAME,
