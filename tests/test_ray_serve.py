@@ -567,8 +567,9 @@ def test_autoscaling_adds_a_replica_under_load_and_drains_the_one_it_removes(
         placed = await loop.run_in_executor(
             None,
             lambda: cluster.wait_for(
-                lambda v: sorted(r["open_sessions"] for r in v["replicas"] if not r["lost"])
-                == [1, 5],
+                lambda v: (
+                    sorted(r["open_sessions"] for r in v["replicas"] if not r["lost"]) == [1, 5]
+                ),
                 "the newcomer alone on the added replica (the five on the first)",
                 timeout=10,
             ),
