@@ -53,6 +53,10 @@ CUDA_GRAPHS_HELP = (
 URL_HELP = "the server's streaming WebSocket (default ws://127.0.0.1:8080/api/asr-streaming)"
 API_KEY_HELP = "sent as the kyutai-api-key header (default: none, for an open server)"
 OFF = " (default: off)"
+MAX_REPLICAS = (
+    "with --ray: autoscale from --replicas up to M replicas on the sessions open (Serve's "
+    "autoscaling, aiming at 3/4 of each replica's slots; knobs in docs/scale-out.md)"
+)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> None:
@@ -496,6 +500,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.ray:
         return _serve_on_ray(args)
+    if args.max_replicas is not None or args.address is not None:
+        return _fail("--max-replicas and --address are for --ray (serve on Ray Serve)")
     from .loading import check_model
 
     try:
@@ -539,9 +545,26 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         return _fail(f"--ray needs Ray Serve ({exc}): pip install 'dsm-stt[ray]'")
     try:
         config = _server_config(args)
+        autoscaling = _autoscaling(args, config.engine.batch_size)
     except ValueError as exc:
         return _fail(str(exc))
-    return ray_serve.run(config, args.replicas, address=args.address)
+    replicas = None if autoscaling else args.replicas
+    return ray_serve.run(config, replicas, address=args.address, autoscaling=autoscaling)
+
+
+def _autoscaling(args: argparse.Namespace, slots: int) -> dict | None:
+    """``--max-replicas M``: Serve's autoscaling config from ``--replicas`` up to M."""
+    if args.replicas < 1:
+        raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.max_replicas is None:
+        return None
+    if args.max_replicas < args.replicas:
+        raise ValueError(
+            f"--max-replicas ({args.max_replicas}) must be at least --replicas ({args.replicas})"
+        )
+    from .scale.serve import autoscaling_config
+
+    return autoscaling_config(args.replicas, args.max_replicas, slots)
 
 
 def cmd_ray_config(args: argparse.Namespace) -> int:
@@ -551,8 +574,15 @@ def cmd_ray_config(args: argparse.Namespace) -> int:
         return _fail(f"ray-config needs Ray Serve ({exc}): pip install 'dsm-stt[ray]'")
     flags = [a for a in args.serve_args if a != "--"]
     parsed = build_parser().parse_args(["serve", *flags])
-    config = _server_config(parsed)
-    print(ray_serve.ray_config(flags, args.replicas, None, config.host, config.port), end="")
+    try:
+        config = _server_config(parsed)
+        autoscaling = _autoscaling(args, config.engine.batch_size)
+    except ValueError as exc:
+        return _fail(str(exc))
+    document = ray_serve.ray_config(
+        flags, args.replicas, None, config.host, config.port, autoscaling=autoscaling
+    )
+    print(document, end="")
     return 0
 
 
@@ -965,6 +995,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)"
     )
+    p.add_argument("--max-replicas", type=int, default=None, metavar="M", help=MAX_REPLICAS + OFF)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -973,6 +1004,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-- SERVE FLAGS)",
     )
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (default 1)")
+    p.add_argument("--max-replicas", type=int, default=None, metavar="M", help=MAX_REPLICAS + OFF)
     p.add_argument("serve_args", nargs=argparse.REMAINDER, help="flags of dsm-stt serve")
     p.set_defaults(func=cmd_ray_config)
 

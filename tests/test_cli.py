@@ -261,3 +261,17 @@ def test_serve_flags_set_the_server_limits() -> None:
     assert (config.max_buffered_seconds, config.read_ahead_mb, config.max_connections) == (3, 0, 7)
     default = _server_config(build_parser().parse_args(["serve"]))
     assert (default.max_buffered_seconds, default.read_ahead_mb) == (10.0, 512.0)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--max-replicas", "3"], "--max-replicas and --address are for --ray"),
+        (["--address", "auto"], "--max-replicas and --address are for --ray"),
+    ],
+)
+def test_ray_flags_without_ray_are_refused(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["serve", *flags]) == 2
+    assert message in capsys.readouterr().err

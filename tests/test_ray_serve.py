@@ -420,7 +420,9 @@ def test_free_slots_ranks_by_what_a_replica_has_free() -> None:
     assert free_slots({"total_slots": 8, "used_slots": 7}, 0) > unknown > 0
 
 
-def test_ray_config_is_a_serve_config_that_builds_the_deployment(tmp_path: Path) -> None:
+def test_ray_config_is_a_serve_config_that_builds_the_deployment(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import json
     import subprocess
     import sys
@@ -444,6 +446,25 @@ def test_ray_config_is_a_serve_config_that_builds_the_deployment(tmp_path: Path)
     assert replica.max_ongoing_requests == 4 + ray_serve.HTTP_HEADROOM
     (config, _threads) = built._bound_deployment.init_args
     assert config.engine.batch_size == 4 and config.queue_timeout == 2.0
+    # Serve's own schema takes it, with the proxies' middleware (a lost replica's Error)
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(document)
+    assert document["controller_options"] == ray_serve.CONTROLLER_OPTIONS
+    # --max-replicas: Serve's autoscaling from --replicas up, on 3/4 of the slots
+    from dsm_stt.cli import main
+
+    capsys.readouterr()
+    assert main(["ray-config", "--replicas", "2", "--max-replicas", "5", "--", *flags]) == 0
+    (application,) = json.loads(capsys.readouterr().out)["applications"]
+    scaling = application["args"]["autoscaling_config"]
+    assert (scaling["min_replicas"], scaling["max_replicas"]) == (2, 5)
+    assert scaling["target_ongoing_requests"] == 3.0  # 3/4 of 4 slots
+    built = ray_serve.app_builder(application["args"]).__dict__["_bound_deployment"]
+    assert built._deployment_config.autoscaling_config.max_replicas == 5
+    assert main(["ray-config", "--replicas", "3", "--max-replicas", "2"]) == 2
+    refused = capsys.readouterr()
+    assert "--max-replicas (2) must be at least --replicas (3)" in refused.err
 
 
 def test_ray_is_imported_only_by_the_ray_paths() -> None:

@@ -43,7 +43,15 @@ from .proxy import CALLBACK, CALLBACK_ENV
 
 log = logging.getLogger(__name__)
 
-__all__ = ["APP_NAME", "HTTP_HEADROOM", "SttReplica", "app_builder", "deployment", "run"]
+__all__ = [
+    "APP_NAME",
+    "HTTP_HEADROOM",
+    "SttReplica",
+    "app_builder",
+    "autoscaling_config",
+    "deployment",
+    "run",
+]
 
 APP_NAME = "dsm-stt"
 # Ongoing requests a replica takes beyond its slots: health checks, metrics, file POSTs that
@@ -180,6 +188,21 @@ def deployment(
     return serve.deployment(SttReplica).options(**options).bind(config, threads)
 
 
+def autoscaling_config(min_replicas: int, max_replicas: int, slots: int) -> dict[str, Any]:
+    """Serve's autoscaling config for replicas of ``slots`` slots, between ``min_replicas``
+    and ``max_replicas``: it aims at 3/4 of each replica's slots in use (room for a burst
+    while a new replica loads), adds a replica after 10 s above that and removes one after
+    5 min below (a removed replica drains: its sessions end with their last words)."""
+    return {
+        "min_replicas": min_replicas,
+        "max_replicas": max_replicas,
+        "initial_replicas": min_replicas,
+        "target_ongoing_requests": max(1.0, 0.75 * slots),
+        "upscale_delay_s": 10.0,
+        "downscale_delay_s": 300.0,
+    }
+
+
 def _on_gpus(config: ServerConfig) -> bool:
     """Whether replicas take a GPU each: ``cuda`` asked, or ``auto`` on a cluster with GPUs."""
     device = config.engine.device
@@ -212,14 +235,21 @@ def app_builder(args: dict[str, Any]) -> Any:
 
 
 def ray_config(
-    serve_args: list[str], replicas: int, threads: int | None, host: str, port: int
+    serve_args: list[str],
+    replicas: int,
+    threads: int | None,
+    host: str,
+    port: int,
+    autoscaling: dict[str, Any] | None = None,
 ) -> str:
     """A Serve config file (YAML) that ``serve deploy`` accepts, for ``dsm-stt ray-config``."""
     import json
 
-    app_args = {"serve_args": serve_args, "replicas": replicas}
+    app_args: dict[str, Any] = {"serve_args": serve_args, "replicas": replicas}
     if threads:
         app_args["threads"] = threads
+    if autoscaling is not None:
+        app_args["autoscaling_config"] = autoscaling
     # JSON is YAML: no YAML writer needed, and the quoting is exact
     document = {
         "proxy_location": "EveryNode",
