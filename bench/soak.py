@@ -4,6 +4,10 @@
   takes it (the model's pace: TCP flow control), reading as it goes. Reports whether it stayed
   connected, the server's RSS over time, the words received, and whether every word's start
   time is after the previous one's and within the audio sent.
+  With ``--realtime`` it sends at the pace of real time instead, so the session lasts H hours
+  of wall time (what proxies, keep-alives and timeouts see).
+* ``--ray``: the same through ``dsm-stt serve --ray --replicas 1`` (Ray Serve's proxy in front
+  of one replica); the RSS is then the replica's, as it posts it to ``/api/cluster``.
 * ``--churn-minutes M``: for M minutes, ``--sessions`` clients at once connect, stream a random
   one of a few test signals, Flush, and disconnect (some midway, some right after connecting),
   then start again. Every session that finished must report exactly the words of its signal
@@ -49,8 +53,19 @@ from server_support import (
 )
 
 
-async def long_session(server: ServerProcess, hours: float, rss: list[tuple[float, int]]) -> dict:
-    """One session of ``hours`` of audio (a 30 s speech-like loop), sent as fast as taken."""
+class RayServed(ServerProcess):
+    """``dsm-stt serve --ray``: its RSS is the replicas', from the slot board."""
+
+    def rss_kib(self) -> int:
+        replicas = self.get("/api/cluster").json()["replicas"]
+        return 1024 * sum(int(r.get("rss_mib") or 0) for r in replicas if not r["lost"])
+
+
+async def long_session(
+    server: ServerProcess, hours: float, rss: list[tuple[float, int]], realtime: bool = False
+) -> dict:
+    """One session of ``hours`` of audio (a 30 s speech-like loop), sent as fast as taken, or
+    (``realtime``) one 80 ms frame every 80 ms."""
     loop_pcm = np.concatenate([silence(1.0), speechlike(29.0, seed=5)])
     frames = [loop_pcm[i : i + FRAME] for i in range(0, loop_pcm.size, FRAME)]
     total = round(hours * 3600 * SAMPLE_RATE / FRAME)
@@ -62,6 +77,10 @@ async def long_session(server: ServerProcess, hours: float, rss: list[tuple[floa
 
         async def send() -> None:
             for i in range(total):
+                if realtime:
+                    ahead = start + i * FRAME / SAMPLE_RATE - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
                 await ws.send(audio_msg(frames[i % len(frames)]))
                 state["sent"] = i + 1
             await ws.send(pack({"type": "Flush", "id": 1}))
@@ -175,16 +194,23 @@ def main() -> int:
     parser.add_argument("--hours", type=float, default=0.0, help="one session this long")
     parser.add_argument("--churn-minutes", type=float, default=0.0)
     parser.add_argument("--sessions", type=int, default=64, help="churning clients at once")
+    parser.add_argument("--realtime", action="store_true", help="--hours at real-time pace")
+    parser.add_argument("--ray", action="store_true", help="through serve --ray --replicas 1")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     checkpoint = write_talkative_checkpoint(Path(tempfile.mkdtemp()) / "ckpt")
-    report: dict = {}
+    report: dict = {"through": "ray serve, 1 replica" if args.ray else "dsm-stt serve"}
     serve = ["--model", str(checkpoint), "--exact", "--batch-size", str(max(args.sessions, 2))]
-    server = ServerProcess(serve, Path(tempfile.mkdtemp()) / "server.log")
+    kind = RayServed if args.ray else ServerProcess
+    if args.ray:
+        serve += ["--ray", "--replicas", "1"]
+    server = kind(serve, Path(tempfile.mkdtemp()) / "server.log")
     try:
         if args.hours > 0:
             rss: list[tuple[float, int]] = []
-            report["long_session"] = asyncio.run(long_session(server, args.hours, rss))
+            report["long_session"] = asyncio.run(
+                long_session(server, args.hours, rss, realtime=args.realtime)
+            )
             if report["long_session"]["error"]:
                 report["server_log_tail"] = server.log()[-1500:]
         if args.churn_minutes > 0:

@@ -211,6 +211,7 @@ def test_sessions_spread_over_both_replicas_by_free_slots(
         for r in view["replicas"]
         if not r["lost"]
     }
+    assert all(r["rss_mib"] > 0 for r in view["replicas"] if not r["lost"])  # memory, too
     record_property("sessions_per_replica", served)
     print("sessions per replica:", served)
     # 16 at once over 2 x 8 slots: only an even split leaves nobody refused
@@ -615,3 +616,17 @@ def test_autoscaling_adds_a_replica_under_load_and_drains_the_one_it_removes(
     assert expected == words  # its last words came out
     assert code == 1001  # going away: the replica was removed, the session was not cut
     assert down["total_slots"] == SLOTS
+
+
+def test_each_replica_asks_for_a_gpu_on_cuda_and_for_its_threads_on_cpu() -> None:
+    """The resources a replica asks Ray for (no cluster needed: the bound deployment says);
+    no GPU was run here, so this is what Ray is asked, not what a GPU does."""
+    base = ServerConfig(model="kyutai/stt-1b-en_fr")
+    on_cuda = ray_serve.replace_engine(base, device="cuda")
+    built = ray_serve.deployment(on_cuda, replicas=4).__dict__["_bound_deployment"]
+    assert built.ray_actor_options == {"num_gpus": 1, "num_cpus": 1}
+    assert built.num_replicas == 4
+    on_cpu = ray_serve.replace_engine(base, device="cpu")
+    built = ray_serve.deployment(on_cpu, replicas=2, threads=3).__dict__["_bound_deployment"]
+    assert built.ray_actor_options["num_cpus"] == 3 and "num_gpus" not in built.ray_actor_options
+    assert built.ray_actor_options["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "3"}}

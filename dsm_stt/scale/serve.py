@@ -100,6 +100,7 @@ class SttReplica:
             "sessions_served": int(served),
             "node": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
+            "rss_mib": _rss_mib(),
             "drained": self._draining is not None and self._draining.done(),
         }
 
@@ -114,6 +115,18 @@ class SttReplica:
         if self._draining is not None or context is None or context.loop is None:
             return
         self._draining = asyncio.run_coroutine_threadsafe(context.drain(), context.loop)
+
+
+def _rss_mib() -> int | None:
+    """This process's resident memory in MiB (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return None
 
 
 def _stopping() -> bool:
