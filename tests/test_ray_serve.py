@@ -494,7 +494,7 @@ def test_ray_is_imported_only_by_the_ray_paths() -> None:
 
 
 def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -> None:
-    """Deletes the deployment (the autoscaling test after it starts its own): Serve alone would wait for the open
+    """Last in the module (it deletes the deployment): Serve alone would wait for the open
     WebSockets to end and then kill them; ``stop`` has each replica finish its sessions as
     ``dsm-stt serve`` does on SIGTERM: the last words, then close 1001."""
     import threading
@@ -531,91 +531,6 @@ def test_stopping_drains_every_replica_first(cluster: Cluster, tmp_path: Path) -
     # the last words came out
     assert all(expected[i] == words for i, (words, _) in enumerate(results))
     assert [code for _, code in results] == [1001, 1001]  # "going away", not a dropped socket
-
-
-def test_autoscaling_adds_a_replica_under_load_and_drains_the_one_it_removes(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    """After the teardown above, a new deployment on Serve's autoscaling (1 to 2 replicas, 2
-    sessions per replica as the target). Five open sessions bring up a second replica; a
-    newcomer goes to it (the most free slots); when the five leave, Serve removes the newer
-    replica, and the board has it drain: the newcomer gets its last words and close 1001, not
-    a cut when the graceful-shutdown period runs out."""
-    from server_support import FRAME
-
-    autoscaling = {
-        "min_replicas": 1,
-        "max_replicas": 2,
-        "initial_replicas": 1,
-        "target_ongoing_requests": 2,
-        "metrics_interval_s": 0.5,
-        "look_back_period_s": 1.0,
-        "upscale_delay_s": 0.0,
-        "downscale_delay_s": 1.0,
-    }
-    deadline = time.monotonic() + 60  # the teardown above deletes the application
-    while ray_serve.APP_NAME in serve.status().applications:
-        assert time.monotonic() < deadline, "the application was not deleted"
-        time.sleep(0.2)
-    ray_serve.start(cluster.config, replicas=None, autoscaling=autoscaling, threads=1)
-    cluster.wait_for(lambda v: v["ready_replicas"] == 1, "the first replica")
-    pcm = np.concatenate([silence(0.5), speechlike(2.5, 22)])
-    (expected,) = expected_words(cluster, [pcm], tmp_path)
-
-    async def newcomer(ready: asyncio.Event) -> tuple[list, int | None, float]:
-        async with await connect(cluster.url) as ws:
-            assert (await recv(ws))["type"] == "Ready"
-            await send_frames(ws, pcm)  # no Flush: the drain says the last words
-            msgs: list[dict] = []
-            while len([m for m in msgs if m["type"] == "Step"]) < pcm.size // FRAME:
-                msgs.append(await recv(ws))
-            ready.set()
-            with pytest.raises(websockets.ConnectionClosed):
-                while True:
-                    msgs.append(await recv(ws, timeout=60))
-            close = ws.protocol.close_rcvd
-            return words_of(events(msgs)), None if close is None else close.code, time.monotonic()
-
-    async def main() -> tuple[list, int | None, float, dict, dict]:
-        loop = asyncio.get_running_loop()
-        holders = [await connect(cluster.url) for _ in range(5)]
-        assert [(await recv(ws))["type"] for ws in holders] == ["Ready"] * 5
-        up = await loop.run_in_executor(
-            None, lambda: cluster.wait_for(lambda v: v["ready_replicas"] == 2, "a second replica")
-        )
-        ready = asyncio.Event()
-        late = asyncio.ensure_future(newcomer(ready))
-        await asyncio.wait_for(ready.wait(), 30)
-        placed = await loop.run_in_executor(
-            None,
-            lambda: cluster.wait_for(
-                lambda v: (
-                    sorted(r["open_sessions"] for r in v["replicas"] if not r["lost"]) == [1, 5]
-                ),
-                "the newcomer alone on the added replica (the five on the first)",
-                timeout=10,
-            ),
-        )
-        for ws in holders:
-            await ws.close()
-        left = time.monotonic()
-        words, code, closed = await asyncio.wait_for(late, 90)
-        down = await loop.run_in_executor(
-            None,
-            lambda: cluster.wait_for(lambda v: v["live_replicas"] == 1, "back to one", 30),
-        )
-        return words, code, closed - left, {"up": up, "placed": placed}, down
-
-    words, code, after, views, down = asyncio.run(main())
-    print(f"the newcomer was drained {after:.1f} s after the others left")
-    placed = {r["replica"]: r["open_sessions"] for r in views["placed"]["replicas"]}
-    # the replica Serve removed is the newcomer's (newest first), the five's stays
-    assert [r["replica"] for r in down["replicas"] if not r["lost"]] == [
-        k for k, n in placed.items() if n == 5
-    ]
-    assert expected == words  # its last words came out
-    assert code == 1001  # going away: the replica was removed, the session was not cut
-    assert down["total_slots"] == SLOTS
 
 
 def test_each_replica_asks_for_a_gpu_on_cuda_and_for_its_threads_on_cpu() -> None:
