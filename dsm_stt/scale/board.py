@@ -10,9 +10,9 @@ totals; Serve replaces it, and its successor posts under its own id.
 
 The board also carries the teardown's drain order: Serve, deleting a deployment, waits for
 ongoing requests to end and then kills the replica, and a WebSocket never ends by itself; so
-``serve.stop`` first has the board mark the replicas as ``draining``, each one learns it from the answer to
-its next post and finishes its sessions as ``dsm-stt serve`` does on SIGTERM (last words,
-close 1001), and only then is the deployment deleted. A replica Serve stops on its own
+``serve.stop`` first has the board mark the replicas as ``draining``, each one learns it from
+the answer to its next post and finishes its sessions as ``dsm-stt serve`` does on SIGTERM
+(last words, close 1001), and only then is the deployment deleted. A replica Serve stops on its own
 (autoscaling down, fewer replicas in a new config, a new version rolled out) drains the same
 way: ``ClusterRoutes`` asks ``stopping`` at each post, and Serve's wait for the replica's
 requests then ends with its sessions instead of cutting them when its grace period runs out.

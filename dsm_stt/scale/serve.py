@@ -134,7 +134,7 @@ def _stopping() -> bool:
     application deleted). Serve tells a replica's own code only once its requests are over,
     and a WebSocket never ends by itself, so this reads the flag Serve sets on the replica
     actor when the shutdown starts (Ray's internals: the ``ray`` extra pins the version, and
-    ``tests/test_ray_serve.py`` fails if it moves). False where it cannot be read."""
+    ``tests/test_ray_autoscaling.py`` fails if it moves). False where it cannot be read."""
     global _STOPPING_UNREADABLE
     try:
         actors = ray._private.worker.global_worker.actors  # this process's actor instance
