@@ -3,7 +3,7 @@ talkative model that Serve grows from one replica to two under load and shrinks 
 load goes, the replica it removes finishing its sessions (last words, close 1001) instead of
 having them cut when Serve's grace period runs out.
 
-Marked ``slow`` (some 30 s); ``.ci/run`` runs it after the default suite. Skipped, with the
+Marked ``slow`` (about 40 s); ``.ci/run`` runs it after the default suite. Skipped, with the
 reason, where Ray Serve is not installed.
 """
 
