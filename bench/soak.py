@@ -6,6 +6,9 @@
   time is after the previous one's and within the audio sent.
   With ``--realtime`` it sends at the pace of real time instead, so the session lasts H hours
   of wall time (what proxies, keep-alives and timeouts see).
+* ``--openai``: the long session on OpenAI's Realtime route (``/v1/realtime``, no turn
+  detection) instead: the client commits after each 30 s loop of audio, and every commit must
+  come back as one ``completed`` item, its transcript its deltas joined.
 * ``--ray``: the same through ``dsm-stt serve --ray --replicas 1`` (Ray Serve's proxy in front
   of one replica); the RSS is then the replica's, as it posts it to ``/api/cluster``.
 * ``--churn-minutes M``: for M minutes, ``--sessions`` clients at once connect, stream a random
@@ -34,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import websockets
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
@@ -61,13 +65,60 @@ class RayServed(ServerProcess):
         return 1024 * sum(int(r.get("rss_mib") or 0) for r in replicas if not r["lost"])
 
 
+def _loop_frames() -> list[np.ndarray]:
+    """The long session's audio: a 30 s speech-like loop, in 80 ms frames."""
+    loop_pcm = np.concatenate([silence(1.0), speechlike(29.0, seed=5)])
+    return [loop_pcm[i : i + FRAME] for i in range(0, loop_pcm.size, FRAME)]
+
+
+async def _pace(start: float, i: int, realtime: bool) -> None:
+    """With ``realtime``, sleep until frame ``i`` is due (one 80 ms frame every 80 ms)."""
+    if realtime:
+        ahead = start + i * FRAME / SAMPLE_RATE - time.monotonic()
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+async def _watched(server: ServerProcess, rss: list[tuple[float, int]], start: float, work) -> None:
+    """Await ``work`` while sampling the server's RSS every 30 s (and once more at the end)."""
+
+    async def watch() -> None:
+        while True:
+            rss.append((time.monotonic() - start, server.rss_kib()))
+            await asyncio.sleep(30)
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    finally:
+        watcher.cancel()
+        rss.append((time.monotonic() - start, server.rss_kib()))
+
+
+def _summary(state: dict, starts: list[float], start: float, rss: list[tuple[float, int]]) -> dict:
+    audio_seconds = state["sent"] * FRAME / SAMPLE_RATE
+    return {
+        "audio_hours": round(audio_seconds / 3600, 3),
+        "wall_minutes": round((time.monotonic() - start) / 60, 1),
+        "error": state["error"],
+        "words": len(starts),
+        "timestamps_monotonic": all(b >= a for a, b in itertools.pairwise(starts)),
+        "last_word_s": starts[-1] if starts else None,
+        "within_audio": bool(not starts or starts[-1] <= audio_seconds + 1.0),
+        "rss_mib_first_last_max": [
+            round(rss[0][1] / 1024),
+            round(rss[-1][1] / 1024),
+            round(max(r for _, r in rss) / 1024),
+        ],
+    }
+
+
 async def long_session(
     server: ServerProcess, hours: float, rss: list[tuple[float, int]], realtime: bool = False
 ) -> dict:
-    """One session of ``hours`` of audio (a 30 s speech-like loop), sent as fast as taken, or
+    """One moshi-protocol session of ``hours`` of audio, sent as fast as taken, or
     (``realtime``) one 80 ms frame every 80 ms."""
-    loop_pcm = np.concatenate([silence(1.0), speechlike(29.0, seed=5)])
-    frames = [loop_pcm[i : i + FRAME] for i in range(0, loop_pcm.size, FRAME)]
+    frames = _loop_frames()
     total = round(hours * 3600 * SAMPLE_RATE / FRAME)
     starts: list[float] = []
     state = {"sent": 0, "error": None}
@@ -77,10 +128,7 @@ async def long_session(
 
         async def send() -> None:
             for i in range(total):
-                if realtime:
-                    ahead = start + i * FRAME / SAMPLE_RATE - time.monotonic()
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                await _pace(start, i, realtime)
                 await ws.send(audio_msg(frames[i % len(frames)]))
                 state["sent"] = i + 1
             await ws.send(pack({"type": "Flush", "id": 1}))
@@ -97,34 +145,73 @@ async def long_session(
                 elif msg["type"] == "Flushed":
                     return
 
-        async def watch() -> None:
-            while True:
-                rss.append((time.monotonic() - start, server.rss_kib()))
-                await asyncio.sleep(30)
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await asyncio.gather(send(), receive())
+            await _watched(server, rss, start, asyncio.gather(send(), receive()))
         except Exception as exc:  # a disconnect is the finding
             state["error"] = f"{type(exc).__name__}: {exc}"
-        finally:
-            watcher.cancel()
-    rss.append((time.monotonic() - start, server.rss_kib()))
-    audio_seconds = state["sent"] * FRAME / SAMPLE_RATE
-    monotonic = all(b >= a for a, b in itertools.pairwise(starts))
-    return {
-        "audio_hours": round(audio_seconds / 3600, 3),
-        "wall_minutes": round((time.monotonic() - start) / 60, 1),
-        "error": state["error"],
-        "words": len(starts),
-        "timestamps_monotonic": monotonic,
-        "last_word_s": starts[-1] if starts else None,
-        "within_audio": bool(not starts or starts[-1] <= audio_seconds + 1.0),
-        "rss_mib_first_last_max": [
-            round(rss[0][1] / 1024),
-            round(rss[-1][1] / 1024),
-            round(max(r for _, r in rss) / 1024),
-        ],
+    return _summary(state, starts, start, rss)
+
+
+async def long_openai_session(
+    server: ServerProcess, hours: float, rss: list[tuple[float, int]], realtime: bool = False
+) -> dict:
+    """The same on OpenAI's Realtime route (``/v1/realtime?intent=transcription``, no turn
+    detection): the client commits the buffer after each 30 s loop of audio, and every commit
+    must come back as one ``completed`` item whose transcript is its deltas joined."""
+    import base64
+
+    frames = [
+        base64.b64encode(np.round(f * 32768).clip(-32768, 32767).astype("<i2").tobytes()).decode()
+        for f in _loop_frames()
+    ]
+    total = round(hours * 3600 * SAMPLE_RATE / FRAME)
+    starts: list[float] = []
+    state = {"sent": 0, "error": None, "commits": 0, "completed": 0, "mismatched_items": 0}
+    deltas: dict[str, list[str]] = {}
+    items = -(-total // len(frames))  # one commit per loop of audio, and one for the rest
+    url = server.http.replace("http", "ws", 1) + "/v1/realtime?intent=transcription"
+    start = time.monotonic()
+    async with websockets.connect(url, proxy=None, max_size=None) as ws:
+        assert json.loads(await ws.recv())["type"] == "session.created"
+        session = {"type": "transcription", "audio": {"input": {"turn_detection": None}}}
+        await ws.send(json.dumps({"type": "session.update", "session": session}))
+
+        async def commit() -> None:
+            state["commits"] += 1
+            await ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+
+        async def send() -> None:
+            for i in range(total):
+                await _pace(start, i, realtime)
+                audio = frames[i % len(frames)]
+                await ws.send(json.dumps({"type": "input_audio_buffer.append", "audio": audio}))
+                state["sent"] = i + 1
+                if (i + 1) % len(frames) == 0:
+                    await commit()
+            if total % len(frames):
+                await commit()
+
+        async def receive() -> None:
+            while state["completed"] < items:
+                event = json.loads(await ws.recv())
+                kind = event["type"]
+                if kind == "conversation.item.input_audio_transcription.delta":
+                    deltas.setdefault(event["item_id"], []).append(event["delta"])
+                elif kind == "conversation.item.input_audio_transcription.completed":
+                    state["completed"] += 1
+                    joined = "".join(deltas.pop(event["item_id"], []))
+                    state["mismatched_items"] += joined != event["transcript"]
+                    starts.extend(w["start"] for w in event.get("words", []))
+                elif kind == "error":
+                    state["error"] = event["error"]["message"]
+                    return
+
+        try:
+            await _watched(server, rss, start, asyncio.gather(send(), receive()))
+        except Exception as exc:  # a disconnect is the finding
+            state["error"] = f"{type(exc).__name__}: {exc}"
+    return _summary(state, starts, start, rss) | {
+        k: state[k] for k in ("commits", "completed", "mismatched_items")
     }
 
 
@@ -196,6 +283,9 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=64, help="churning clients at once")
     parser.add_argument("--realtime", action="store_true", help="--hours at real-time pace")
     parser.add_argument("--ray", action="store_true", help="through serve --ray --replicas 1")
+    parser.add_argument(
+        "--openai", action="store_true", help="--hours on the OpenAI Realtime route"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     checkpoint = write_talkative_checkpoint(Path(tempfile.mkdtemp()) / "ckpt")
@@ -208,8 +298,9 @@ def main() -> int:
     try:
         if args.hours > 0:
             rss: list[tuple[float, int]] = []
+            session = long_openai_session if args.openai else long_session
             report["long_session"] = asyncio.run(
-                long_session(server, args.hours, rss, realtime=args.realtime)
+                session(server, args.hours, rss, realtime=args.realtime)
             )
             if report["long_session"]["error"]:
                 report["server_log_tail"] = server.log()[-1500:]
