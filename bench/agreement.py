@@ -48,10 +48,16 @@ from dsm_stt.model.synthetic import random_model
 from dsm_stt.model.transformer import KVCache
 
 
-def variants() -> dict[str, Plan]:
+def variants(device: str = "cpu") -> dict[str, Plan]:
     """Every precision this machine runs, as the plans the engine would install: bf16, weight
     int8, w8a8 on each kernel this CPU has, each with the float and the int8 KV ring (where
-    the kernels build), and what ``auto`` picks at one slot."""
+    the kernels build), and what ``auto`` picks at one slot. On CUDA: float32 and bf16 (what
+    ``auto`` picks there), on the GPU."""
+    if device == "cuda":
+        return {
+            "cuda float32": Plan("cuda", torch.float32, "none", "float"),
+            "cuda bfloat16 (auto)": choose(EngineConfig(batch_size=1, device="cuda")),
+        }
     kv_rings = ["float"] + (["int8"] if kernels_problem() is None else [])
     out = {
         "bfloat16": Plan("cpu", torch.bfloat16, "none", "float"),
@@ -88,8 +94,10 @@ def run_lm(
     are those tokens (teacher forcing); without, the greedy tokens. Returns logits [T, V] and
     VAD [T, H] in float32 and the tokens [T]."""
     _K, T = codes.shape
+    codes = codes.to(lm.device)
+    text = None if text is None else text.to(lm.device)
     cache = lm.allocate_state(1, cache_type=cache_type)
-    active = torch.ones(1, dtype=torch.bool)
+    active = torch.ones(1, dtype=torch.bool, device=lm.device)
     prev_text, prev_audio = lm.initial_tokens(1)
     logits, vads, tokens = [], [], []
     for t in range(T):
@@ -99,21 +107,22 @@ def run_lm(
         vads.append(out.vad[0])
         tokens.append(token[0])
         prev_text, prev_audio = token, codes[:, t][None]
-    return torch.stack(logits), torch.stack(vads), torch.stack(tokens)
+    return tuple(torch.stack(x).cpu() for x in (logits, vads, tokens))
 
 
-def mimi_agreement(mimi, pcm: torch.Tensor) -> dict | None:
-    """Codes of the compiled Mimi (what ``auto`` installs where ``float_kernels``) against the
-    float path's, streamed frame by frame over ``pcm`` [N]; None where no plan here has it."""
-    auto = choose(EngineConfig(batch_size=1, device="cpu"))
-    if not auto.float_kernels:
+def mimi_agreement(mimi, pcm: torch.Tensor, device: str = "cpu") -> dict | None:
+    """Codes of the compiled Mimi (what ``auto`` installs where ``float_kernels``), or of Mimi
+    on the GPU (``device`` cuda), against the CPU float path's, streamed over ``pcm`` [N];
+    None where no plan here has another Mimi."""
+    auto = choose(EngineConfig(batch_size=1, device=device))
+    if device == "cpu" and not auto.float_kernels:
         return None
-    fast = copy.deepcopy(mimi)
+    fast = copy.deepcopy(mimi).to(device)
     install_mimi(fast, auto)
     frames = pcm.shape[-1] // mimi.frame_size
     x = pcm[: frames * mimi.frame_size].reshape(1, 1, -1)
     ref = mimi.encode_chunk(x, mimi.allocate_state(1))[0]  # [K, T]
-    got = fast.encode_chunk(x, fast.allocate_state(1))[0]
+    got = fast.encode_chunk(x.to(device), fast.allocate_state(1))[0].cpu()
     return {
         "frames": frames,
         "code_agreement": round((ref == got).float().mean().item(), 6),
@@ -127,12 +136,11 @@ def free_running(model, plan: Plan | None, pcm: torch.Tensor) -> list[int]:
     lm, mimi = copy.deepcopy(model.lm), copy.deepcopy(model.mimi)
     cache_type = KVCache
     if plan is not None:
-        lm = lm.to(plan.dtype)
+        lm, mimi = lm.to(plan.device, plan.dtype), mimi.to(plan.device)
         cache_type = install(lm, mimi, plan)
     frames = pcm.shape[-1] // mimi.frame_size
-    codes = mimi.encode_chunk(
-        pcm[: frames * mimi.frame_size].reshape(1, 1, -1), mimi.allocate_state(1)
-    )[0]
+    x = pcm[: frames * mimi.frame_size].reshape(1, 1, -1)
+    codes = mimi.encode_chunk(x.to(lm.device), mimi.allocate_state(1))[0]
     _, _, tokens = run_lm(lm, codes, None, cache_type)
     return [int(x) for x in tokens]
 
@@ -182,6 +190,12 @@ def main() -> int:
     parser.add_argument("--audio", help="audio file (default: a generated speech-like signal)")
     parser.add_argument("--steps", type=int, default=60, help="LM steps (80 ms frames)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the variants run; the float32 baseline stays on the CPU (default cpu)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     if args.threads:
@@ -197,15 +211,17 @@ def main() -> int:
     lm32 = model.lm.eval()
     ref, ref_vad, tokens = run_lm(lm32, codes, None)
     results = {}
-    for name, plan in variants().items():
-        lm = copy.deepcopy(lm32).to(plan.dtype)
+    for name, plan in variants(args.device).items():
+        lm = copy.deepcopy(lm32).to(plan.device, plan.dtype)
         # Mimi only runs once above: the variants differ in the LM
         cache_type = install(lm, copy.deepcopy(model.mimi), plan)
         out, vad, _ = run_lm(lm, codes, tokens, cache_type)
         results[name] = compare(ref, ref_vad, out.float(), vad.float())
         del lm
-    mimi_codes = mimi_agreement(model.mimi, torch.from_numpy(np.ascontiguousarray(pcm)))
-    auto = choose(EngineConfig(batch_size=1, device="cpu"))
+    mimi_codes = mimi_agreement(
+        model.mimi, torch.from_numpy(np.ascontiguousarray(pcm)), args.device
+    )
+    auto = choose(EngineConfig(batch_size=1, device=args.device))
     cfg = model.lm.cfg
     padding = {cfg.text_padding_id, cfg.end_of_padding_id}
     pcm_t = torch.from_numpy(np.ascontiguousarray(pcm))
@@ -237,7 +253,8 @@ def main() -> int:
         )
     if mimi_codes is not None:
         print(
-            f"\ncompiled Mimi against the float path, {mimi_codes['frames']} frames: "
+            f"\n{'CUDA' if args.device == 'cuda' else 'compiled'} Mimi against the CPU float "
+            f"path, {mimi_codes['frames']} frames: "
             f"{mimi_codes['code_agreement']:.4%} of code positions equal "
             f"(semantic codebook {mimi_codes['semantic_agreement']:.4%})"
         )

@@ -11,7 +11,8 @@ Prints medians and the ratios.
 
 dsm-stt runs what ``dsm-stt bench`` would with the same flags (``auto`` by default: the
 plan ``dsm-stt doctor`` names); the reference runs in ``--reference-dtype`` (float32 by
-default, its CPU path).
+default, its CPU path). ``--device cuda`` runs both on the GPU: the reference then replays
+its own CUDA graphs, and ``--cuda-graphs`` lets dsm-stt replay its captured steps too.
 
     python bench/compare_reference.py --model kyutai/stt-1b-en_fr-candle --batch-size 1 \
         --steps 10 --rounds 3
@@ -44,9 +45,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="kyutai/stt-1b-en_fr-candle")
     parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument(
+        "--device", default="cpu", choices=("cpu", "cuda"), help="where both run (default cpu)"
+    )
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help="dsm-stt's dtype")
     parser.add_argument(
         "--reference-dtype", default="float32", choices=sorted(DTYPES), help="the reference's"
+    )
+    parser.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="dsm-stt replays captured CUDA graphs (the reference graphs its steps on CUDA itself)",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
@@ -76,10 +85,11 @@ def main() -> int:
     B = args.batch_size
     config = EngineConfig(
         batch_size=B,
-        device="cpu",
+        device=args.device,
         dtype=args.dtype,
         quantize=args.quantize,
         kv_cache=args.kv_cache,
+        cuda_graphs=args.cuda_graphs,
     )
     plan = plan_for(config)
     torch.manual_seed(0)
@@ -90,7 +100,8 @@ def main() -> int:
     ref_lm = reference_lm(cfg.lm)
     lm_tensors = official_tensors(ref_lm, torch.bfloat16)
     ref_lm.load_state_dict({k: v.float() for k, v in lm_tensors.items()})
-    ref_lm = ref_lm.to(DTYPES[args.reference_dtype])
+    ref_lm = ref_lm.to(device=args.device, dtype=DTYPES[args.reference_dtype])
+    ref_mimi = ref_mimi.to(args.device)
     gen = LMGen(ref_lm, use_sampling=False, temp=0.0, temp_text=0.0)
     model = SttModel(
         args.model,
@@ -104,7 +115,8 @@ def main() -> int:
 
     rng = np.random.default_rng(0)
     pcm = (0.1 * rng.standard_normal((B, cfg.mimi.frame_size))).astype(np.float32)
-    pcm_t = torch.from_numpy(pcm)[:, None]
+    pcm_t = torch.from_numpy(pcm)[:, None].to(args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     active, no_reset = np.ones(B, bool), np.zeros(B, bool)
 
     def ours() -> None:
@@ -114,6 +126,7 @@ def main() -> int:
         with torch.no_grad():
             codes = ref_mimi.encode(pcm_t)
             gen.step(codes)
+        sync()
 
     ours_ms, ref_ms = [], []
     engine.step(pcm, active, np.ones(B, bool))
@@ -133,8 +146,9 @@ def main() -> int:
                     fn()
                     out.append((time.perf_counter() - t0) * 1e3)
     o, ref = statistics.median(ours_ms), statistics.median(ref_ms)
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(
-        f"{args.model}, batch {B}, {torch.get_num_threads()} threads, context fill "
+        f"{args.model}, batch {B}, {where}, {torch.get_num_threads()} threads, context fill "
         f"{args.context_fill}, {args.rounds}x{args.steps} interleaved steps each"
     )
     print(f"reference: {args.reference_dtype}; dsm-stt: {plan.describe()}")

@@ -59,6 +59,7 @@ import contextlib
 import itertools
 import json
 import math
+import multiprocessing
 import re
 import shlex
 import signal
@@ -69,6 +70,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -365,7 +367,123 @@ async def _connect(url: str, api_key: str | None, res: SessionResult) -> SttClie
     return client
 
 
-async def run_level(
+async def run_sessions(
+    url: str,
+    api_key: str | None,
+    indices: list[int],
+    n: int,
+    frames: np.ndarray,
+    n_frames: int,
+    period: float,
+    end_timeout: float,
+    opened: Callable[[], float],
+    closed: Callable[[], object],
+) -> list[SessionResult]:
+    """Sessions ``indices`` of ``n``: connect them all, call ``opened`` (blocking, in a
+    thread; it returns the monotonic time at which the audio starts), stream, and once
+    ``closed`` (blocking, in a thread) returns, Flush. Session i starts i/n of a frame period
+    after the start, so sessions of several processes interleave as those of one do."""
+    results = [SessionResult(i, period=period) for i in indices]
+    clients = await asyncio.gather(*(_connect(url, api_key, r) for r in results))
+    start = await asyncio.to_thread(opened)  # loop.time() is time.monotonic()
+    window_closed = asyncio.Event()
+
+    async def close_window() -> None:
+        await asyncio.to_thread(closed)
+        window_closed.set()
+
+    closer = asyncio.create_task(close_window())
+    tasks = []
+    for res, client in zip(results, clients, strict=True):
+        if client is None:
+            continue
+        res.t0 = start + res.index * period / n  # staggered over one frame period
+        first = (res.index * 37) % len(frames)  # sessions do not all say the same thing
+        tasks.append(run_session(res, client, frames, first, n_frames, end_timeout, window_closed))
+    await asyncio.gather(*tasks)
+    window_closed.set()
+    await closer
+    return results
+
+
+def _client_process(conn: Any, *args: Any) -> None:
+    """One load-generator process of ``--clients``: its sessions, started and closed by the
+    parent through ``conn``; sends back their results."""
+
+    def opened() -> float:
+        conn.send("connected")
+        return conn.recv()
+
+    try:
+        conn.send(asyncio.run(run_sessions(*args, opened, conn.recv)))
+    except BaseException as exc:  # the parent reports it
+        conn.send(f"{type(exc).__name__}: {exc}")
+
+
+class MetricsWindow:
+    """The server's /metrics when the audio starts and when it has ended, and the wall time
+    between: ``open`` after every session connected, ``close`` waits for the window's end."""
+
+    def __init__(self, base: str, n_frames: int, period: float, lead: float) -> None:
+        self.base, self.n_frames, self.period, self.lead = base, n_frames, period, lead
+        self.before: dict[str, float] | None = None
+        self.after: dict[str, float] | None = None
+        self.wall = 0.0
+        self._start = 0.0
+
+    def open(self) -> float:
+        self.before = scrape(self.base)
+        self._start = time.monotonic()
+        return self._start + self.lead
+
+    def close(self) -> None:
+        # when the last session's last frame has been sent and (normally) stepped
+        end = self._start + self.lead + (self.n_frames + 2) * self.period
+        time.sleep(max(0.0, end - time.monotonic()))
+        self.after = scrape(self.base)
+        self.wall = time.monotonic() - self._start
+
+
+def _run_processes(
+    common: tuple, rest: tuple, n: int, clients: int, window: MetricsWindow
+) -> list[SessionResult]:
+    """``run_sessions`` in ``clients`` forked processes, each a share of the N sessions; one
+    start time and one metrics window for all."""
+    ctx = multiprocessing.get_context("fork")
+    pipes, procs = [], []
+    for part in np.array_split(np.arange(n), clients):
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_client_process, args=(child, *common, part.tolist(), *rest), daemon=True
+        )
+        proc.start()
+        pipes.append(parent)
+        procs.append(proc)
+    try:
+
+        def receive(conn: Any) -> Any:
+            got = conn.recv()
+            if isinstance(got, str) and got != "connected":
+                raise RuntimeError(f"a load-generator process failed: {got}")
+            return got
+
+        for conn in pipes:
+            receive(conn)
+        start = window.open()
+        for conn in pipes:
+            conn.send(start)
+        window.close()
+        for conn in pipes:
+            conn.send("closed")
+        return [res for conn in pipes for res in receive(conn)]
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+
+
+def run_level(
     url: str,
     api_key: str | None,
     n: int,
@@ -375,39 +493,22 @@ async def run_level(
     lag_limit_ms: float,
     end_timeout: float,
     pace: float = 1.0,
+    clients: int = 1,
 ) -> dict[str, Any]:
-    """N sessions at once; the per-N result (see the module docstring)."""
-    loop = asyncio.get_running_loop()
-    base = http_base(url)
+    """N sessions at once, over ``clients`` processes; the per-N result (see the module
+    docstring)."""
     period = pace * FRAME_SECONDS
-    results = [SessionResult(i, period=period) for i in range(n)]
-    clients = await asyncio.gather(*(_connect(url, api_key, r) for r in results))
     n_frames = max(1, int(seconds * SAMPLE_RATE) // FRAME_SIZE)
-    metrics_before = await asyncio.to_thread(scrape, base)
-    window_start = loop.time()
-    start = window_start + 0.1
-    window_closed = asyncio.Event()
-    tasks = []
-    for i, (res, client) in enumerate(zip(results, clients, strict=True)):
-        if client is None:
-            continue
-        res.t0 = start + i * period / n  # staggered over one frame period
-        first = (i * 37) % len(frames)  # sessions do not all say the same thing
-        tasks.append(run_session(res, client, frames, first, n_frames, end_timeout, window_closed))
-
-    async def scrape_at_audio_end() -> tuple[dict[str, float] | None, float]:
-        # When the last session's last frame has been sent and (normally) stepped.
-        end = start + (n_frames + 2) * period
-        await asyncio.sleep(max(0.0, end - loop.time()))
-        try:
-            metrics = await asyncio.to_thread(scrape, base)
-            return metrics, loop.time() - window_start
-        finally:
-            window_closed.set()
-
-    after_task = asyncio.create_task(scrape_at_audio_end())
-    await asyncio.gather(*tasks)
-    metrics_after, wall = await after_task
+    clients = max(1, min(clients, n))
+    window = MetricsWindow(http_base(url), n_frames, period, 0.1 if clients == 1 else 0.3)
+    common = (url, api_key)
+    rest = (n, frames, n_frames, period, end_timeout)
+    if clients == 1:
+        results = asyncio.run(
+            run_sessions(*common, list(range(n)), *rest, window.open, window.close)
+        )
+    else:
+        results = _run_processes(common, rest, n, clients, window)
 
     # a model without VAD heads sends no Step at all: one clear reason, not one per session
     no_steps = not any(r.step_recv for r in results)
@@ -433,6 +534,7 @@ async def run_level(
     passed = not errors and lag["n"] > 0 and lag["p99"] < lag_limit_ms
     level: dict[str, Any] = {
         "sessions": n,
+        "clients": clients,
         "passed": passed,
         "ok_sessions": sum(1 for r in results if r.ready and r.error is None),
         "frames_per_session": n_frames,
@@ -443,7 +545,7 @@ async def run_level(
         "first_word_latency_ms": first_word,
     }
     sent = sum(r.frames_sent for r in results)
-    level.update(server_figures(metrics_before, metrics_after, wall, sent))
+    level.update(server_figures(window.before, window.after, window.wall, sent))
     level["session_results"] = [r.summary() for r in results]
     return level
 
@@ -650,11 +752,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--startup-timeout", type=float, default=600.0, help="--serve: seconds to get healthy"
     )
+    parser.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="load-generator processes the sessions are spread over (default 1); more where "
+        "one process cannot send hundreds of sessions on time (its lateness is reported)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     args = parser.parse_args(argv)
     counts, is_range = args.sessions
     if not 0.1 <= args.pace <= 10:
         parser.error(f"--pace must be between 0.1 and 10, got {args.pace:g}")
+    if args.clients < 1:
+        parser.error(f"--clients must be at least 1, got {args.clients}")
     if args.seconds <= args.warmup:
         parser.error(f"--seconds must be more than --warmup ({args.warmup:g})")
     log = sys.stderr if args.json else sys.stdout
@@ -677,25 +788,29 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{url}: {args.seconds:g} s of audio per session, 80 ms frames "
             f"{'in real time' if args.pace == 1 else f'every {80 * args.pace:g} ms'}; "
-            f"lag limit p99 < {args.lag_limit_ms:g} ms",
+            f"lag limit p99 < {args.lag_limit_ms:g} ms"
+            + (
+                f"; sessions spread over {args.clients} client processes"
+                if args.clients > 1
+                else ""
+            ),
             file=log,
             flush=True,
         )
         print(HEADER, file=log, flush=True)
         for n in counts:
             wait_until_idle(http_base(url))
-            level = asyncio.run(
-                run_level(
-                    url,
-                    api_key,
-                    n,
-                    frames,
-                    args.seconds,
-                    args.warmup,
-                    args.lag_limit_ms,
-                    args.end_timeout,
-                    args.pace,
-                )
+            level = run_level(
+                url,
+                api_key,
+                n,
+                frames,
+                args.seconds,
+                args.warmup,
+                args.lag_limit_ms,
+                args.end_timeout,
+                args.pace,
+                args.clients,
             )
             levels.append(level)
             print(row(level), file=log, flush=True)
@@ -718,6 +833,7 @@ def main(argv: list[str] | None = None) -> int:
         "frame_seconds": FRAME_SECONDS,
         "pace": args.pace,
         "lag_limit_ms": args.lag_limit_ms,
+        "clients": args.clients,
         "audio": args.audio or "generated",
         "runs": levels,
         "largest_passing_sessions": best["sessions"] if best else None,

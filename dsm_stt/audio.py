@@ -158,13 +158,20 @@ def _open(source: AudioSource, name: str) -> av.container.InputContainer:
     else:
         file = source
     try:
-        return av.open(file, mode="r", metadata_errors="ignore")
+        return av.open(file, mode="r", **_open_options())
     except av.error.InvalidDataError as e:
         raise AudioDecodeError(
             f"{name}: not an audio file FFmpeg can read ({e.strerror or e})"
         ) from e
     except (av.error.FFmpegError, OSError) as e:
         raise AudioDecodeError(f"{name}: cannot open ({getattr(e, 'strerror', None) or e})") from e
+
+
+def _open_options() -> dict[str, str]:
+    """PyAV before 19 decodes container metadata strictly unless told to ignore bad bytes;
+    19 dropped the option (and the strictness with it)."""
+    major = int(av.__version__.split(".")[0])
+    return {"metadata_errors": "ignore"} if major < 19 else {}
 
 
 def _audio_stream(container: av.container.InputContainer, name: str) -> av.audio.AudioStream:

@@ -429,3 +429,25 @@ def test_ogg_opus_truncated_stream_keeps_complete_pages() -> None:
     assert 0.7 * SAMPLE_RATE < cut.size < 1.0 * SAMPLE_RATE
     # The same as the full decode except the last few ms, which soxr flushes early.
     np.testing.assert_allclose(cut[: cut.size - 480], full[: cut.size - 480], atol=1e-6)
+
+
+def test_pyav_19_open_without_metadata_options(tmp_path: Path, monkeypatch) -> None:
+    """PyAV 19 (Python 3.12+) dropped ``metadata_errors``: decoding must not pass it there,
+    and must still pass it to older releases (where it keeps bad metadata bytes harmless)."""
+    data = encode(make_signal(16000)[None], 16000, "flac", "flac")
+    expected = load_audio(data)
+    real_open, seen = av.open, []
+
+    def open_19(file, mode="r", **kwargs):
+        seen.append(sorted(kwargs))
+        if "metadata_errors" in kwargs:
+            raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+        return real_open(file, mode, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_19)
+    monkeypatch.setattr(av, "__version__", "19.0.2")
+    np.testing.assert_array_equal(load_audio(data), expected)
+    monkeypatch.setattr(av, "__version__", "18.1.0")
+    with pytest.raises(TypeError, match="metadata_errors"):
+        load_audio(data)
+    assert seen == [[], ["metadata_errors"]]

@@ -6,6 +6,9 @@ run with real CUDA graphs."""
 from __future__ import annotations
 
 import dataclasses
+import gc
+import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -120,6 +123,54 @@ def test_captured_steps_equal_eager_steps() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_steps_equal_eager_steps() -> None:
     check_captured_steps_equal_eager_steps("cuda", None)
+
+
+def test_captures_run_with_the_collector_paused_after_one_collection() -> None:
+    """A collection inside a capture could tear down an older engine's graphs, which CUDA
+    refuses while a stream captures: the captures run after one collection, collector off."""
+    engine = Engine(random_model("tiny", seed=0), EngineConfig(4, "cpu"))
+    freed: list[str] = []
+
+    class Garbage:
+        pass
+
+    cycle = Garbage()
+    cycle.self = cycle  # only the cyclic collector frees it
+    weakref.finalize(cycle, freed.append, "old")
+    del cycle
+    inner = eager_capture()
+    states: list[bool] = []
+
+    def watching(fn):
+        states.append(gc.isenabled())
+        assert freed == ["old"], "collected before the first capture"
+        return inner(fn)
+
+    assert gc.isenabled()
+    engine.capture_steps(watching)
+    assert states and not any(states)  # every capture (two per bucket) with the collector off
+    assert len(states) == 2 * len(engine.graphs.buckets)
+    assert gc.isenabled()  # back on afterwards
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_dead_engine_freed_during_capture_does_not_break_it() -> None:
+    """The sweep's sequence on a GPU: an engine with graphs dropped into a reference cycle,
+    then a new engine captures; its captures hold (no eager fallback warning)."""
+    config = EngineConfig(batch_size=8, device="cuda", dtype="float32", cuda_graphs=True)
+    old = Engine(random_model("tiny", seed=0), config)
+    assert old.graphs is not None
+    old.cycle = old
+    del old
+    thresholds = gc.get_threshold()
+    gc.set_threshold(100, 1, 1)  # a full collection every 100 allocations, captures included
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            new = Engine(random_model("tiny", seed=1), dataclasses.replace(config, batch_size=16))
+    finally:
+        gc.set_threshold(*thresholds)
+    assert new.graphs is not None
 
 
 def test_refusals() -> None:

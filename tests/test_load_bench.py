@@ -98,6 +98,29 @@ def test_serve_starts_and_stops_its_own_server_and_a_range_doubles(
     assert load._healthy(load.http_base(out["url"])) is False  # stopped at the end
 
 
+def test_sessions_spread_over_client_processes_are_measured_as_one_level(
+    load: ModuleType, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = run_json(
+        load, capsys, "--serve", "--random-weights --model tiny --batch-size 4",
+        "--sessions", "3", "--clients", "2", "--seconds", "2", "--warmup", "0.5",
+    )  # fmt: skip
+    frames = 2 * 24000 // 1920
+    (run,) = out["runs"]
+    assert out["clients"] == 2 and run["clients"] == 2
+    assert run["errors"] == [] and run["ok_sessions"] == 3
+    assert len(run["session_results"]) == 3
+    for session in run["session_results"]:
+        assert session["ready"] and session["flushed"]
+        assert session["frames"] == session["steps"] == frames
+    # one lag per frame after the warm-up, from both processes, against one clock: a
+    # process on another start time would show lags near ±80 ms × k or Steps before frames
+    assert run["lag_ms"]["n"] == 3 * (frames - 6)
+    assert 0 <= run["lag_ms"]["min"] <= run["lag_ms"]["max"] < 2000
+    assert run["client_late_ms"]["n"] == 3 * frames
+    assert run["steps_per_second"] > 0
+
+
 def test_a_model_without_vad_heads_gets_one_clear_reason(
     load: ModuleType, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -148,4 +171,6 @@ def test_pace_stretches_the_clock_every_latency_is_measured_against(
     assert res.word_latencies() == pytest.approx([0.18])
     with pytest.raises(SystemExit):
         load.main(["--url", "ws://127.0.0.1:1/x", "--pace", "0"])
+    with pytest.raises(SystemExit):
+        load.main(["--url", "ws://127.0.0.1:1/x", "--clients", "0"])
     assert "--pace must be between" in capsys.readouterr().err

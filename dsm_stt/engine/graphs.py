@@ -16,11 +16,18 @@ Warm-up and capture run with every slot inactive, so they leave the state as it 
 ``capture`` is a parameter: ``cuda_capture`` (``torch.cuda.graph``, one shared memory pool) on
 CUDA; tests drive the same buffers with ``eager_capture``, which re-runs the call on replay.
 Greedy decoding only (sampling draws from a generator that a capture would freeze).
+
+The captures run with Python's cyclic garbage collector paused (after one collection): a
+collection during a capture can free an unreachable older engine, whose graphs' teardown is
+not allowed while a stream captures and invalidates the capture (PyTorch no longer collects
+before a capture by default).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import gc
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -100,6 +107,19 @@ def eager_capture() -> Capture:
     return capture
 
 
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Collect once, then keep the cyclic collector off until the block ends."""
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class StepGraphs:
     def __init__(
         self, engine: SteppedEngine, capture: Capture, buckets: Sequence[int] | None = None
@@ -118,11 +138,16 @@ class StepGraphs:
         self._encode: dict[int, tuple[Callable[[], None], Outputs]] = {}
         self._advance: dict[int, tuple[Callable[[], None], Outputs]] = {}
         self._last = self.buckets[-1]  # the bucket of the last advance
-        for m in reversed(self.buckets):  # largest first: it sizes the shared pool
-            state = engine.state if m == B else engine.state.prefix(m)
-            pcm, active, reset = self.pcm[:m], self.active[:m], self.reset[:m]
-            self._advance[m] = capture(lambda s=state, a=active, r=reset: engine.advance(a, r, s))
-            self._encode[m] = capture(lambda s=state, p=pcm, a=active: (engine.encode(p, a, s),))
+        with collector_paused():
+            for m in reversed(self.buckets):  # largest first: it sizes the shared pool
+                state = engine.state if m == B else engine.state.prefix(m)
+                pcm, active, reset = self.pcm[:m], self.active[:m], self.reset[:m]
+                self._advance[m] = capture(
+                    lambda s=state, a=active, r=reset: engine.advance(a, r, s)
+                )
+                self._encode[m] = capture(
+                    lambda s=state, p=pcm, a=active: (engine.encode(p, a, s),)
+                )
 
     def bucket(self, n: int) -> int:
         return next(m for m in self.buckets if m >= n)
