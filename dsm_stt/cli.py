@@ -471,6 +471,7 @@ def _server_config(args: argparse.Namespace):
         "max_buffered_seconds",
         "read_ahead_mb",
         "max_file_slots",
+        "ws_compression",
     )
     for flag in flags:
         if getattr(args, flag) is not None:
@@ -970,6 +971,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="open connections of any kind before newcomers get 503 (default 1000)",
+    )
+    p.add_argument(
+        "--ws-compression",
+        action="store_true",
+        default=None,
+        help="accept WebSocket per-message compression (permessage-deflate) from clients that "
+        "offer it; off by default, as in moshi-server: audio samples barely compress and "
+        "inflating them costs the server more than the bytes it saves",
     )
     p.add_argument(
         "--max-file-slots",

@@ -7,7 +7,6 @@ import asyncio
 import io
 import math
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,10 +34,13 @@ from turn_support import turn_signal, write_turn_checkpoint
 from dsm_stt.cli import main
 from dsm_stt.client import LivePrinter, stream_audio
 from dsm_stt.loading import load_engine
+from dsm_stt.server import protocol
 from dsm_stt.server.config import ServerConfig
 from dsm_stt.server.protocol import (
+    MAX_MESSAGE_BYTES,
     MAX_PCM_SAMPLES,
     Audio,
+    ClientMessage,
     EndOfTurn,
     EndWord,
     Error,
@@ -383,14 +385,91 @@ def test_fuzz_corrupted_valid_messages(data: st.DataObject) -> None:
 # --- cost --------------------------------------------------------------------------------------
 
 
-def test_decoding_a_frame_is_cheap() -> None:
-    data = encode_client_message(Audio(_pcm()))
-    n = 200
-    start = time.perf_counter()
-    for _ in range(n):
-        decode_client_message(data)
-    per_message = (time.perf_counter() - start) / n
-    assert per_message < 2e-3, f"{per_message * 1e6:.0f} µs per 1920-sample Audio message"
+def _audio_frame(values: np.ndarray, header: str, tail: bytes = b"") -> bytes:
+    """``{"type": "Audio", "pcm": values}`` packed by hand: float32 samples (0xca each), the
+    array's length as a fixarray, array16 or array32 header, then ``tail``."""
+    n = len(values)
+    head = {
+        "fix": lambda: bytes([0x90 | n]) if n < 16 else b"",
+        "16": lambda: b"\xdc" + n.to_bytes(2, "big"),
+        "32": lambda: b"\xdd" + n.to_bytes(4, "big"),
+    }[header]()
+    if not head:
+        raise ValueError(f"a fixarray holds at most 15 items, not {n}")
+    cells = np.empty(n, dtype=[("tag", "u1"), ("value", ">f4")])
+    cells["tag"], cells["value"] = 0xCA, values
+    return b"\x82\xa4type\xa5Audio\xa3pcm" + head + cells.tobytes() + tail
+
+
+def _outcome(decode, data: bytes) -> tuple[str, object]:
+    try:
+        msg = decode(data)
+    except ProtocolError as exc:
+        return "error", str(exc)
+    if isinstance(msg, Audio):  # samples compared bit for bit (-0.0, subnormals)
+        return "audio", (msg.pcm.dtype.str, msg.pcm.view(np.uint32).tolist())
+    return "other", msg
+
+
+def _general(data: bytes) -> ClientMessage:
+    return protocol._decode_general(data, MAX_MESSAGE_BYTES, MAX_PCM_SAMPLES)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.integers(min_value=0, max_value=2**32 - 1), max_size=40),
+    st.sampled_from(["fix", "16", "32"]),
+    st.sampled_from([b"", b"\x00", b"\xc0"]),
+    st.one_of(
+        st.none(),  # the header and the first samples often, any byte sometimes
+        st.tuples(st.one_of(st.integers(0, 24), st.integers(min_value=0)), st.integers(0, 255)),
+    ),
+)
+def test_the_fast_audio_path_decodes_what_the_general_decoder_does(
+    bits: list[int], header: str, tail: bytes, poke: tuple[int, int] | None
+) -> None:
+    """Any bit pattern (NaN, infinities, -0.0, subnormals), any array header, bytes after the
+    array, one byte changed anywhere: the decoder answers what msgpack and the checks answer."""
+    assume(header != "fix" or len(bits) < 16)
+    values = np.array(bits, dtype=np.uint32).view(np.float32)
+    data = bytearray(_audio_frame(values, header, tail))
+    if poke is not None:
+        data[poke[0] % len(data)] = poke[1]
+    assert _outcome(decode_client_message, bytes(data)) == _outcome(_general, bytes(data))
+
+
+@pytest.mark.parametrize("header", ["fix", "16", "32"])
+def test_every_byte_of_an_audio_frame_changed_decodes_as_the_general_decoder_does(
+    header: str,
+) -> None:
+    frame = _audio_frame(np.array([0.5, -0.0, 1e-40], dtype=np.float32), header)
+    for i in range(len(frame)):
+        for value in {0x00, 0xFF, (frame[i] + 1) % 256, 0xCB, 0x7F}:
+            data = frame[:i] + bytes([value]) + frame[i + 1 :]
+            assert _outcome(decode_client_message, data) == _outcome(_general, data), (i, value)
+    for cut in range(len(frame)):  # truncated anywhere
+        data = frame[:cut]
+        assert _outcome(decode_client_message, data) == _outcome(_general, data), cut
+
+
+def test_audio_frames_as_clients_pack_them_skip_msgpack(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kyutai's clients' frames (1920 samples: array16; a few: fixarray) take the direct
+    path, to the same samples; anything else still goes through msgpack."""
+    frames = [
+        encode_client_message(Audio(_pcm())),
+        msgpack.packb({"type": "Audio", "pcm": _pcm(8).tolist()}, use_single_float=True),
+        _audio_frame(_pcm(70000), "32"),
+    ]
+    expected = [_outcome(_general, f) for f in frames]
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("msgpack was used")
+
+    monkeypatch.setattr(protocol.msgpack, "unpackb", refuse)
+    assert [_outcome(decode_client_message, f) for f in frames] == expected
+    assert all(kind == "audio" for kind, _ in expected)
+    with pytest.raises(AssertionError, match="msgpack was used"):  # float64 samples
+        decode_client_message(msgpack.packb({"type": "Audio", "pcm": [0.5, 0.25]}))
 
 
 # --- the EndOfTurn extension -------------------------------------------------------------------

@@ -115,6 +115,33 @@ def test_a_session_equals_transcribe_and_init_restarts_it(engine: Engine, refere
         run(main(server.url))
 
 
+@pytest.mark.parametrize("compression", [False, True])
+def test_per_message_compression_only_where_the_server_allows_it(
+    engine: Engine, reference: dict, compression: bool
+) -> None:
+    """Python's websockets offers permessage-deflate; the server declines it (as moshi-server
+    does) unless ``ws_compression``, and a compressed session transcribes the same."""
+
+    async def main(url: str) -> None:
+        ws = await connect(url)  # offers permessage-deflate
+        try:
+            accepted = ws.response.headers.get("Sec-WebSocket-Extensions") or ""
+            assert ("permessage-deflate" in accepted) == compression
+            assert [type(e).__name__ for e in ws.protocol.extensions] == (
+                ["PerMessageDeflate"] if compression else []
+            )
+            assert (await recv(ws))["type"] == "Ready"
+            await send_frames(ws, SPEECH[1])
+            await ws.send(pack({"type": "Flush", "id": 1}))
+            msgs = await recv_until(ws, "Flushed")
+            assert words_of(events(msgs)) == reference[1]
+        finally:
+            await ws.close()
+
+    with threaded_server(ServerConfig(ws_compression=compression), engine) as server:
+        run(main(server.url))
+
+
 def test_api_keys_header_query_and_401_before_any_slot(engine: Engine) -> None:
     config = ServerConfig(api_keys=("k1", "k2"))
 

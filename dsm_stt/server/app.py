@@ -108,6 +108,7 @@ def uvicorn_config(app: Starlette, config: ServerConfig) -> uvicorn.Config:
         # Frames up to twice our message limit reach the protocol and get an Error back;
         # bigger ones are refused by the WebSocket layer (close 1009).
         ws_max_size=2 * config.max_message_bytes,
+        ws_per_message_deflate=config.ws_compression,
         log_level=config.log_level,
         lifespan="on",
         # asyncio's own loop, also where uvloop is installed (Ray brings it): the limits and

@@ -100,6 +100,10 @@ class ServerConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     max_upload_mb: float = 1024.0  # POST bodies over this get 413
     max_connections: int = 1000  # open connections (any kind) before newcomers get 503
+    # accept WebSocket permessage-deflate where a client offers it (Python's websockets does
+    # by default). Off, as in moshi-server: float samples barely compress, and inflating
+    # every Audio frame was the event loop's largest cost
+    ws_compression: bool = False
     # slots file transcriptions (both POST routes) may hold together; None: half the batch
     # (at least 1), so live sessions always find the rest (``file_slots.FileSlots``)
     max_file_slots: int | None = None
