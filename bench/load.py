@@ -367,24 +367,31 @@ async def _connect(url: str, api_key: str | None, res: SessionResult) -> SttClie
     return client
 
 
+@dataclass(frozen=True)
+class Level:
+    """What every session of one N streams, in whichever process it runs."""
+
+    url: str
+    api_key: str | None
+    n: int  # sessions in the level, over every process
+    frames: np.ndarray
+    n_frames: int  # frames each session sends
+    period: float  # wall seconds between a session's frames
+    end_timeout: float
+
+
 async def run_sessions(
-    url: str,
-    api_key: str | None,
+    level: Level,
     indices: list[int],
-    n: int,
-    frames: np.ndarray,
-    n_frames: int,
-    period: float,
-    end_timeout: float,
     opened: Callable[[], float],
     closed: Callable[[], object],
 ) -> list[SessionResult]:
-    """Sessions ``indices`` of ``n``: connect them all, call ``opened`` (blocking, in a
+    """Sessions ``indices`` of the level: connect them all, call ``opened`` (blocking, in a
     thread; it returns the monotonic time at which the audio starts), stream, and once
     ``closed`` (blocking, in a thread) returns, Flush. Session i starts i/n of a frame period
     after the start, so sessions of several processes interleave as those of one do."""
-    results = [SessionResult(i, period=period) for i in indices]
-    clients = await asyncio.gather(*(_connect(url, api_key, r) for r in results))
+    results = [SessionResult(i, period=level.period) for i in indices]
+    clients = await asyncio.gather(*(_connect(level.url, level.api_key, r) for r in results))
     start = await asyncio.to_thread(opened)  # loop.time() is time.monotonic()
     window_closed = asyncio.Event()
 
@@ -397,16 +404,20 @@ async def run_sessions(
     for res, client in zip(results, clients, strict=True):
         if client is None:
             continue
-        res.t0 = start + res.index * period / n  # staggered over one frame period
-        first = (res.index * 37) % len(frames)  # sessions do not all say the same thing
-        tasks.append(run_session(res, client, frames, first, n_frames, end_timeout, window_closed))
+        res.t0 = start + res.index * level.period / level.n  # staggered over one frame period
+        first = (res.index * 37) % len(level.frames)  # sessions do not all say the same thing
+        tasks.append(
+            run_session(
+                res, client, level.frames, first, level.n_frames, level.end_timeout, window_closed
+            )
+        )
     await asyncio.gather(*tasks)
     window_closed.set()
     await closer
     return results
 
 
-def _client_process(conn: Any, *args: Any) -> None:
+def _client_process(conn: Any, level: Level, indices: list[int]) -> None:
     """One load-generator process of ``--clients``: its sessions, started and closed by the
     parent through ``conn``; sends back their results."""
 
@@ -415,7 +426,7 @@ def _client_process(conn: Any, *args: Any) -> None:
         return conn.recv()
 
     try:
-        conn.send(asyncio.run(run_sessions(*args, opened, conn.recv)))
+        conn.send(asyncio.run(run_sessions(level, indices, opened, conn.recv)))
     except BaseException as exc:  # the parent reports it
         conn.send(f"{type(exc).__name__}: {exc}")
 
@@ -444,18 +455,14 @@ class MetricsWindow:
         self.wall = time.monotonic() - self._start
 
 
-def _run_processes(
-    common: tuple, rest: tuple, n: int, clients: int, window: MetricsWindow
-) -> list[SessionResult]:
+def _run_processes(level: Level, clients: int, window: MetricsWindow) -> list[SessionResult]:
     """``run_sessions`` in ``clients`` forked processes, each a share of the N sessions; one
     start time and one metrics window for all."""
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
-    for part in np.array_split(np.arange(n), clients):
+    for part in np.array_split(np.arange(level.n), clients):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_client_process, args=(child, *common, part.tolist(), *rest), daemon=True
-        )
+        proc = ctx.Process(target=_client_process, args=(child, level, part.tolist()), daemon=True)
         proc.start()
         pipes.append(parent)
         procs.append(proc)
@@ -501,14 +508,11 @@ def run_level(
     n_frames = max(1, int(seconds * SAMPLE_RATE) // FRAME_SIZE)
     clients = max(1, min(clients, n))
     window = MetricsWindow(http_base(url), n_frames, period, 0.1 if clients == 1 else 0.3)
-    common = (url, api_key)
-    rest = (n, frames, n_frames, period, end_timeout)
+    level = Level(url, api_key, n, frames, n_frames, period, end_timeout)
     if clients == 1:
-        results = asyncio.run(
-            run_sessions(*common, list(range(n)), *rest, window.open, window.close)
-        )
+        results = asyncio.run(run_sessions(level, list(range(n)), window.open, window.close))
     else:
-        results = _run_processes(common, rest, n, clients, window)
+        results = _run_processes(level, clients, window)
 
     # a model without VAD heads sends no Step at all: one clear reason, not one per session
     no_steps = not any(r.step_recv for r in results)
