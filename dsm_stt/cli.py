@@ -57,6 +57,11 @@ MAX_REPLICAS = (
     "with --ray: autoscale from --replicas up to M replicas on the sessions open (Serve's "
     "autoscaling, aiming at 3/4 of each replica's slots; knobs in docs/scale-out.md)"
 )
+REPLICAS_PER_GPU = (
+    "with --ray on CUDA: replicas that share one GPU, each asking Ray for 1/K of it (each its "
+    "own process and event loop, which bounds live sessions long before a GPU does; "
+    "docs/scale-out.md); default 1"
+)
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> None:
@@ -503,6 +508,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_on_ray(args)
     if args.max_replicas is not None or args.address is not None:
         return _fail("--max-replicas and --address are for --ray (serve on Ray Serve)")
+    if args.replicas_per_gpu != 1:
+        return _fail("--replicas-per-gpu is for --ray (serve on Ray Serve)")
     from .loading import check_model
 
     try:
@@ -550,13 +557,21 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     replicas = None if autoscaling else args.replicas
-    return ray_serve.run(config, replicas, address=args.address, autoscaling=autoscaling)
+    return ray_serve.run(
+        config,
+        replicas,
+        address=args.address,
+        autoscaling=autoscaling,
+        replicas_per_gpu=args.replicas_per_gpu,
+    )
 
 
 def _autoscaling(args: argparse.Namespace, slots: int) -> dict | None:
     """``--max-replicas M``: Serve's autoscaling config from ``--replicas`` up to M."""
     if args.replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {args.replicas}")
+    if args.replicas_per_gpu < 1:
+        raise ValueError(f"--replicas-per-gpu must be at least 1, got {args.replicas_per_gpu}")
     if args.max_replicas is None:
         return None
     if args.max_replicas < args.replicas:
@@ -581,7 +596,13 @@ def cmd_ray_config(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _fail(str(exc))
     document = ray_serve.ray_config(
-        flags, args.replicas, None, config.host, config.port, autoscaling=autoscaling
+        flags,
+        args.replicas,
+        None,
+        config.host,
+        config.port,
+        autoscaling=autoscaling,
+        replicas_per_gpu=args.replicas_per_gpu,
     )
     print(document, end="")
     return 0
@@ -1005,6 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas", type=int, default=1, metavar="N", help="with --ray: replicas (default 1)"
     )
     p.add_argument("--max-replicas", type=int, default=None, metavar="M", help=MAX_REPLICAS + OFF)
+    p.add_argument("--replicas-per-gpu", type=int, default=1, metavar="K", help=REPLICAS_PER_GPU)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser(
@@ -1014,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--replicas", type=int, default=1, metavar="N", help="replicas (default 1)")
     p.add_argument("--max-replicas", type=int, default=None, metavar="M", help=MAX_REPLICAS + OFF)
+    p.add_argument("--replicas-per-gpu", type=int, default=1, metavar="K", help=REPLICAS_PER_GPU)
     p.add_argument("serve_args", nargs=argparse.REMAINDER, help="flags of dsm-stt serve")
     p.set_defaults(func=cmd_ray_config)
 

@@ -268,6 +268,7 @@ def test_serve_flags_set_the_server_limits() -> None:
     [
         (["--max-replicas", "3"], "--max-replicas and --address are for --ray"),
         (["--address", "auto"], "--max-replicas and --address are for --ray"),
+        (["--replicas-per-gpu", "2"], "--replicas-per-gpu is for --ray"),
     ],
 )
 def test_ray_flags_without_ray_are_refused(

@@ -466,6 +466,15 @@ def test_ray_config_is_a_serve_config_that_builds_the_deployment(
     assert main(["ray-config", "--replicas", "3", "--max-replicas", "2"]) == 2
     refused = capsys.readouterr()
     assert "--max-replicas (2) must be at least --replicas (3)" in refused.err
+    # --replicas-per-gpu K: in the file, and each replica of the built app asks for 1/K GPU
+    on_cuda = ["--model", "kyutai/stt-1b-en_fr", "--device", "cuda"]
+    assert main(["ray-config", "--replicas", "4", "--replicas-per-gpu", "4", "--", *on_cuda]) == 0
+    (application,) = json.loads(capsys.readouterr().out)["applications"]
+    assert application["args"] == {"serve_args": on_cuda, "replicas": 4, "replicas_per_gpu": 4}
+    built = ray_serve.app_builder(application["args"]).__dict__["_bound_deployment"]
+    assert built.ray_actor_options["num_gpus"] == 0.25 and built.num_replicas == 4
+    assert main(["ray-config", "--replicas-per-gpu", "0"]) == 2
+    assert "--replicas-per-gpu must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_ray_is_imported_only_by_the_ray_paths() -> None:
@@ -541,6 +550,10 @@ def test_each_replica_asks_for_a_gpu_on_cuda_and_for_its_threads_on_cpu() -> Non
     built = ray_serve.deployment(on_cuda, replicas=4).__dict__["_bound_deployment"]
     assert built.ray_actor_options == {"num_gpus": 1, "num_cpus": 1}
     assert built.num_replicas == 4
+    shared = ray_serve.deployment(on_cuda, replicas=6, replicas_per_gpu=3)
+    assert shared.__dict__["_bound_deployment"].ray_actor_options["num_gpus"] == 1 / 3
+    with pytest.raises(ValueError, match="replicas per GPU must be an integer >= 1"):
+        ray_serve.deployment(on_cuda, replicas_per_gpu=0)
     on_cpu = ray_serve.replace_engine(base, device="cpu")
     built = ray_serve.deployment(on_cpu, replicas=2, threads=3).__dict__["_bound_deployment"]
     assert built.ray_actor_options["num_cpus"] == 3 and "num_gpus" not in built.ray_actor_options

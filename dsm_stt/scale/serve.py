@@ -173,14 +173,18 @@ def deployment(
     autoscaling: dict[str, Any] | None = None,
     cpus_per_replica: float | None = None,
     threads: int | None = None,
+    replicas_per_gpu: int = 1,
 ) -> Any:
     """The Serve application: ``replicas`` copies of the server (or ``autoscaling``: Serve's
     autoscaling config, on ongoing requests, i.e. slots in use). On CUDA each replica takes
-    one GPU; on CPU ``cpus_per_replica`` (default: ``threads`` or 1)."""
+    a ``1 / replicas_per_gpu`` share of a GPU (several processes, each its own event loop, on
+    one GPU); on CPU ``cpus_per_replica`` (default: ``threads`` or 1)."""
+    if not isinstance(replicas_per_gpu, int) or replicas_per_gpu < 1:
+        raise ValueError(f"replicas per GPU must be an integer >= 1, got {replicas_per_gpu!r}")
     slots = config.engine.batch_size
     cuda = _on_gpus(config)
     resources: dict[str, Any] = (
-        {"num_gpus": 1, "num_cpus": cpus_per_replica or 1}
+        {"num_gpus": 1 / replicas_per_gpu, "num_cpus": cpus_per_replica or 1}
         if cuda
         else {"num_cpus": cpus_per_replica or threads or 1}
     )
@@ -234,7 +238,8 @@ def cpu_share(replicas: int) -> int:
 
 def app_builder(args: dict[str, Any]) -> Any:
     """For ``serve run`` / ``serve deploy``: ``args`` holds ``serve_args`` (the flags of
-    ``dsm-stt serve``, as a list), and ``replicas``, ``autoscaling_config``, ``threads``."""
+    ``dsm-stt serve``, as a list), and ``replicas``, ``autoscaling_config``, ``threads``,
+    ``replicas_per_gpu``."""
     from ..cli import _server_config, build_parser
 
     parsed = build_parser().parse_args(["serve", *args.get("serve_args", [])])
@@ -244,7 +249,13 @@ def app_builder(args: dict[str, Any]) -> Any:
     threads = args.get("threads")
     if threads is None and ray.is_initialized() and not _on_gpus(config):
         threads = cpu_share(replicas if autoscaling is None else autoscaling.get("max_replicas", 1))
-    return deployment(config, replicas=replicas, autoscaling=autoscaling, threads=threads)
+    return deployment(
+        config,
+        replicas=replicas,
+        autoscaling=autoscaling,
+        threads=threads,
+        replicas_per_gpu=int(args.get("replicas_per_gpu", 1)),
+    )
 
 
 def ray_config(
@@ -254,11 +265,14 @@ def ray_config(
     host: str,
     port: int,
     autoscaling: dict[str, Any] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> str:
     """A Serve config file (YAML) that ``serve deploy`` accepts, for ``dsm-stt ray-config``."""
     import json
 
     app_args: dict[str, Any] = {"serve_args": serve_args, "replicas": replicas}
+    if replicas_per_gpu != 1:
+        app_args["replicas_per_gpu"] = replicas_per_gpu
     if threads:
         app_args["threads"] = threads
     if autoscaling is not None:
@@ -287,6 +301,7 @@ def start(
     autoscaling: dict[str, Any] | None = None,
     threads: int | None = None,
     init_options: dict[str, Any] | None = None,
+    replicas_per_gpu: int = 1,
 ) -> None:
     """Connect to Ray (``address``; None: start a local one), start Serve's proxy on the
     config's host and port, deploy and wait until every replica is up."""
@@ -300,7 +315,9 @@ def start(
         controller_options=CONTROLLER_OPTIONS,  # the proxies a new Serve starts load it
     )
     serve.run(
-        deployment(config, replicas, autoscaling, threads=threads),
+        deployment(
+            config, replicas, autoscaling, threads=threads, replicas_per_gpu=replicas_per_gpu
+        ),
         name=APP_NAME,
         route_prefix="/",
         blocking=False,
@@ -336,13 +353,14 @@ def run(
     address: str | None = None,
     autoscaling: dict[str, Any] | None = None,
     threads: int | None = None,
+    replicas_per_gpu: int = 1,
 ) -> int:
     """``dsm-stt serve --ray``: serve until SIGINT/SIGTERM, then drain and tear down."""
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
-        start(config, replicas, address, autoscaling, threads)
+        start(config, replicas, address, autoscaling, threads, replicas_per_gpu=replicas_per_gpu)
     except Exception as exc:
         log.error("Ray Serve did not start: %s", exc)
         stop()
