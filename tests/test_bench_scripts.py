@@ -169,3 +169,10 @@ def test_ray_overhead_measures_both_paths() -> None:
         assert report[side]["step"]["n"] > 5
         assert all(report[side][k]["p50_ms"] > 0 for k in ("connect", "step", "flush"))
     assert report["direct"]["word"]["n"] == report["ray"]["word"]["n"]
+
+
+def test_protocol_decode_times_both_paths_on_the_same_samples() -> None:
+    report = run_script("protocol_decode.py", "--frames", "20", "--rounds", "1", "--json")
+    for key in ("float32_frame_us", "float32_frame_general_us", "float64_frame_us"):
+        assert report[key] > 0
+    assert report["speedup"] == report["float32_frame_general_us"] / report["float32_frame_us"]
