@@ -60,6 +60,7 @@ import itertools
 import json
 import math
 import multiprocessing
+import multiprocessing.connection
 import re
 import shlex
 import signal
@@ -70,7 +71,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -396,8 +397,10 @@ async def run_sessions(
     window_closed = asyncio.Event()
 
     async def close_window() -> None:
-        await asyncio.to_thread(closed)
-        window_closed.set()
+        try:
+            await asyncio.to_thread(closed)
+        finally:
+            window_closed.set()
 
     closer = asyncio.create_task(close_window())
     tasks = []
@@ -417,9 +420,14 @@ async def run_sessions(
     return results
 
 
-def _client_process(conn: Any, level: Level, indices: list[int]) -> None:
+def _client_process(
+    conn: Any, level: Level, indices: list[int], parent_ends: Sequence[Any] = ()
+) -> None:
     """One load-generator process of ``--clients``: its sessions, started and closed by the
-    parent through ``conn``; sends back their results."""
+    parent through ``conn``; sends back their results. ``parent_ends``: the parent's pipe
+    ends this fork inherited, closed here, so that the parent's own closing is EOF here."""
+    for end in parent_ends:
+        end.close()
 
     def opened() -> float:
         conn.send("connected")
@@ -427,8 +435,9 @@ def _client_process(conn: Any, level: Level, indices: list[int]) -> None:
 
     try:
         conn.send(asyncio.run(run_sessions(level, indices, opened, conn.recv)))
-    except BaseException as exc:  # the parent reports it
-        conn.send(f"{type(exc).__name__}: {exc}")
+    except BaseException as exc:  # the parent reports it (unless it is gone already)
+        with contextlib.suppress(OSError):
+            conn.send(f"{type(exc).__name__}: {exc}")
 
 
 class MetricsWindow:
@@ -457,33 +466,49 @@ class MetricsWindow:
 
 def _run_processes(level: Level, clients: int, window: MetricsWindow) -> list[SessionResult]:
     """``run_sessions`` in ``clients`` forked processes, each a share of the N sessions; one
-    start time and one metrics window for all."""
+    start time and one metrics window for all. A process that dies or fails is an error
+    naming it, never a wait."""
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
     for part in np.array_split(np.arange(level.n), clients):
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_client_process, args=(child, level, part.tolist()), daemon=True)
+        proc = ctx.Process(
+            target=_client_process,
+            args=(child, level, part.tolist(), [*pipes, parent]),
+            daemon=True,
+        )
         proc.start()
+        child.close()  # the child's end lives in the child: its death is EOF here
         pipes.append(parent)
         procs.append(proc)
+
+    def receive(i: int) -> Any:
+        conn, proc = pipes[i], procs[i]
+        multiprocessing.connection.wait([conn, proc.sentinel])
+        try:
+            got = conn.recv() if conn.poll() else None
+        except EOFError:
+            got = None
+        if got is None:
+            proc.join(timeout=1)
+            raise RuntimeError(f"load-generator process {i} died (exit code {proc.exitcode})")
+        if isinstance(got, str) and got != "connected":
+            raise RuntimeError(f"load-generator process {i} failed: {got}")
+        return got
+
     try:
-
-        def receive(conn: Any) -> Any:
-            got = conn.recv()
-            if isinstance(got, str) and got != "connected":
-                raise RuntimeError(f"a load-generator process failed: {got}")
-            return got
-
-        for conn in pipes:
-            receive(conn)
+        for i in range(clients):
+            receive(i)
         start = window.open()
         for conn in pipes:
             conn.send(start)
         window.close()
         for conn in pipes:
             conn.send("closed")
-        return [res for conn in pipes for res in receive(conn)]
+        return [res for i in range(clients) for res in receive(i)]
     finally:
+        for conn in pipes:
+            conn.close()  # a child still waiting on its pipe gets EOF and ends
         for proc in procs:
             proc.join(timeout=10)
             if proc.is_alive():

@@ -554,6 +554,7 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
     try:
         config = _server_config(args)
         autoscaling = _autoscaling(args, config.engine.batch_size)
+        _check_ray_server(config)
     except ValueError as exc:
         return _fail(str(exc))
     replicas = None if autoscaling else args.replicas
@@ -564,6 +565,16 @@ def _serve_on_ray(args: argparse.Namespace) -> int:
         autoscaling=autoscaling,
         replicas_per_gpu=args.replicas_per_gpu,
     )
+
+
+def _check_ray_server(config) -> None:
+    """Server settings (a ``ServerConfig``) that a replica behind Ray Serve cannot honour:
+    refused, not ignored."""
+    if config.ws_compression:
+        raise ValueError(
+            "--ws-compression does not apply with --ray: Serve's proxy holds the WebSockets "
+            "(and accepts compression itself)"
+        )
 
 
 def _autoscaling(args: argparse.Namespace, slots: int) -> dict | None:
@@ -593,6 +604,7 @@ def cmd_ray_config(args: argparse.Namespace) -> int:
     try:
         config = _server_config(parsed)
         autoscaling = _autoscaling(args, config.engine.batch_size)
+        _check_ray_server(config)
     except ValueError as exc:
         return _fail(str(exc))
     document = ray_serve.ray_config(

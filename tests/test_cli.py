@@ -261,6 +261,8 @@ def test_serve_flags_set_the_server_limits() -> None:
     assert (config.max_buffered_seconds, config.read_ahead_mb, config.max_connections) == (3, 0, 7)
     default = _server_config(build_parser().parse_args(["serve"]))
     assert (default.max_buffered_seconds, default.read_ahead_mb) == (10.0, 512.0)
+    assert default.ws_compression is False
+    assert _server_config(build_parser().parse_args(["serve", "--ws-compression"])).ws_compression
 
 
 @pytest.mark.parametrize(
@@ -269,6 +271,7 @@ def test_serve_flags_set_the_server_limits() -> None:
         (["--max-replicas", "3"], "--max-replicas and --address are for --ray"),
         (["--address", "auto"], "--max-replicas and --address are for --ray"),
         (["--replicas-per-gpu", "2"], "--replicas-per-gpu is for --ray"),
+        (["--ray", "--ws-compression"], "--ws-compression does not apply with --ray"),
     ],
 )
 def test_ray_flags_without_ray_are_refused(

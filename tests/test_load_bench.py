@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 from server_support import bench_load, running_server, write_talkative_checkpoint
 
@@ -119,6 +121,25 @@ def test_sessions_spread_over_client_processes_are_measured_as_one_level(
     assert 0 <= run["lag_ms"]["min"] <= run["lag_ms"]["max"] < 2000
     assert run["client_late_ms"]["n"] == 3 * frames
     assert run["steps_per_second"] > 0
+
+
+@pytest.mark.parametrize("dies", ["first", "last"])
+def test_a_client_process_that_dies_is_an_error_not_a_wait(
+    load: ModuleType, monkeypatch: pytest.MonkeyPatch, dies: str
+) -> None:
+    real = load._client_process
+    victim = 0 if dies == "first" else 1
+
+    def client(conn, level, indices, parent_ends) -> None:
+        if indices[0] == victim:  # 2 sessions over 2 processes: process i has session i
+            os._exit(3)  # no word to the parent: an OOM kill, a segfault
+        real(conn, level, indices, parent_ends)
+
+    monkeypatch.setattr(load, "_client_process", client)
+    level = load.Level("ws://127.0.0.1:1/x", None, 2, np.zeros((4, 1920), np.float32), 2, 0.08, 1)
+    window = load.MetricsWindow("http://127.0.0.1:1", 2, 0.08, 0.1)
+    with pytest.raises(RuntimeError, match=f"process {victim} died \\(exit code 3\\)"):
+        load._run_processes(level, 2, window)
 
 
 def test_a_model_without_vad_heads_gets_one_clear_reason(

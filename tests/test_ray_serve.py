@@ -551,7 +551,11 @@ def test_each_replica_asks_for_a_gpu_on_cuda_and_for_its_threads_on_cpu() -> Non
     assert built.ray_actor_options == {"num_gpus": 1, "num_cpus": 1}
     assert built.num_replicas == 4
     shared = ray_serve.deployment(on_cuda, replicas=6, replicas_per_gpu=3)
-    assert shared.__dict__["_bound_deployment"].ray_actor_options["num_gpus"] == 1 / 3
+    assert shared.__dict__["_bound_deployment"].ray_actor_options["num_gpus"] == 0.3333
+    # 1/K in Ray's unit of 1/10000, rounded down: K of them fit one GPU whatever K
+    assert all(k * ray_serve.gpu_share(k) <= 1 for k in range(1, 200))
+    with pytest.raises(ValueError, match="an integer >= 1, got 2.5"):
+        ray_serve.app_builder({"serve_args": ["--device", "cuda"], "replicas_per_gpu": 2.5})
     with pytest.raises(ValueError, match="replicas per GPU must be an integer >= 1"):
         ray_serve.deployment(on_cuda, replicas_per_gpu=0)
     on_cpu = ray_serve.replace_engine(base, device="cpu")

@@ -157,6 +157,11 @@ def test_per_message_compression_only_where_the_server_allows_it(
         run(main(server.url))
 
 
+def test_ws_compression_is_a_boolean() -> None:
+    with pytest.raises(ValueError, match="ws_compression must be true or false, got 'no'"):
+        ServerConfig(ws_compression="no")  # type: ignore[arg-type]
+
+
 def test_api_keys_header_query_and_401_before_any_slot(engine: Engine) -> None:
     config = ServerConfig(api_keys=("k1", "k2"))
 

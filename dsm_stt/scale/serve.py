@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import threading
@@ -184,7 +185,7 @@ def deployment(
     slots = config.engine.batch_size
     cuda = _on_gpus(config)
     resources: dict[str, Any] = (
-        {"num_gpus": 1 / replicas_per_gpu, "num_cpus": cpus_per_replica or 1}
+        {"num_gpus": gpu_share(replicas_per_gpu), "num_cpus": cpus_per_replica or 1}
         if cuda
         else {"num_cpus": cpus_per_replica or threads or 1}
     )
@@ -218,6 +219,12 @@ def autoscaling_config(min_replicas: int, max_replicas: int, slots: int) -> dict
         "upscale_delay_s": 10.0,
         "downscale_delay_s": 300.0,
     }
+
+
+def gpu_share(replicas_per_gpu: int) -> float:
+    """The GPU each of ``replicas_per_gpu`` replicas asks for: 1/K rounded down to Ray's
+    resource unit (1/10000), so that K of them always fit one GPU."""
+    return math.floor(10_000 / replicas_per_gpu) / 10_000
 
 
 def _on_gpus(config: ServerConfig) -> bool:
@@ -254,7 +261,7 @@ def app_builder(args: dict[str, Any]) -> Any:
         replicas=replicas,
         autoscaling=autoscaling,
         threads=threads,
-        replicas_per_gpu=int(args.get("replicas_per_gpu", 1)),
+        replicas_per_gpu=args.get("replicas_per_gpu", 1),
     )
 
 

@@ -157,6 +157,10 @@ class ServerConfig:
             raise ServerConfigError(
                 f"max_file_slots must be an integer >= 1, got {self.max_file_slots!r}"
             )
+        if not isinstance(self.ws_compression, bool):
+            raise ServerConfigError(
+                f"ws_compression must be true or false, got {self.ws_compression!r}"
+            )
         if any(not isinstance(k, str) or not k for k in self.api_keys):
             raise ServerConfigError("api keys must be non-empty strings")
 
