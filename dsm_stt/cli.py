@@ -13,6 +13,7 @@ No model, engine or protocol logic lives here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -48,7 +49,9 @@ EXACT_HELP = (
 SEED_HELP = "seed of the sampling at --temperature > 0, and of --random-weights"
 CUDA_GRAPHS_HELP = (
     "replay each step as captured CUDA graphs (one per power-of-two slot count): less launch "
-    "overhead; CUDA and greedy decoding only (default: off)"
+    "overhead (a stt-1b step at one slot: 4.6 ms against 46.7 on an H200); CUDA and greedy "
+    "decoding only (default: on where the engine runs on CUDA with greedy decoding and a float "
+    "KV cache; --no-cuda-graphs for eager steps)"
 )
 URL_HELP = "the server's streaming WebSocket (default ws://127.0.0.1:8080/api/asr-streaming)"
 API_KEY_HELP = "sent as the kyutai-api-key header (default: none, for an open server)"
@@ -90,7 +93,9 @@ def _add_engine_flags(p: argparse.ArgumentParser, batch_default: int | None) -> 
     )
     p.add_argument("--seed", type=int, default=0, help=SEED_HELP + " (default 0)")
     p.add_argument("--quantize", default="auto", choices=QUANTIZE, help=QUANTIZE_HELP)
-    p.add_argument("--cuda-graphs", action="store_true", help=CUDA_GRAPHS_HELP)
+    p.add_argument(
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, help=CUDA_GRAPHS_HELP
+    )
     p.add_argument("--kv-cache", default="auto", choices=KV_CACHES, help=KV_CACHE_HELP)
     p.add_argument("--exact", action="store_true", help=EXACT_HELP + OFF)
 
@@ -165,9 +170,11 @@ def _engine(
         device=args.device,
         temperature=args.temperature,
         seed=args.seed,
-        cuda_graphs=args.cuda_graphs,
+        cuda_graphs=bool(args.cuda_graphs),
         **_exact(args),
     )
+    if args.cuda_graphs is None:
+        config = dataclasses.replace(config, cuda_graphs=_graphs_by_default(config))
     return load_engine(args.model, config, args.random_weights, announce=announce or _say)
 
 
@@ -433,7 +440,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _server_config(args: argparse.Namespace):
     """Flags over the TOML file over the defaults: a flag given on the command line wins."""
-    import dataclasses
 
     from .server.config import ServerConfig, read_moshi_server_toml
 
@@ -453,6 +459,8 @@ def _server_config(args: argparse.Namespace):
     )
     if args.batch_size is None and not args.config:
         engine = dataclasses.replace(engine, batch_size=64 if _cuda_requested(engine.device) else 8)
+    if args.cuda_graphs is None:
+        engine = dataclasses.replace(engine, cuda_graphs=_graphs_by_default(engine))
     changes = {
         "engine": engine,
         "host": args.host,
@@ -482,6 +490,12 @@ def _server_config(args: argparse.Namespace):
         if getattr(args, flag) is not None:
             changes[flag] = getattr(args, flag)
     return config.replace(**changes)
+
+
+def _graphs_by_default(engine) -> bool:
+    """Whether an ``EngineConfig`` without an explicit ``--[no-]cuda-graphs`` replays captured
+    steps: where it runs on CUDA and decodes greedily over a float KV cache."""
+    return engine.temperature == 0 and engine.kv_cache != "int8" and _cuda_requested(engine.device)
 
 
 def _cuda_requested(device: str) -> bool:
@@ -934,7 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help=SEED_HELP + " (default 0)")
     p.add_argument("--quantize", default=None, choices=QUANTIZE, help=QUANTIZE_HELP)
     p.add_argument(
-        "--cuda-graphs", action="store_const", const=True, default=None, help=CUDA_GRAPHS_HELP
+        "--cuda-graphs", action=argparse.BooleanOptionalAction, default=None, help=CUDA_GRAPHS_HELP
     )
     p.add_argument("--kv-cache", default=None, choices=KV_CACHES, help=KV_CACHE_HELP)
     p.add_argument("--exact", action="store_true", help=EXACT_HELP + OFF)

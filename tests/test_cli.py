@@ -279,3 +279,31 @@ def test_ray_flags_without_ray_are_refused(
 ) -> None:
     assert main(["serve", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_cuda_graphs_are_the_default_on_cuda_with_greedy_decoding(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without --[no-]cuda-graphs, an engine on CUDA (asked, or auto on a machine with one)
+    with greedy decoding over a float KV cache replays captured steps; nothing else does."""
+    import torch
+
+    from dsm_stt.cli import _graphs_by_default, _server_config, build_parser
+    from dsm_stt.config import EngineConfig
+
+    def serve_graphs(*flags: str) -> bool:
+        return _server_config(build_parser().parse_args(["serve", *flags])).engine.cuda_graphs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not serve_graphs() and not serve_graphs("--device", "auto")
+    assert _graphs_by_default(EngineConfig(device="cuda"))  # asked for: no device needed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert serve_graphs() and serve_graphs("--device", "cuda")
+    assert serve_graphs("--cuda-graphs")
+    assert not serve_graphs("--no-cuda-graphs")
+    assert not serve_graphs("--temperature", "0.5")
+    assert not serve_graphs("--device", "cpu")
+    assert not _graphs_by_default(EngineConfig(device="auto", kv_cache="int8"))
+    bench = build_parser().parse_args(["bench", "--no-cuda-graphs"])
+    assert bench.cuda_graphs is False
+    assert build_parser().parse_args(["bench"]).cuda_graphs is None
