@@ -66,6 +66,10 @@ def variants(device: str = "cpu") -> dict[str, Plan]:
     }
     if "int8" in kv_rings:
         out["bfloat16, int8 KV"] = Plan("cpu", torch.bfloat16, "none", "int8")
+    if "avx2" in w8a8_kernels() and "int8" in kv_rings:  # opt-in: never what auto picks
+        out["bfloat16+w4a8 (avx2), int8 KV"] = Plan(
+            "cpu", torch.bfloat16, "w4a8", "int8", "avx2_int4", 8, fused_layers=True
+        )
     for kernel in w8a8_kernels():
         for kv in kv_rings:
             name = f"bfloat16+w8a8 ({kernel})" + (", int8 KV" if kv == "int8" else "")

@@ -56,9 +56,11 @@ class BenchResult:
     def summary(self) -> str:
         gpu = f", GPU peak {self.gpu_peak_mb:.0f} MB" if self.gpu_peak_mb is not None else ""
         output = f"; tokens out after {self.output_ms:.1f}" if self.output_ms is not None else ""
-        quant = {"int8": ", int8 weights", "w8a8": ", int8 weights and activations"}.get(
-            self.quantize, ""
-        )
+        quant = {
+            "int8": ", int8 weights",
+            "w8a8": ", int8 weights and activations",
+            "w4a8": ", int4 weights and int8 activations",
+        }.get(self.quantize, "")
         if self.w8a8_kernel:
             quant += f" via {self.w8a8_kernel}"
         if self.kv_cache == "int8":

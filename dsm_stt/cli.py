@@ -34,7 +34,9 @@ QUANTIZE_HELP = (
     "the LM's projections: auto (default: w8a8 on x86-64 CPUs, where it was measured fastest; "
     "none elsewhere), none (the model's dtype), int8 (int8 weights, per-row scales), w8a8 "
     "(int8 weights and activations on the CPU's integer dot-product units; CPU only; on "
-    "CPUs with AMX-INT8, AVX512-VNNI or AVX2 this package's compiled kernel)"
+    "CPUs with AMX-INT8, AVX512-VNNI or AVX2 this package's compiled kernel), w4a8 (opt-in: "
+    "int4 weights in groups of 64 with int8 activations, on this package's AVX2 kernel; "
+    "faster at 1-2 slots, larger logit error: docs/performance.md)"
 )
 KV_CACHE_HELP = (
     "the LM's attention cache: auto (default: int8 on x86-64 CPUs with the compiled kernels, "

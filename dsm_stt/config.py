@@ -18,7 +18,7 @@ from .cpu.features import CpuFeatures, detect
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")  # what the CLI offers (float16: TOML only)
-QUANTIZE = ("auto", "none", "int8", "w8a8")
+QUANTIZE = ("auto", "none", "int8", "w8a8", "w4a8")
 KV_CACHES = ("auto", "float", "int8")  # the LM's KV ring: the model's dtype, or int8 rows (CPU)
 EXACT = {"dtype": "float32", "quantize": "none", "kv_cache": "float"}  # what --exact sets
 

@@ -1,5 +1,5 @@
 """Tests of dsm_stt.cpu.fused: the one-call-per-layer decode step of an LM quantized w8a8 on
-this package's AMX or VNNI kernel with an int8 KV ring. It must give the module path's
+this package's AMX, VNNI or AVX2 kernel (or w4a8 on AVX2) with an int8 KV ring. It must give the module path's
 logits, VAD and ring contents bit for bit (float32 and bfloat16, inactive slots, resets, a
 wrapped ring, a prefix of the slots), be taken exactly where it applies, and refuse what it
 cannot compute."""
@@ -16,7 +16,7 @@ from dsm_stt.cpu import fused as fused_module
 from dsm_stt.cpu.fused import FusedTransformer
 from dsm_stt.cpu.kernels.ops import amx_problem, avx2_problem, lm_layer_step, vnni_problem
 from dsm_stt.cpu.kvcache import Int8KVCache
-from dsm_stt.cpu.quantize import quantize_lm_w8a8, w8a8_kernels
+from dsm_stt.cpu.quantize import quantize_lm_w4a8, quantize_lm_w8a8, w8a8_kernels
 from dsm_stt.model.lm import LM
 from dsm_stt.model.transformer import Transformer
 
@@ -29,6 +29,7 @@ OWN_KERNELS = [
         ("amx", amx_problem()),
         ("vnni", vnni_problem()),
         ("avx2", avx2_problem()),
+        ("avx2_int4", avx2_problem()),  # w4a8: int4 weights on the AVX2 product
     )
 ]
 
@@ -40,9 +41,10 @@ ODD = dataclasses.replace(TINY, dim=160, num_heads=2, hidden_dim=240, context=8)
 
 
 def quantized_lm(cfg, dtype: torch.dtype, seed: int = 0, kernel: str = "vnni") -> LM:
-    """A w8a8 LM on ``kernel`` with the fused transformer installed; its module-path twin is
-    ``module_path(lm)`` (the same layers in a plain ``Transformer``)."""
-    lm = quantize_lm_w8a8(make_lm(cfg, seed).to(dtype), 8, kernel)
+    """A w8a8 LM on ``kernel`` (``avx2_int4``: w4a8) with the fused transformer installed; its
+    module-path twin is ``module_path(lm)`` (the same layers in a plain ``Transformer``)."""
+    base = make_lm(cfg, seed).to(dtype)
+    lm = quantize_lm_w4a8(base) if kernel == "avx2_int4" else quantize_lm_w8a8(base, 8, kernel)
     lm.transformer = FusedTransformer(lm.transformer)
     return lm
 
@@ -154,7 +156,7 @@ def test_fused_path_is_taken_exactly_where_it_applies(
 
 
 def test_fused_layers_refuse_layers_they_cannot_compute() -> None:
-    with pytest.raises(ValueError, match="w8a8 on the amx, vnni or avx2 kernel"):
+    with pytest.raises(ValueError, match="w8a8 on the amx, vnni or avx2 kernel, or w4a8"):
         FusedTransformer(make_lm().transformer)  # float projections
     assert not FusedTransformer.supports(torch.nn.ModuleList())
 
@@ -194,5 +196,7 @@ def test_layer_step_rejects_inputs_that_do_not_fit(kernel: str) -> None:
     for message, change in bad.items():
         with pytest.raises(RuntimeError, match=message):
             lm_layer_step(**{**good, **change})
-    with pytest.raises(ValueError, match="product must be one of vnni, amx, avx2, got 'tiles'"):
+    with pytest.raises(
+        ValueError, match="product must be one of vnni, amx, avx2, avx2_int4, got 'tiles'"
+    ):
         lm_layer_step(**{**good, "product": "tiles"})

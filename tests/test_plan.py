@@ -208,3 +208,41 @@ def test_installing_the_auto_plan_swaps_each_piece_once() -> None:
     transformer = lm.transformer
     assert install(lm, model.mimi, got) is cache_type  # a second time changes nothing
     assert lm.transformer is transformer
+
+
+def test_w4a8_is_asked_for_and_runs_on_the_avx2_product_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``--quantize w4a8``: never ``auto``; on any x86-64 family with AVX2 the int4 product
+    with the fused layer step; refused, with the reason, where it cannot run."""
+    for family in ("amx", "avx512_vnni", "avx512", "avx2"):
+        chosen = plan(family, quantize="w4a8")
+        assert (chosen.quantize, chosen.w8a8_kernel, chosen.w8a8_bits) == ("w4a8", "avx2_int4", 8)
+        assert chosen.fused_layers and chosen.needs_kernels
+        assert "w4a8 on avx2 (int4 weights in groups of 64" in chosen.describe()
+        assert plan(family).quantize == "w8a8"  # auto never picks it
+    with pytest.raises(ValueError, match="quantize w4a8 runs on this package's AVX2 kernel"):
+        plan("aarch64", quantize="w4a8")
+    with pytest.raises(ValueError, match="quantize w4a8: no compiler"):
+        plan("avx2", Kernels(problem="no compiler"), quantize="w4a8")
+    with pytest.raises(ValueError, match="quantize w4a8: not the avx2 kernel \\(refused\\)"):
+        plan("avx2", Kernels(refused={"avx2": "refused"}), quantize="w4a8")
+    monkeypatch.setattr(EngineConfig, "torch_device", lambda self: torch.device("cuda"))
+    with pytest.raises(ValueError, match="quantize w4a8 runs on CPU only, not cuda"):
+        choose(EngineConfig(device="cuda", quantize="w4a8"))
+
+
+@needs_kernels
+def test_installing_w4a8_swaps_every_projection() -> None:
+    from dsm_stt.cpu.quantize import W4A8Linear
+
+    model = random_model("tiny", seed=0)
+    config = EngineConfig(batch_size=1, device="cpu", quantize="w4a8", kv_cache="int8")
+    chosen = choose(config)
+    cache_type = install(model.lm, model.mimi, chosen)
+    assert cache_type is Int8KVCache
+    assert isinstance(model.lm.transformer, FusedTransformer)
+    for layer in model.lm.transformer.layers:
+        projections = (layer.self_attn.in_proj, layer.self_attn.out_proj)
+        projections += (layer.gating.linear_in, layer.gating.linear_out)
+        assert all(isinstance(p, W4A8Linear) for p in projections)

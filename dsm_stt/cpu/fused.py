@@ -2,7 +2,8 @@
 
 Owns ``FusedTransformer``: the LM's ``model.transformer.Transformer`` whose one-position steps
 over an ``Int8KVCache`` run each layer as a single call of ``kernels.ops.lm_layer_step``, for
-layers whose four projections are ``W8A8Linear`` on one of this package's kernels.
+layers whose four projections are ``W8A8Linear`` on one of this package's kernels (or all
+``W4A8Linear``, the int4 product on AVX2).
 At one slot the sixty-odd PyTorch operations of a layer cost more than its attention (each a
 few microseconds of dispatch and allocation); the fused call computes the same thing with the
 same roundings, so its results equal the module path's bit for bit (``tests/test_fused.py``).
@@ -19,7 +20,9 @@ from torch import Tensor, nn
 from ..model.transformer import KVCache, LMLayer, Transformer
 from .kernels.ops import lm_layer_step
 from .kvcache import Int8KVCache
-from .quantize import OWN_KERNELS, W8A8Linear
+from .quantize import OWN_KERNELS, W4A8Linear, W8A8Linear
+
+FUSED_KERNELS = (*OWN_KERNELS, W4A8Linear.kernel)  # the products the fused step calls
 
 
 class FusedTransformer(Transformer):
@@ -31,7 +34,7 @@ class FusedTransformer(Transformer):
         if not self.supports(layers):
             raise ValueError(
                 "fused layers need LM layers whose four projections are w8a8 on the amx, vnni or avx2 "
-                "kernel (one for all), with one activation grid and one norm eps per layer"
+                "kernel, or w4a8 (one for all), with one activation grid and one norm eps per layer"
             )
         super().__init__(
             list(layers),
@@ -55,9 +58,9 @@ class FusedTransformer(Transformer):
             return False
         projections = [p for layer in layers for p in _projections(layer)]
         return (
-            all(isinstance(p, W8A8Linear) for p in projections)
+            all(isinstance(p, W8A8Linear | W4A8Linear) for p in projections)
             and len({p.kernel for p in projections}) == 1
-            and projections[0].kernel in OWN_KERNELS
+            and projections[0].kernel in FUSED_KERNELS
             and all(
                 layer.norm1.eps == layer.norm2.eps
                 and len({p.levels for p in _projections(layer)}) == 1

@@ -31,6 +31,10 @@ def install(lm: LM, mimi: MimiEncoder, plan: Plan) -> type[KVCache]:
         from .quantize import quantize_lm_w8a8
 
         quantize_lm_w8a8(lm, plan.w8a8_bits or 8, plan.w8a8_kernel)
+    elif plan.quantize == "w4a8":
+        from .quantize import quantize_lm_w4a8
+
+        quantize_lm_w4a8(lm)
     if plan.fused_layers:
         from .fused import FusedTransformer
 

@@ -79,9 +79,10 @@ class Plan:
 
     device: str  # torch device type
     dtype: torch.dtype
-    quantize: str  # none | int8 | w8a8
+    quantize: str  # none | int8 | w8a8 | w4a8
     kv_cache: str  # float | int8
-    w8a8_kernel: str | None = None  # with quantize w8a8: fbgemm | onednn | amx | vnni | avx2
+    # with quantize w8a8: fbgemm | onednn | amx | vnni | avx2; with w4a8: avx2_int4
+    w8a8_kernel: str | None = None
     w8a8_bits: int | None = None  # the activation grid of w8a8
     fused_layers: bool = False  # one compiled call per LM layer (cpu.fused)
     compiled_codebooks: bool = False  # Mimi's codebook search in one compiled call
@@ -97,7 +98,7 @@ class Plan:
         """Whether this plan runs this package's compiled CPU kernels."""
         return (
             self.kv_cache == "int8"
-            or self.w8a8_kernel in ("amx", "vnni", "avx2")
+            or self.w8a8_kernel in ("amx", "vnni", "avx2", "avx2_int4")
             or self.fused_layers
             or self.compiled_codebooks
             or self.float_kernels
@@ -115,6 +116,8 @@ class Plan:
             parts.append("int8 weights")
         elif self.quantize == "w8a8":
             parts.append(f"w8a8 on {self.w8a8_kernel} ({self.w8a8_bits}-bit activations)")
+        elif self.quantize == "w4a8":
+            parts.append("w4a8 on avx2 (int4 weights in groups of 64, 8-bit activations)")
         if self.kv_cache == "int8":
             parts.append("int8 KV cache")
         if self.fused_layers:
@@ -162,8 +165,8 @@ def choose(
         quantize = "none" if config.quantize == "auto" else config.quantize
         kv = "float" if config.kv_cache == "auto" else config.kv_cache
         dtype = resolve_dtype(config.dtype, device)
-        if quantize == "w8a8":
-            raise ValueError(f"quantize w8a8 runs on CPU only, not {device.type}")
+        if quantize in ("w8a8", "w4a8"):
+            raise ValueError(f"quantize {quantize} runs on CPU only, not {device.type}")
         if kv == "int8":
             raise ValueError(f"kv cache int8 runs on CPU only, not {device.type}")
         if quantize == "int8" and not int8_supported(device.type):
@@ -188,13 +191,18 @@ def choose(
     reasons = []
     if auto:
         reasons.append(f"auto ({', '.join(auto)}): {choice.measured}")
+    if quantize == "w4a8" and not _has_avx2(features):
+        raise ValueError("quantize w4a8 runs on this package's AVX2 kernel: this CPU has no AVX2")
     candidates = _own_kernels(features) if quantize == "w8a8" else []
+    candidates = ["avx2"] if quantize == "w4a8" else candidates
     wants_kernels = kv == "int8" or bool(candidates)
     problem = kernels_problem(None) if wants_kernels else None
     own = None
     if problem is not None:
         if config.kv_cache == "int8":
             raise ValueError(f"kv cache int8: {problem}")
+        if quantize == "w4a8":
+            raise ValueError(f"quantize w4a8: {problem}")
         reasons.append(f"without the compiled kernels ({problem})")
         kv = "float" if kv == "int8" else kv
     else:
@@ -205,7 +213,11 @@ def choose(
                 break
             reasons.append(f"not the {candidate} kernel ({refused})")
     kernel = bits = None
-    if quantize == "w8a8":
+    if quantize == "w4a8":
+        if own is None:
+            raise ValueError(f"quantize w4a8: {reasons[-1]}")  # the avx2 product's refusal
+        kernel, bits = "avx2_int4", 8
+    elif quantize == "w8a8":
         kernel = own or _torch_kernel(features, config.batch_size)
         if kernel is None:
             raise ValueError(

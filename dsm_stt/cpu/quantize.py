@@ -5,6 +5,10 @@ QKV, attention output, gated FFN in and out) for one of them, in place:
 
 - ``Int8Linear`` / ``quantize_lm_int8``: int8 weights with one scale per output channel,
   activations kept in the model's dtype (weight-only; any device).
+- ``W4A8Linear`` / ``quantize_lm_w4a8`` (opt-in, ``--quantize w4a8``): int4 weights (-7..7)
+  with one scale per output row and 64 inputs, activations as in w8a8, on this package's
+  AVX2 kernel only: half the weight bytes of int8 (plus an eighth for the scales), so about
+  1.6x int8's speed for one row, at a larger error (``bench/agreement.py``).
 - ``W8A8Linear`` / ``quantize_lm_w8a8``: the same int8 weights, and each activation row
   quantized to 8 (or 7) bits on the fly, so the product runs on the CPU's integer dot-product
   units (PyTorch's fbgemm or oneDNN kernels, or this package's AMX / AVX512-VNNI kernels; CPU
@@ -37,8 +41,10 @@ from .kernels.ops import (
     amx_linear,
     amx_pack,
     amx_problem,
+    avx2_int4_linear,
     avx2_linear,
     avx2_problem,
+    int4_pack,
     vnni_linear,
     vnni_problem,
 )
@@ -187,6 +193,52 @@ class W8A8Linear(nn.Module):
         return y.mul_(m)
 
 
+class W4A8Linear(nn.Module):
+    """``y ≈ x @ w.T`` with int4 weights and int8 activations, on this package's AVX2 kernel
+    (``kernels.avx2_int4_linear``). Each output row's weights are split into groups of 64
+    inputs, each quantized to ``round(w / s)`` in -7..7 with ``s = max|w| / 7`` of its group;
+    each activation row as ``W8A8Linear`` with 8 bits does (``levels`` 127). The kernel sums
+    each group exactly in int32, scales it in float32 and adds the groups in order. Same
+    attributes as ``W8A8Linear`` where the fused layer step reads them (``packed``, ``scales``
+    (per group here), ``out_features``, ``column_sums`` (none), ``levels``, ``kernel``)."""
+
+    GROUP = 64
+    kernel = "avx2_int4"
+    bits = 8
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__()
+        if weight.device.type != "cpu":
+            raise ValueError("w4a8 runs on CPU only (this package's AVX2 kernel)")
+        problem = avx2_problem()
+        if problem is not None:
+            raise RuntimeError(f"w4a8 kernel: {problem}")
+        self.out_features, self.in_features = weight.shape
+        self.levels = 127
+        q, group_scales = self.quantize(weight)
+        self.packed, self.scales = int4_pack(q, group_scales)
+        self.column_sums = torch.empty(0, dtype=torch.int32)
+        self.register_buffer("zero_points", torch.zeros(0, dtype=torch.long))  # for .device
+
+    @classmethod
+    def quantize(cls, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """int4 values int8 [N, K] and their scales float32 [N, ceil(K / 64)]."""
+        w = weight.detach().float()
+        N, K = w.shape
+        groups = -(-K // cls.GROUP)
+        padded = w.new_zeros(N, groups * cls.GROUP)
+        padded[:, :K] = w
+        g = padded.view(N, groups, cls.GROUP)
+        scales = g.abs().amax(dim=-1).clamp_min(1e-12) / 7.0
+        q = torch.round(g / scales[..., None]).clamp_(-7, 7).view(N, -1)[:, :K]
+        return q.to(torch.int8).contiguous(), scales
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        y = avx2_int4_linear(flat, self.packed, self.scales, self.out_features, self.levels)
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
 def activation_bits(kernel: str, features: CpuFeatures | None = None) -> int:
     """The activation grid ``kernel`` computes without saturating on this CPU: 8 bits where
     the integer products accumulate u8 x s8 pairs in 32 bits (``vpdpbusd``: this package's
@@ -303,5 +355,20 @@ def quantize_lm_w8a8(lm: LM, bits: int | None = None, kernel: str | None = None)
     return lm
 
 
+def quantize_lm_w4a8(lm: LM) -> LM:
+    """Replace the LM layers' projections by ``W4A8Linear`` (in place; returns ``lm``; one
+    already w4a8 is returned as it is). CPU with AVX2 and the compiled kernels only."""
+    if any(isinstance(m, W4A8Linear) for m in lm.modules()):
+        return lm
+    if is_quantized(lm):
+        raise ValueError("the LM is already quantized (int8 or w8a8)")
+    if lm.device.type != "cpu":
+        raise ValueError(f"quantize w4a8 runs on CPU only, not {lm.device.type}")
+    problem = avx2_problem()
+    if problem is not None:
+        raise ValueError(f"quantize w4a8: {problem}")
+    return _swap_projections(lm, W4A8Linear)
+
+
 def is_quantized(lm: LM) -> bool:
-    return any(isinstance(m, (Int8Linear, W8A8Linear)) for m in lm.modules())
+    return any(isinstance(m, (Int8Linear, W8A8Linear, W4A8Linear)) for m in lm.modules())

@@ -181,6 +181,95 @@ void avx2_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64
     }
   });
 }
+
+// The int4 sibling of avx2_rows (``W4A8Linear``): each block of 16 columns x 64 inputs is 512
+// bytes, byte i of k4-row k4 (32 bytes) holding in its low nibble what byte i of the int8
+// layout holds (columns 0-7) and in its high nibble byte i + 32 (columns 8-15), each weight
+// plus 8 (weights in -7..7); S [KB, 16] the block's per-column scales (one per 64 inputs).
+// The exact int32 sums of one block, float, times its scales, accumulate in float: Cf [R, 16].
+template <int R>
+void avx2_int4_rows(const int8_t* A, const uint8_t* U, int64_t lda, const uint8_t* B,
+                    const float* S, int64_t KB, float* Cf) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i low = _mm256_set1_epi8(0x0f), eight = _mm256_set1_epi8(8);
+  __m256 accf[R][2];
+  for (int r = 0; r < R; ++r) accf[r][0] = accf[r][1] = _mm256_setzero_ps();
+  for (int64_t kb = 0; kb < KB; ++kb) {
+    const uint8_t* b = B + kb * 512;
+    const int64_t a0 = kb * 64;
+    __m256i acc[R][2];
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+    for (int k4 = 0; k4 < 16; ++k4) {
+      const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 32 * k4));
+      const __m256i w0 = _mm256_sub_epi8(_mm256_and_si256(nib, low), eight);
+      const __m256i w1 = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(nib, 4), low), eight);
+      for (int r = 0; r < R; ++r) {
+        int32_t sv, uv;
+        std::memcpy(&sv, A + r * lda + a0 + 4 * k4, 4);
+        std::memcpy(&uv, U + r * lda + a0 + 4 * k4, 4);
+        const __m256i xs = _mm256_set1_epi32(sv), xu = _mm256_set1_epi32(uv);
+        acc[r][0] = _mm256_add_epi32(
+            acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(xu, _mm256_sign_epi8(w0, xs)), ones));
+        acc[r][1] = _mm256_add_epi32(
+            acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(xu, _mm256_sign_epi8(w1, xs)), ones));
+      }
+    }
+    const __m256 s0 = _mm256_loadu_ps(S + 16 * kb), s1 = _mm256_loadu_ps(S + 16 * kb + 8);
+    for (int r = 0; r < R; ++r) {
+      accf[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][0]), s0, accf[r][0]);
+      accf[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[r][1]), s1, accf[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_ps(Cf + 16 * r, accf[r][0]);
+    _mm256_storeu_ps(Cf + 16 * r + 8, accf[r][1]);
+  }
+}
+
+// y [M, N] = sum over blocks of (round(x / max|x| * levels) . w_block^T) * scale_block, times
+// max|x| / levels, for float32 rows x [M, K] and int4 weights packed as avx2_int4_rows says
+// ([NB, KB, 512] with scales [NB, KB, 16]): the weights, half the int8 bytes, stream once.
+void avx2_int4_product(const float* xp, int64_t M, int64_t K, const uint8_t* wp, int64_t NB,
+                       int64_t KB, const float* sp, int64_t N, float lv, float* yp) {
+  const int64_t Kp = 64 * KB;
+  std::vector<int8_t> A(M * Kp, 0);
+  std::vector<uint8_t> U(M * Kp, 0);
+  std::vector<float> xs(M, 0.f);
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      xs[m] = quantize_row_avx2(xp + m * K, K, lv, A.data() + m * Kp);
+      for (int64_t k = 0; k < Kp; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.data() + m * Kp + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(U.data() + m * Kp + k), _mm256_abs_epi8(v));
+      }
+    }
+  });
+  at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
+    alignas(32) float C[4 * 16];
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const uint8_t* B = wp + nb * KB * 512;
+      const float* S = sp + nb * KB * 16;
+      const int64_t n0 = 16 * nb, nn = std::min<int64_t>(16, N - n0);
+      if (nn <= 0) continue;
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t rows = std::min<int64_t>(4, M - m0);
+        const int8_t* a = A.data() + m0 * Kp;
+        const uint8_t* u = U.data() + m0 * Kp;
+        switch (rows) {
+          case 1: avx2_int4_rows<1>(a, u, Kp, B, S, KB, C); break;
+          case 2: avx2_int4_rows<2>(a, u, Kp, B, S, KB, C); break;
+          case 3: avx2_int4_rows<3>(a, u, Kp, B, S, KB, C); break;
+          default: avx2_int4_rows<4>(a, u, Kp, B, S, KB, C); break;
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          float* y = yp + (m0 + m) * N + n0;
+          const float x = xs[m0 + m];
+          for (int64_t n = 0; n < nn; ++n) y[n] = C[16 * m + n] * x;
+        }
+      }
+    }
+  });
+}
 #endif
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(DSM_VNNI) && defined(__linux__)
@@ -353,8 +442,9 @@ void int8_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64
 #define DSM_INT8 1
 namespace {
 
-// One W8A8 projection: packed weights [NB, KB, 1024], float32 scales [N], its output size,
-// the int32 column sums [N] of its weights (the VNNI product's offset) and which product runs.
+// One W8A8 (or W4A8) projection: packed weights [NB, KB, 1024] (int4: [NB, KB, 512]), float32
+// scales [N] (int4: [NB, KB, 16], one per column and 64 inputs), its output size, the int32
+// column sums [N] of its weights (the VNNI product's offset) and which product runs.
 struct Projection {
   const int8_t* w; int64_t NB, KB; const float* ws; const int32_t* colsum; int64_t N;
   int64_t product;
@@ -362,13 +452,21 @@ struct Projection {
              int64_t n, int64_t K, int64_t which)
       : w(packed.data_ptr<int8_t>()), NB(packed.size(0)), KB(packed.size(1)),
         ws(scales.data_ptr<float>()), colsum(nullptr), N(n), product(which) {
+    const bool int4 = product == PRODUCT_AVX2_INT4;
     TORCH_CHECK(packed.dim() == 3 && packed.scalar_type() == torch::kChar &&
-                packed.is_contiguous() && packed.size(2) == 1024 && NB % 2 == 0,
+                packed.is_contiguous() && packed.size(2) == (int4 ? 512 : 1024) && NB % 2 == 0,
                 "packed weights expected");
     TORCH_CHECK(K <= 64 * KB && 64 * KB < K + 64 && N <= 16 * NB && 16 * NB < N + 32,
                 "x and the packed weights disagree on the sizes");
-    TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N && scales.scalar_type() == torch::kFloat &&
-                scales.is_contiguous(), "scales must be float32 [N]");
+    if (int4) {
+      TORCH_CHECK(scales.dim() == 3 && scales.size(0) == NB && scales.size(1) == KB &&
+                  scales.size(2) == 16 && scales.scalar_type() == torch::kFloat &&
+                  scales.is_contiguous(), "int4 scales must be float32 [NB, KB, 16]");
+    } else {
+      TORCH_CHECK(scales.dim() == 1 && scales.size(0) == N &&
+                  scales.scalar_type() == torch::kFloat && scales.is_contiguous(),
+                  "scales must be float32 [N]");
+    }
     TORCH_CHECK(product >= 0 && product < PRODUCT_COUNT, "unknown int8 product ", product);
 #if !defined(DSM_AMX)
     TORCH_CHECK(product != PRODUCT_AMX, amx_problem());
@@ -377,7 +475,7 @@ struct Projection {
     TORCH_CHECK(product != PRODUCT_VNNI, vnni_problem());
 #endif
 #if !defined(DSM_AVX2)
-    TORCH_CHECK(product != PRODUCT_AVX2, avx2_problem());
+    TORCH_CHECK(product != PRODUCT_AVX2 && product != PRODUCT_AVX2_INT4, avx2_problem());
 #endif
     if (sums.defined() && sums.numel() > 0) {
       TORCH_CHECK(sums.dim() == 1 && sums.size(0) == N && sums.scalar_type() == torch::kInt &&
@@ -394,6 +492,10 @@ struct Projection {
 #if defined(DSM_AVX2)
     if (product == PRODUCT_AVX2) {
       avx2_product(x, M, K, w, NB, KB, ws, N, levels, y);
+      return;
+    }
+    if (product == PRODUCT_AVX2_INT4) {
+      avx2_int4_product(x, M, K, reinterpret_cast<const uint8_t*>(w), NB, KB, ws, N, levels, y);
       return;
     }
 #endif
@@ -430,7 +532,8 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
   return linear(x, Projection(packed, scales, column_sums, N, x.size(1), product), levels);
 #else
   TORCH_CHECK(false, product == PRODUCT_AMX ? amx_problem()
-                     : product == PRODUCT_AVX2 ? avx2_problem() : vnni_problem());
+                     : product == PRODUCT_AVX2 || product == PRODUCT_AVX2_INT4 ? avx2_problem()
+                                                                              : vnni_problem());
   return x;
 #endif
 }

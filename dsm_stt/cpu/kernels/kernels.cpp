@@ -28,7 +28,9 @@ enum Path : int64_t {
 
 // The int8 products of the W8A8 projections, by the index ops.PRODUCTS gives them (a new one
 // is a new value here, a branch in Projection::apply and a name there).
-enum Product : int64_t { PRODUCT_VNNI = 0, PRODUCT_AMX = 1, PRODUCT_AVX2 = 2, PRODUCT_COUNT = 3 };
+enum Product : int64_t {
+  PRODUCT_VNNI = 0, PRODUCT_AMX = 1, PRODUCT_AVX2 = 2, PRODUCT_AVX2_INT4 = 3, PRODUCT_COUNT = 4
+};
 
 
 struct Views {

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .build import module
 
-PRODUCTS = ("vnni", "amx", "avx2")  # the compiled int8 products, by their index in int8_product.cpp
+# the compiled integer products, by their index in int8_product.cpp (``avx2_int4``: int4 weights)
+PRODUCTS = ("vnni", "amx", "avx2", "avx2_int4")
 
 
 def amx_problem() -> str | None:
@@ -143,6 +144,37 @@ def avx2_linear(
     del column_sums
     return _int8_linear(
         x, packed, scales, out_features, levels, torch.empty(0, dtype=torch.int32), "avx2"
+    )
+
+
+def int4_pack(weight: Tensor, group_scales: Tensor) -> tuple[Tensor, Tensor]:
+    """int4 weights [N, K] (values in -7..7, one scale per output column and 64 inputs:
+    ``group_scales`` float32 [N, ceil(K / 64)]) → the AVX2 int4 product's layout: nibbles
+    [NB, KB, 512] (int8 storage) and scales [NB, KB, 16]. Byte ``i`` of k4-row ``k4`` of block
+    ``(nb, kb)`` holds, plus 8, ``amx_pack``'s byte ``i`` (low nibble, columns 0-7) and byte
+    ``i + 32`` (high nibble, columns 8-15) of that k4-row."""
+    if weight.dtype != torch.int8 or weight.dim() != 2:
+        raise ValueError(f"int4_pack takes int8 [N, K] weights, got {weight.dtype}")
+    if weight.numel() and int(weight.abs().max()) > 7:
+        raise ValueError("int4 weights must lie in -7..7")
+    tiles = amx_pack(weight).view(-1, 16, 64).to(torch.int16) + 8  # [NB * KB, k4, 64]
+    nibbles = tiles[..., :32] | (tiles[..., 32:] << 4)
+    NB, KB = 2 * -(-weight.shape[0] // 32), -(-weight.shape[1] // 64)
+    packed = nibbles.to(torch.uint8).view(torch.int8).reshape(NB, KB, 512).contiguous()
+    scales = group_scales.new_zeros(16 * NB, KB, dtype=torch.float32)
+    scales[: weight.shape[0]] = group_scales.float()
+    return packed, scales.view(NB, 16, KB).permute(0, 2, 1).contiguous()
+
+
+def avx2_int4_linear(
+    x: Tensor, packed: Tensor, scales: Tensor, out_features: int, levels: int
+) -> Tensor:
+    """y [M, N] ≈ x @ w.T with int4 weights in groups of 64 inputs (``int4_pack``) and each
+    row of x on the 8-bit grid of ``levels`` (as ``avx2_linear``): per block the exact int32
+    sums (the int8 product's instructions, on the unpacked nibbles), times its scales, added
+    in float32."""
+    return _int8_linear(
+        x, packed, scales, out_features, levels, torch.empty(0, dtype=torch.int32), "avx2_int4"
     )
 
 
