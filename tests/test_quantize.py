@@ -382,3 +382,12 @@ def test_quantize_lm_w4a8_swaps_each_projection_once() -> None:
         quantize_lm_w8a8(lm)
     with pytest.raises(ValueError, match="already quantized \\(int8 or w8a8\\)"):
         quantize_lm_w4a8(quantize_lm_int8(make_lm()))
+
+
+@needs_avx2_product
+def test_bench_runs_w4a8_on_its_product(capsys: pytest.CaptureFixture[str]) -> None:
+    args = "bench --random-weights --model tiny --device cpu --quantize w4a8 --steps 2"
+    assert main([*args.split(), "--warmup", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert (result["quantize"], result["w8a8_kernel"]) == ("w4a8", "avx2_int4")
+    assert result["fused_layers"] and result["step_ms"] > 0
