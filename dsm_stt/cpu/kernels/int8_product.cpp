@@ -102,6 +102,21 @@ float quantize_row_avx2(const float* x, int64_t K, float levels, int8_t* out) {
   return mx / levels;
 }
 
+// The rows x [M, K] on the grid (quantize_row_avx2) into A [M, Kp] (zero-padded), their
+// magnitudes into U, each row's max|x| / levels into xs: the AVX2 products' left operand.
+void quantize_rows_avx2(const float* xp, int64_t M, int64_t K, int64_t Kp, float lv, int8_t* A,
+                        uint8_t* U, float* xs) {
+  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      xs[m] = quantize_row_avx2(xp + m * K, K, lv, A + m * Kp);
+      for (int64_t k = 0; k < Kp; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A + m * Kp + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(U + m * Kp + k), _mm256_abs_epi8(v));
+      }
+    }
+  });
+}
+
 // C [R, 16] (row stride 16) = A [R, 64 * KB] (int8 rows, row stride lda, with U their
 // magnitudes) times one block of 16 weight columns packed as for the AMX tiles (KB tiles of
 // 1 KB). AVX2 has no u8 x s8 dot product into 32 bits; ``vpmaddubsw`` adds two u8 x s8
@@ -147,15 +162,7 @@ void avx2_product(const float* xp, int64_t M, int64_t K, const int8_t* wp, int64
   std::vector<int8_t> A(M * Kp, 0);
   std::vector<uint8_t> U(M * Kp, 0);
   std::vector<float> xs(M, 0.f);
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      xs[m] = quantize_row_avx2(xp + m * K, K, lv, A.data() + m * Kp);
-      for (int64_t k = 0; k < Kp; k += 32) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.data() + m * Kp + k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(U.data() + m * Kp + k), _mm256_abs_epi8(v));
-      }
-    }
-  });
+  quantize_rows_avx2(xp, M, K, Kp, lv, A.data(), U.data(), xs.data());
   at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
     alignas(32) int32_t C[4 * 16];
     for (int64_t nb = begin; nb < end; ++nb) {
@@ -235,15 +242,7 @@ void avx2_int4_product(const float* xp, int64_t M, int64_t K, const uint8_t* wp,
   std::vector<int8_t> A(M * Kp, 0);
   std::vector<uint8_t> U(M * Kp, 0);
   std::vector<float> xs(M, 0.f);
-  at::parallel_for(0, M, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      xs[m] = quantize_row_avx2(xp + m * K, K, lv, A.data() + m * Kp);
-      for (int64_t k = 0; k < Kp; k += 32) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(A.data() + m * Kp + k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(U.data() + m * Kp + k), _mm256_abs_epi8(v));
-      }
-    }
-  });
+  quantize_rows_avx2(xp, M, K, Kp, lv, A.data(), U.data(), xs.data());
   at::parallel_for(0, NB, 4, [&](int64_t begin, int64_t end) {
     alignas(32) float C[4 * 16];
     for (int64_t nb = begin; nb < end; ++nb) {
